@@ -1,0 +1,97 @@
+"""flux-async: the async-first SDK for OpenAI-format image generation APIs.
+
+Example::
+
+    import asyncio
+    from flux_async import FluxClient
+
+    async def main() -> None:
+        async with FluxClient(api_key="sk-...", base_url="https://gateway/v1") as client:
+            response = await client.generate("a lighthouse at dusk", aspect_ratio="16:9")
+            print(response.urls)
+
+    asyncio.run(main())
+"""
+
+from ._client import (
+    DEFAULT_BASE_URL,
+    DEFAULT_TIMEOUT,
+    ENV_API_KEY,
+    ENV_BASE_URL,
+    FluxClient,
+    RequestFields,
+    Timeout,
+)
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ClientClosedError,
+    ConflictError,
+    DeadlineExceededError,
+    FluxError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnprocessableEntityError,
+    ValidationError,
+)
+from ._limits import ConcurrencyLimit, Limiter, LimiterStatistics, RateLimiter
+from ._models import (
+    ASPECT_RATIOS,
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_MODEL,
+    MAX_N_PER_REQUEST,
+    Image,
+    ImageRequest,
+    ImagesResponse,
+)
+from ._retry import RetryBudget, RetryBudgetStatistics, RetryPolicy
+from ._version import __version__
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "APITimeoutError",
+    "ASPECT_RATIOS",
+    "AuthenticationError",
+    "BadRequestError",
+    "ClientClosedError",
+    "ConcurrencyLimit",
+    "ConflictError",
+    "DEFAULT_ASPECT_RATIO",
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MODEL",
+    "DEFAULT_TIMEOUT",
+    "DeadlineExceededError",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "FluxClient",
+    "FluxError",
+    "Image",
+    "ImageRequest",
+    "ImagesResponse",
+    "InternalServerError",
+    "Limiter",
+    "LimiterStatistics",
+    "MAX_N_PER_REQUEST",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RateLimiter",
+    "RequestFields",
+    "RetryBudget",
+    "RetryBudgetStatistics",
+    "RetryPolicy",
+    "Timeout",
+    "UnprocessableEntityError",
+    "ValidationError",
+    "__version__",
+]

@@ -1,0 +1,668 @@
+"""`FluxClient`: owns the connection pool and turns one prompt into one validated,
+retried, rate-limited call.
+
+The path of one attempt (see DESIGN.md): concurrency slot (fan-out only) → the
+limiter's pause gate and pacing permit → POST with the attempt's timeout → release the
+slot → tell the limiter and the retry budget what happened → return, retry or raise.
+Nothing is held across a backoff sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypedDict, Unpack
+
+import aiohttp
+import attrs
+import yarl
+
+from ._exceptions import (
+    APIError,
+    ClientClosedError,
+    DeadlineExceededError,
+    FluxError,
+    ValidationError,
+    error_for_status,
+    translate_aiohttp_error,
+)
+from ._fanout import (
+    DEFAULT_CONCURRENCY,
+    Fanout,
+    FanoutStatistics,
+    GenerationResult,
+    PromptInput,
+    _Counters,
+)
+from ._limits import ConcurrencyLimit, Limiter, RateLimiter
+from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
+from ._retry import RetryBudget, RetryPolicy, _Retrier, parse_retry_after
+from ._version import __version__
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_TIMEOUT",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "FluxClient",
+    "RequestFields",
+    "Timeout",
+]
+
+ENV_API_KEY = "FLUX_API_KEY"
+ENV_BASE_URL = "FLUX_BASE_URL"
+#: The contract's server, with the ``/v1`` that OpenAI-style base URLs end in.
+DEFAULT_BASE_URL = "https://api.chainhub.tech/v1"
+DEFAULT_MAX_CONNECTIONS = 100
+
+_USER_AGENT = f"flux-async/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
+_ENDPOINT = "images/generations"
+_JSON_TYPES = ("application/json", "application/problem+json")
+
+
+def _optional_positive(name: str) -> Any:
+    def check(_: object, __: object, value: float | None) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}={value!r} is not allowed: seconds > 0, or None for none")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class Timeout:
+    """Time limits for one HTTP attempt (the whole call's limit is the retry deadline).
+
+    ``connect`` (10 s) bounds getting a connection; ``total`` (300 s) bounds one attempt
+    from send to the last byte: image models take seconds to minutes, so it is generous.
+    ``None`` disables a limit.
+
+    Example::
+
+        client = FluxClient(timeout=Timeout(connect=5, total=600))
+        await client.generate("x", timeout=Timeout(total=30))
+    """
+
+    connect: float | None = attrs.field(default=10.0, validator=_optional_positive("connect"))
+    total: float | None = attrs.field(default=300.0, validator=_optional_positive("total"))
+
+    def _aiohttp(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=self.total, connect=self.connect)
+
+
+DEFAULT_TIMEOUT = Timeout()
+
+
+class RequestFields(TypedDict, total=False):
+    """Keyword fields accepted by `FluxClient.generate` and the fan-out calls.
+
+    Each one is a field of `ImageRequest`, validated the same way.
+
+    Example::
+
+        fields: RequestFields = {"aspect_ratio": "16:9", "n": 2}
+        await client.generate("a fox", **fields)
+    """
+
+    model: str
+    n: int
+    aspect_ratio: str | None
+    size: str | None
+    quality: str | None
+    response_format: str | None
+    style: str | None
+    user: str | None
+    extra_body: Mapping[str, Any] | None
+
+
+_REQUEST_FIELDS = frozenset(RequestFields.__annotations__)
+
+
+class _Secret:
+    """Holds the API key so that no repr, log line or traceback local shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+
+def _check_base_url(value: str) -> yarl.URL:
+    try:
+        url = yarl.URL(value)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError("base_url", value, f"an http(s) URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValidationError(
+            "base_url", value, "an http:// or https:// URL such as 'https://api.example.com/v1'"
+        )
+    return url
+
+
+class FluxClient:
+    """Async client for an OpenAI-format ``/v1/images/generations`` endpoint.
+
+    * ``api_key``: falls back to ``$FLUX_API_KEY``; when neither is set no
+      ``Authorization`` header is sent (fine for the emulator).
+    * ``base_url``: falls back to ``$FLUX_BASE_URL``, then ``https://api.chainhub.tech/v1``.
+      Like the openai package, it ends in ``/v1``; ``/images/generations`` is appended.
+    * ``model``: the default model for every call (``flux-kontext-pro``).
+    * ``retry``: the `RetryPolicy`; ``retry_budget``: the client-wide `RetryBudget`.
+    * ``limiter``: the `Limiter` every attempt passes (default: an adaptive `RateLimiter`
+      with no ceiling, so a 429 pauses every call on this client). Share one between
+      clients to share a quota.
+    * ``timeout``: per-attempt `Timeout`; ``max_connections``: the pool's size (100).
+    * ``session``: an ``aiohttp.ClientSession`` of yours, used as is and never closed by
+      us; otherwise the client makes one lazily, in the running loop, and closes it in
+      `aclose` / ``async with``.
+
+    Example::
+
+        async with FluxClient(api_key="sk-...", base_url="https://gateway/v1") as client:
+            response = await client.generate("a lighthouse at dusk", aspect_ratio="16:9")
+            print(response.urls)
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        model: str = DEFAULT_MODEL,
+        retry: RetryPolicy | None = None,
+        retry_budget: RetryBudget | None = None,
+        limiter: Limiter | None = None,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        session: aiohttp.ClientSession | None = None,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if api_key is None:
+            api_key = os.environ.get(ENV_API_KEY) or None
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise ValidationError("api_key", "<redacted>", "a non-empty string, or None")
+        if base_url is None:
+            base_url = os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
+        if type(max_connections) is not int or max_connections < 0:
+            raise ValidationError(
+                "max_connections", max_connections, "an integer >= 0 (0 means no limit)"
+            )
+        if not isinstance(timeout, Timeout):
+            raise ValidationError("timeout", timeout, "a flux_async.Timeout")
+        # Validate the default model the same way a request would, before any I/O.
+        ImageRequest(prompt="x", model=model)
+        url = _check_base_url(base_url)
+        self._base_url = url
+        self._url = url.joinpath(_ENDPOINT) if url.path != "/" else url.with_path("/" + _ENDPOINT)
+        # Logged and put in errors: never with user:password@ in it.
+        self._safe_url = str(self._url.with_user(None).with_query(None))
+        self._api_key = _Secret(api_key) if api_key is not None else None
+        self.model = model
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
+        self.limiter: Limiter = limiter if limiter is not None else RateLimiter()
+        self.timeout = timeout
+        self._client_timeout = timeout._aiohttp()
+        self._max_connections = max_connections
+        self._session = session
+        self._owns_session = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+        if default_headers:
+            headers.update(default_headers)
+        if self._api_key is not None:
+            headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
+        self._headers = headers
+        self._label = f"POST {self._safe_url}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The base URL calls go to (ending in ``/v1`` by convention).
+
+        Example::
+
+            FluxClient(base_url="http://127.0.0.1:8000/v1").base_url
+        """
+        return str(self._base_url)
+
+    @property
+    def closed(self) -> bool:
+        """True once `aclose` has run; the client cannot be used again.
+
+        Example::
+
+            async with FluxClient() as client: ...
+            assert client.closed
+        """
+        return self._closed
+
+    async def __aenter__(self) -> FluxClient:
+        if self._closed:
+            raise ClientClosedError("this FluxClient is closed; create a new one")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool if this client made it. Safe to call twice.
+
+        Example::
+
+            client = FluxClient()
+            try:
+                await client.generate("x")
+            finally:
+                await client.aclose()
+        """
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and self._owns_session:
+            await session.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is not None:
+            return session
+        if self._closed:
+            raise ClientClosedError("this FluxClient is closed; create a new one")
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise FluxError(
+                "this FluxClient was used in another event loop; create one client per loop"
+            )
+        self._loop = loop
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            ttl_dns_cache=300,
+            keepalive_timeout=60,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._client_timeout, raise_for_status=False
+        )
+        return self._session
+
+    def __repr__(self) -> str:
+        key = "set" if self._api_key is not None else "none"
+        state = " closed" if self._closed else ""
+        return f"<FluxClient base_url={self._safe_url!r} model={self.model!r} api_key={key}{state}>"
+
+    # -- requests ----------------------------------------------------------------------
+
+    def build_request(
+        self, prompt: str | ImageRequest, fields: Mapping[str, Any] | None = None
+    ) -> ImageRequest:
+        """Validate ``prompt`` plus ``fields`` into an `ImageRequest` (no I/O).
+
+        A string prompt gets this client's ``model`` unless ``fields`` names one; an
+        `ImageRequest` is used as it is, with ``fields`` applied over it.
+
+        Example::
+
+            request = client.build_request("a fox", {"n": 2})
+        """
+        if fields:
+            unknown = set(fields) - _REQUEST_FIELDS
+            if unknown:
+                name = sorted(unknown)[0]
+                raise ValidationError(
+                    name,
+                    fields[name],
+                    "a request field: one of "
+                    + ", ".join(sorted(_REQUEST_FIELDS))
+                    + " (provider-specific fields go in extra_body)",
+                )
+        if isinstance(prompt, ImageRequest):
+            return attrs.evolve(prompt, **fields) if fields else prompt
+        if fields:
+            if "model" in fields:
+                return ImageRequest(prompt=prompt, **fields)
+            return ImageRequest(prompt=prompt, model=self.model, **fields)
+        return ImageRequest(prompt=prompt, model=self.model)
+
+    async def generate(
+        self,
+        prompt: str | ImageRequest,
+        *,
+        retry: RetryPolicy | None = None,
+        deadline: float | None = None,
+        timeout: Timeout | None = None,
+        idempotency_key: str | None = None,
+        **fields: Unpack[RequestFields],
+    ) -> ImagesResponse:
+        """Generate images for one prompt; retried and rate limited per the client.
+
+        ``fields`` are `ImageRequest` fields (``n``, ``aspect_ratio``, ``size`` ...),
+        validated before anything is sent. ``retry`` overrides the client's policy for
+        this call, ``deadline`` bounds the call (seconds, retries included), ``timeout``
+        each attempt. Every attempt of the call carries the same ``Idempotency-Key``
+        (random unless given), so servers that de-duplicate bill once. ``n`` above 10 is
+        sent as several concurrent requests whose images are joined in order.
+
+        Example::
+
+            response = await client.generate("a red fox", aspect_ratio="16:9", n=2)
+            print(response.urls)
+        """
+        request = self.build_request(prompt, fields)
+        policy = self._policy(retry, deadline)
+        client_timeout = self._client_timeout if timeout is None else timeout._aiohttp()
+        response, _ = await self._run(request, policy, client_timeout, idempotency_key)
+        return response
+
+    def iter_generate(
+        self,
+        prompts: Iterable[PromptInput] | AsyncIterable[PromptInput],
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        rate_limit: float | None = None,
+        per: float = 1.0,
+        burst: int = 1,
+        limiter: Limiter | None = None,
+        retry: RetryPolicy | None = None,
+        deadline: float | None = None,
+        batch_deadline: float | None = None,
+        timeout: Timeout | None = None,
+        fail_fast: bool = False,
+        on_progress: Callable[[FanoutStatistics], None] | None = None,
+        **fields: Unpack[RequestFields],
+    ) -> Fanout:
+        """Generate for many prompts; yields a `GenerationResult` per prompt as each ends.
+
+        ``prompts`` may be any iterable or async iterable of strings, `ImageRequest` s
+        or mappings of request fields; it is consumed lazily, so a million prompts from
+        a file take O(concurrency) memory. ``fields`` apply to string and mapping items
+        (a mapping's own keys win); an `ImageRequest` is sent as it is.
+
+        * ``concurrency`` (16): HTTP attempts on the wire at once.
+        * ``rate_limit`` requests per ``per`` seconds (``per=60``: per minute), with
+          ``burst``: a ceiling that is never exceeded; without it the client's limiter
+          is used (adaptive: a 429's ``Retry-After`` pauses everyone and cuts the rate).
+          ``limiter`` passes a `Limiter` of your own (shared by several fan-outs).
+        * ``deadline``: seconds per prompt, retries included; ``batch_deadline``: seconds
+          for the whole run, after which running prompts end with
+          `DeadlineExceededError` and no new ones start.
+        * ``fail_fast``: the first prompt that fails for good is raised from the
+          iteration and the rest are cancelled; otherwise failures are yielded as results.
+        * ``on_progress``: called with a `FanoutStatistics` after each prompt ends.
+
+        Example::
+
+            async with client.iter_generate(open("prompts.txt"), concurrency=64,
+                                            rate_limit=50) as results:
+                async for result in results:
+                    print(result.index, result.ok)
+        """
+        if type(concurrency) is not int or concurrency < 1:
+            raise ValidationError("concurrency", concurrency, "an integer >= 1")
+        if batch_deadline is not None and not batch_deadline > 0:
+            raise ValidationError("batch_deadline", batch_deadline, "seconds > 0, or None")
+        if limiter is not None and rate_limit is not None:
+            raise ValidationError(
+                "rate_limit", rate_limit, "None when a limiter is given (set its rate instead)"
+            )
+        if rate_limit is not None:
+            if not isinstance(rate_limit, int | float) or not rate_limit > 0:
+                raise ValidationError("rate_limit", rate_limit, "requests per `per` seconds, > 0")
+            limiter = RateLimiter(rate_limit, per=per, burst=burst)
+        # Batch-wide fields are checked once, now, not once per prompt later.
+        self.build_request("check", fields)
+        return Fanout(
+            self,
+            prompts,
+            concurrency=concurrency,
+            limiter=self.limiter if limiter is None else limiter,
+            policy=self._policy(retry, deadline),
+            client_timeout=self._client_timeout if timeout is None else timeout._aiohttp(),
+            fields=fields,
+            fail_fast=fail_fast,
+            batch_deadline=batch_deadline,
+            on_progress=on_progress,
+        )
+
+    async def gather_generate(
+        self,
+        prompts: Iterable[PromptInput] | AsyncIterable[PromptInput],
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        rate_limit: float | None = None,
+        per: float = 1.0,
+        burst: int = 1,
+        limiter: Limiter | None = None,
+        retry: RetryPolicy | None = None,
+        deadline: float | None = None,
+        batch_deadline: float | None = None,
+        timeout: Timeout | None = None,
+        fail_fast: bool = False,
+        on_progress: Callable[[FanoutStatistics], None] | None = None,
+        **fields: Unpack[RequestFields],
+    ) -> list[GenerationResult]:
+        """Generate for every prompt; one `GenerationResult` per prompt, in input order.
+
+        Takes the same arguments as `iter_generate`. Every prompt is validated before
+        anything is sent (a bad one raises `ValidationError` naming its index). The list
+        always has one result per prompt: with ``batch_deadline``, prompts that never
+        ran carry a `DeadlineExceededError`. With ``fail_fast`` the first final error is
+        raised instead.
+
+        Example::
+
+            results = await client.gather_generate(["a fox", "a crow"], concurrency=32)
+            urls = [r.response.urls for r in results if r.ok]
+        """
+        if isinstance(prompts, AsyncIterable):
+            items: list[PromptInput] = [item async for item in prompts]
+        elif isinstance(prompts, Iterable) and not isinstance(prompts, str | bytes | Mapping):
+            items = list(prompts)
+        else:
+            raise ValidationError(
+                "prompts", prompts, "an iterable of prompts (wrap a single prompt in a list)"
+            )
+        base = dict(fields)
+        requests: list[ImageRequest] = []
+        for index, item in enumerate(items):
+            try:
+                if isinstance(item, ImageRequest):
+                    requests.append(item)
+                elif isinstance(item, Mapping):
+                    requests.append(
+                        self.build_request(item.get("prompt"), {**base, **item})  # type: ignore[arg-type]
+                    )
+                else:
+                    requests.append(self.build_request(item, base))
+            except ValidationError as exc:
+                exc.add_note(f"in prompt #{index} of {len(items)}; nothing was sent")
+                raise
+        results: list[GenerationResult | None] = [None] * len(requests)
+        async with self.iter_generate(
+            requests,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            per=per,
+            burst=burst,
+            limiter=limiter,
+            retry=retry,
+            deadline=deadline,
+            batch_deadline=batch_deadline,
+            timeout=timeout,
+            fail_fast=fail_fast,
+            on_progress=on_progress,
+        ) as fanout:
+            async for result in fanout:
+                results[result.index] = result
+        missing = DeadlineExceededError(
+            f"the batch deadline of {batch_deadline}s passed before this prompt started",
+            attempts=0,
+        )
+        return [
+            r
+            if r is not None
+            else GenerationResult(
+                index=i, prompt=requests[i].prompt, request=requests[i], error=missing
+            )
+            for i, r in enumerate(results)
+        ]
+
+    def _policy(self, retry: RetryPolicy | None, deadline: float | None) -> RetryPolicy:
+        policy = self.retry if retry is None else retry
+        if deadline is not None:
+            if not isinstance(retry, RetryPolicy) and retry is not None:
+                raise ValidationError("retry", retry, "a flux_async.RetryPolicy or None")
+            policy = attrs.evolve(policy, deadline=deadline)
+        return policy
+
+    async def _run(
+        self,
+        request: ImageRequest,
+        policy: RetryPolicy,
+        client_timeout: aiohttp.ClientTimeout,
+        idempotency_key: str | None,
+        slot: ConcurrencyLimit | None = None,
+        limiter: Limiter | None = None,
+        counters: _Counters | None = None,
+    ) -> tuple[ImagesResponse, int]:
+        """One request, split into calls of at most 10 images; (response, attempts)."""
+        chunks = request.chunks()
+        if len(chunks) == 1:
+            return await self._call(
+                request, None, policy, client_timeout, idempotency_key, slot, limiter, counters
+            )
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(
+                    self._call(
+                        request,
+                        size,
+                        policy,
+                        client_timeout,
+                        None if idempotency_key is None else f"{idempotency_key}-{i}",
+                        slot,
+                        limiter,
+                        counters,
+                    )
+                )
+                for i, size in enumerate(chunks)
+            ]
+        parts = [task.result() for task in tasks]
+        return ImagesResponse.join([p[0] for p in parts]), sum(p[1] for p in parts)
+
+    async def _call(
+        self,
+        request: ImageRequest,
+        n: int | None,
+        policy: RetryPolicy,
+        client_timeout: aiohttp.ClientTimeout,
+        idempotency_key: str | None,
+        slot: ConcurrencyLimit | None = None,
+        limiter: Limiter | None = None,
+        counters: _Counters | None = None,
+    ) -> tuple[ImagesResponse, int]:
+        """One logical call (one chunk): attempts under ``policy``; (response, attempts)."""
+        body = json.dumps(request.to_json(n), ensure_ascii=False).encode()
+        headers = dict(self._headers)
+        headers["Idempotency-Key"] = idempotency_key or f"flux-async-{uuid.uuid4().hex}"
+        session = self._get_session()
+        limiter = self.limiter if limiter is None else limiter
+        budget = self.retry_budget
+        url = self._url
+        safe_url = self._safe_url
+        retrier = _Retrier(policy, budget, self._label)
+
+        async def attempt() -> ImagesResponse:
+            if self._closed:
+                raise ClientClosedError("this FluxClient was closed while a call was running")
+            if slot is not None:
+                await slot.acquire()
+            try:
+                await limiter.acquire()
+                if counters is not None:
+                    counters.in_flight += 1
+                try:
+                    async with session.post(
+                        url, data=body, headers=headers, timeout=client_timeout
+                    ) as resp:
+                        raw = await resp.read()
+                        status = resp.status
+                        resp_headers = resp.headers
+                except aiohttp.ClientResponseError as exc:
+                    # Its request_info holds our headers, Authorization included.
+                    error = translate_aiohttp_error(exc, url=safe_url)
+                    raise error from None
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    raise translate_aiohttp_error(exc, url=safe_url) from exc
+                finally:
+                    if counters is not None:
+                        counters.in_flight -= 1
+            finally:
+                if slot is not None:
+                    slot.release()
+            request_id = resp_headers.get("x-request-id")
+            if status < 300:
+                limiter.on_success()
+                budget.on_success()
+                return ImagesResponse.from_bytes(raw, request_id=request_id)
+            if status == 429 and counters is not None:
+                counters.rate_limited += 1
+            raise self._status_error(status, raw, resp_headers, request_id, limiter)
+
+        response = await retrier.run(attempt)
+        return response, retrier.attempts
+
+    def _status_error(
+        self,
+        status: int,
+        raw: bytes,
+        headers: Mapping[str, str],
+        request_id: str | None,
+        limiter: Limiter,
+    ) -> APIError:
+        retry_after = parse_retry_after(headers)
+        if status == 429:
+            limiter.on_rate_limited(retry_after)
+        content_type = headers.get("Content-Type", "")
+        body: object
+        try:
+            text = raw.decode("utf-8", "replace")
+            body = (
+                json.loads(text)
+                if content_type.startswith(_JSON_TYPES) or text[:1] == "{"
+                else text
+            )
+        except ValueError:
+            body = text
+        error = error_for_status(
+            status, body, headers=headers, request_id=request_id, retry_after=retry_after
+        )
+        if status == 401 and self._api_key is None:
+            error.add_note(
+                f"No API key was sent: pass api_key= to FluxClient or set ${ENV_API_KEY}."
+            )
+        elif status == 404:
+            error.add_note(
+                f"Check base_url: calls go to {self._safe_url}; OpenAI-style base URLs end in /v1."
+            )
+        return error

@@ -1,0 +1,453 @@
+"""The fan-out engine behind `FluxClient.iter_generate` and `FluxClient.gather_generate`.
+
+Shape: a fixed pool of worker tasks pulls prompts one at a time from the caller's
+iterable (sync or async), so memory is O(concurrency) however many prompts there are:
+no task or coroutine exists for a prompt before a worker takes it. Every HTTP attempt
+takes a concurrency slot only while it is on the wire; a prompt sleeping in backoff
+holds no slot, and the pool has more workers than slots so that sleepers do not starve
+the wire. Results go to a bounded queue, which is the back-pressure on a slow consumer.
+
+Nothing is dropped: every prompt taken from the input yields exactly one
+`GenerationResult`, a response or the error that ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import attrs
+
+from ._exceptions import DeadlineExceededError, FluxError, ValidationError
+from ._limits import ConcurrencyLimit, Limiter
+from ._models import ImageRequest, ImagesResponse
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from ._client import FluxClient
+    from ._retry import RetryPolicy
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "FanoutStatistics",
+    "GenerationResult",
+    "PromptInput",
+]
+
+logger = logging.getLogger("flux_async")
+
+#: Attempts on the wire at once when the caller does not say.
+DEFAULT_CONCURRENCY = 16
+
+#: One item of a fan-out's input: a prompt, a full request, or a mapping of request
+#: fields (``{"prompt": ..., "n": 2}``) applied over the call's fields.
+PromptInput: TypeAlias = str | ImageRequest | Mapping[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class GenerationResult:
+    """The outcome of one prompt of a fan-out: a ``response`` or the ``error`` that ended it.
+
+    ``index`` is the prompt's position in the input, ``attempts`` the HTTP attempts it
+    took (all chunks together for ``n`` > 10), ``elapsed`` seconds from start to finish.
+
+    Example::
+
+        for result in await client.gather_generate(prompts):
+            if result.ok:
+                print(result.index, result.response.urls)
+            else:
+                print(result.index, "failed:", result.error)
+    """
+
+    index: int
+    prompt: str | None
+    request: ImageRequest | None
+    response: ImagesResponse | None = None
+    error: BaseException | None = None
+    attempts: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the prompt produced images.
+
+        Example::
+
+            failed = [r for r in results if not r.ok]
+        """
+        return self.error is None
+
+    def unwrap(self) -> ImagesResponse:
+        """The response, or raise the error that ended this prompt.
+
+        Example::
+
+            urls = results[0].unwrap().urls
+        """
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+
+@attrs.frozen(kw_only=True)
+class FanoutStatistics:
+    """A snapshot of a running fan-out, for progress bars and logs.
+
+    ``submitted`` prompts taken from the input, ``in_flight`` HTTP attempts on the wire,
+    ``done`` prompts finished (``succeeded`` + ``failed``), ``retries`` extra attempts,
+    ``rate_limited`` 429 answers seen, ``rate`` the limiter's current pacing rate
+    (requests/s, ``None`` when unpaced), ``elapsed`` seconds since the fan-out started.
+
+    Example::
+
+        def show(stats: FanoutStatistics) -> None:
+            print(f"{stats.done}/{stats.submitted} done, {stats.rate_limited} x 429")
+
+        await client.gather_generate(prompts, on_progress=show)
+    """
+
+    submitted: int
+    in_flight: int
+    done: int
+    succeeded: int
+    failed: int
+    retries: int
+    rate_limited: int
+    rate: float | None
+    elapsed: float
+
+
+class _Counters:
+    """Live counts a fan-out shares with the attempts it makes (cheap attribute bumps)."""
+
+    __slots__ = ("done", "failed", "in_flight", "rate_limited", "retries", "submitted")
+
+    def __init__(self) -> None:
+        self.submitted = 0
+        self.in_flight = 0
+        self.done = 0
+        self.failed = 0
+        self.retries = 0
+        self.rate_limited = 0
+
+
+_END = object()
+
+
+def _prompt_text(item: object) -> str | None:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, ImageRequest):
+        return item.prompt
+    if isinstance(item, Mapping):
+        value = item.get("prompt")
+        return value if isinstance(value, str) else None
+    return None
+
+
+class Fanout:
+    """An async iterator of `GenerationResult` s, in completion order.
+
+    Made by `FluxClient.iter_generate`. Use it with ``async with`` when you may stop
+    early: leaving the block cancels whatever is still running and returns every
+    connection. Running to the end, or being cancelled, cleans up too.
+
+    Example::
+
+        async with client.iter_generate(prompts, concurrency=64) as results:
+            async for result in results:
+                print(result.index, result.ok)
+                print(results.statistics())
+    """
+
+    def __init__(
+        self,
+        client: FluxClient,
+        items: Iterable[PromptInput] | AsyncIterable[PromptInput],
+        *,
+        concurrency: int,
+        limiter: Limiter,
+        policy: RetryPolicy,
+        client_timeout: aiohttp.ClientTimeout,
+        fields: Mapping[str, Any],
+        fail_fast: bool,
+        batch_deadline: float | None,
+        on_progress: Callable[[FanoutStatistics], None] | None,
+    ) -> None:
+        self._client = client
+        self._sync_items: Iterator[PromptInput] | None = None
+        self._async_items: Any = None
+        if isinstance(items, AsyncIterable):
+            self._async_items = aiter(items)
+        elif isinstance(items, Iterable) and not isinstance(items, str | bytes | Mapping):
+            self._sync_items = iter(items)
+        else:
+            raise ValidationError(
+                "prompts",
+                items,
+                "an iterable or async iterable of prompts (a lone string "
+                "is one prompt: wrap it in a list)",
+            )
+        self._concurrency = concurrency
+        self._slot = ConcurrencyLimit(concurrency)
+        self._limiter = limiter
+        self._policy = policy
+        self._client_timeout = client_timeout
+        self._fields = dict(fields)
+        if "model" not in self._fields:
+            self._fields["model"] = client.model
+        self._fail_fast = fail_fast
+        self._batch_deadline = batch_deadline
+        self._on_progress = on_progress
+        self._counters = _Counters()
+        self._queue: asyncio.Queue[GenerationResult | object] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._input_lock: asyncio.Lock | None = None
+        self._deadline_at: float | None = None
+        self._started_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_index = 0
+        self._running_workers = 0
+        self._exhausted = False
+        self._expired = False
+        self._input_error: Exception | None = None
+        self._closed = False
+
+    # -- public ------------------------------------------------------------------------
+
+    def statistics(self) -> FanoutStatistics:
+        """A frozen snapshot of the counts so far.
+
+        Example::
+
+            stats = results.statistics()
+            print(stats.done, stats.failed, stats.rate)
+        """
+        c = self._counters
+        elapsed = 0.0 if self._loop is None else self._loop.time() - self._started_at
+        return FanoutStatistics(
+            submitted=c.submitted,
+            in_flight=c.in_flight,
+            done=c.done,
+            succeeded=c.done - c.failed,
+            failed=c.failed,
+            retries=c.retries,
+            rate_limited=c.rate_limited,
+            rate=self._limiter.statistics().rate,
+            elapsed=elapsed,
+        )
+
+    def __aiter__(self) -> Fanout:
+        return self
+
+    async def __aenter__(self) -> Fanout:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> GenerationResult:
+        if self._queue is None:
+            if self._closed:
+                raise StopAsyncIteration
+            self._start()
+        queue = self._queue
+        assert queue is not None
+        try:
+            while True:
+                if self._running_workers == 0 and queue.empty():
+                    await self.aclose()
+                    raise StopAsyncIteration
+                item = await queue.get()
+                if item is _END:
+                    self._running_workers -= 1
+                    if self._input_error is not None:
+                        error = self._input_error
+                        self._input_error = None
+                        await self.aclose()
+                        raise error
+                    continue
+                assert isinstance(item, GenerationResult)
+                if self._fail_fast and item.error is not None:
+                    await self.aclose()
+                    failure = item.error
+                    failure.add_note(
+                        f"fail_fast: prompt #{item.index} failed; the prompts still "
+                        "running were cancelled"
+                    )
+                    raise failure
+                return item
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Cancel what is still running and wait until every task has ended.
+
+        Example::
+
+            results = client.iter_generate(prompts)
+            try:
+                first = await anext(results)
+            finally:
+                await results.aclose()
+        """
+        self._closed = True
+        workers, self._workers = self._workers, []
+        for task in workers:
+            task.cancel()
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+        self._running_workers = 0
+        self._queue = None
+
+    # -- engine ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._started_at = loop.time()
+        if self._batch_deadline is not None:
+            self._deadline_at = self._started_at + self._batch_deadline
+        # Workers beyond the slot count keep the wire full while some prompts sleep in
+        # backoff; the queue bound makes a slow consumer pause the workers.
+        n_workers = self._concurrency + max(1, self._concurrency // 4)
+        self._queue = asyncio.Queue(maxsize=2 * n_workers)
+        if self._async_items is not None:
+            self._input_lock = asyncio.Lock()
+        self._running_workers = n_workers
+        self._workers = [loop.create_task(self._worker()) for _ in range(n_workers)]
+
+    async def _next_item(self) -> tuple[int, object] | None:
+        if self._exhausted or self._expired:
+            return None
+        if self._sync_items is not None:
+            item: object = next(self._sync_items, _END)
+        else:
+            assert self._input_lock is not None
+            async with self._input_lock:
+                if self._exhausted:
+                    return None
+                item = await anext(self._async_items, _END)
+        if item is _END:
+            self._exhausted = True
+            return None
+        index = self._next_index
+        self._next_index += 1
+        self._counters.submitted += 1
+        return index, item
+
+    async def _worker(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        try:
+            while True:
+                taken = await self._next_item()
+                if taken is None:
+                    break
+                await queue.put(await self._process(*taken))
+        except Exception as exc:
+            # Only the caller's own iterable can get here (_process captures the rest):
+            # its error is the caller's to see, raised from the iteration.
+            if self._input_error is None:
+                self._input_error = exc
+            self._exhausted = True
+        await queue.put(_END)
+
+    def _to_request(self, item: object) -> ImageRequest:
+        if isinstance(item, str):
+            return ImageRequest(prompt=item, **self._fields)
+        if isinstance(item, ImageRequest):
+            return item
+        if isinstance(item, Mapping):
+            return self._client.build_request(item.get("prompt"), {**self._fields, **item})  # type: ignore[arg-type]
+        raise ValidationError(
+            "prompt", item, "a string, an ImageRequest, or a mapping with a 'prompt' key"
+        )
+
+    async def _process(self, index: int, item: object) -> GenerationResult:
+        loop = self._loop
+        assert loop is not None
+        started = loop.time()
+        counters = self._counters
+        request: ImageRequest | None = None
+        try:
+            request = self._to_request(item)
+            if self._deadline_at is None:
+                response, attempts = await self._client._run(
+                    request,
+                    self._policy,
+                    self._client_timeout,
+                    None,
+                    self._slot,
+                    self._limiter,
+                    counters,
+                )
+            else:
+                async with asyncio.timeout_at(self._deadline_at):
+                    response, attempts = await self._client._run(
+                        request,
+                        self._policy,
+                        self._client_timeout,
+                        None,
+                        self._slot,
+                        self._limiter,
+                        counters,
+                    )
+        except TimeoutError:
+            self._expired = True
+            error: BaseException = DeadlineExceededError(
+                f"the batch deadline of {self._batch_deadline}s passed before this prompt finished"
+            )
+            return self._finish(index, item, request, None, error, 0, started)
+        except FluxError as exc:
+            return self._finish(
+                index, item, request, None, exc, getattr(exc, "attempts", 0), started
+            )
+        except Exception as exc:
+            # A bug must not sink a million-prompt batch; it is reported on its prompt.
+            logger.exception("prompt #%d failed unexpectedly", index)
+            return self._finish(index, item, request, None, exc, 0, started)
+        return self._finish(index, item, request, response, None, attempts, started)
+
+    def _finish(
+        self,
+        index: int,
+        item: object,
+        request: ImageRequest | None,
+        response: ImagesResponse | None,
+        error: BaseException | None,
+        attempts: int,
+        started: float,
+    ) -> GenerationResult:
+        counters = self._counters
+        counters.done += 1
+        if error is not None:
+            counters.failed += 1
+        if attempts > 1:
+            counters.retries += attempts - 1
+        loop = self._loop
+        assert loop is not None
+        result = GenerationResult(
+            index=index,
+            prompt=request.prompt if request is not None else _prompt_text(item),
+            request=request,
+            response=response,
+            error=error,
+            attempts=attempts,
+            elapsed=loop.time() - started,
+        )
+        if self._on_progress is not None:
+            self._on_progress(self.statistics())
+        return result

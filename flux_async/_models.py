@@ -1,0 +1,357 @@
+"""Request and response models: frozen, validated before anything is sent.
+
+How the contract's garbled prose is read is in ``shared/spec/NOTES.md``; in short:
+``prompt`` 1-1000 characters, ``aspect_ratio`` one of nine ratios (sent as ``1:1`` when
+the caller gives none, omitted when the caller passes ``None``), ``n`` 1-10 per HTTP
+request (a larger ``n`` is split into several requests), ``size`` any ``WxH``,
+``quality`` standard/hd, ``response_format`` url/b64_json, ``style`` vivid/natural.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from ._exceptions import APIResponseValidationError, ValidationError
+
+__all__ = [
+    "ASPECT_RATIOS",
+    "DEFAULT_ASPECT_RATIO",
+    "DEFAULT_MODEL",
+    "MAX_IMAGES",
+    "MAX_N_PER_REQUEST",
+    "MAX_PROMPT_LENGTH",
+    "QUALITIES",
+    "RESPONSE_FORMATS",
+    "STYLES",
+    "Image",
+    "ImageRequest",
+    "ImagesResponse",
+]
+
+DEFAULT_MODEL = "flux-kontext-pro"
+DEFAULT_ASPECT_RATIO = "1:1"
+MAX_PROMPT_LENGTH = 1000
+MAX_N_PER_REQUEST = 10
+#: A request may ask for more than 10 images: it is split into requests of 10 at most.
+#: Past this many, a typo (n=10000) is likelier than intent.
+MAX_IMAGES = 1000
+ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
+QUALITIES = ("standard", "hd")
+RESPONSE_FORMATS = ("url", "b64_json")
+STYLES = ("vivid", "natural")
+
+_SIZE = re.compile(r"[1-9][0-9]{1,4}x[1-9][0-9]{1,4}")
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _check_prompt(_: object, __: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str):
+        raise ValidationError("prompt", value, "a string of 1 to 1000 characters")
+    if not value.strip():
+        raise ValidationError("prompt", value, "a non-empty string of 1 to 1000 characters")
+    if len(value) > MAX_PROMPT_LENGTH:
+        raise ValidationError(
+            "prompt",
+            value,
+            f"at most {MAX_PROMPT_LENGTH} characters (this one has {len(value)})",
+        )
+
+
+def _check_n(_: object, __: attrs.Attribute[int], value: object) -> None:
+    # bool is an int subclass; n=True is a bug, not a request for one image.
+    if type(value) is not int or not 1 <= value <= MAX_IMAGES:
+        raise ValidationError(
+            "n",
+            value,
+            f"an integer from 1 to {MAX_IMAGES} (each HTTP request carries at most "
+            f"{MAX_N_PER_REQUEST}; larger n is split)",
+        )
+
+
+def _one_of(field: str, choices: tuple[str, ...]) -> Any:
+    allowed = "one of " + ", ".join(choices)
+
+    def check(_: object, __: attrs.Attribute[str | None], value: object) -> None:
+        if value is not None and value not in choices:
+            raise ValidationError(field, value, allowed + " (or None to omit it)")
+
+    return check
+
+
+def _optional_str(field: str) -> Any:
+    def check(_: object, __: attrs.Attribute[str | None], value: object) -> None:
+        if value is not None and not isinstance(value, str):
+            raise ValidationError(field, value, "a string, or None to omit it")
+
+    return check
+
+
+def _check_model(_: object, __: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError("model", value, "a non-empty string such as 'flux-kontext-pro'")
+
+
+def _check_size(_: object, __: attrs.Attribute[str | None], value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not _SIZE.fullmatch(value)):
+        raise ValidationError(
+            "size",
+            value,
+            "WIDTHxHEIGHT such as '1024x1024' (documented: 256x256, 512x512, 1024x1024; "
+            "the server judges other sizes), or None to omit it",
+        )
+
+
+def _freeze_extra(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if value is None:
+        return _EMPTY
+    if not isinstance(value, Mapping):
+        raise ValidationError("extra_body", value, "a mapping of extra JSON fields")
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen(kw_only=True)
+class ImageRequest:
+    """One image-generation request, validated when it is built.
+
+    Every field of the contract is here; ``extra_body`` carries provider-specific fields
+    (``seed``, ``safety_tolerance`` ...) that are sent as they are. A field left ``None``
+    is not sent. ``aspect_ratio`` is required by this API, so it defaults to ``"1:1"``;
+    pass ``None`` to omit it for servers that reject it. ``n`` above 10 is split into
+    several HTTP requests whose images come back joined in order.
+
+    Example::
+
+        req = ImageRequest(prompt="a lighthouse at dusk", aspect_ratio="16:9", n=2)
+        await client.generate(req)
+    """
+
+    prompt: str = attrs.field(validator=_check_prompt)
+    model: str = attrs.field(default=DEFAULT_MODEL, validator=_check_model)
+    n: int = attrs.field(default=1, validator=_check_n)
+    aspect_ratio: str | None = attrs.field(
+        default=DEFAULT_ASPECT_RATIO, validator=_one_of("aspect_ratio", ASPECT_RATIOS)
+    )
+    size: str | None = attrs.field(default=None, validator=_check_size)
+    quality: str | None = attrs.field(default=None, validator=_one_of("quality", QUALITIES))
+    response_format: str | None = attrs.field(
+        default=None, validator=_one_of("response_format", RESPONSE_FORMATS)
+    )
+    style: str | None = attrs.field(default=None, validator=_one_of("style", STYLES))
+    user: str | None = attrs.field(default=None, validator=_optional_str("user"))
+    extra_body: Mapping[str, Any] = attrs.field(default=None, converter=_freeze_extra)
+
+    def __attrs_post_init__(self) -> None:
+        # A contract field hidden in extra_body would silently override the checked one.
+        clash = sorted(set(self.extra_body) & _FIELD_NAMES)
+        if clash:
+            raise ValidationError(
+                "extra_body",
+                dict(self.extra_body),
+                f"fields that are not request fields; pass {', '.join(clash)} directly",
+            )
+
+    def to_json(self, n: int | None = None) -> dict[str, Any]:
+        """The JSON body to send, with ``n`` overridden for one chunk of a split request.
+
+        Example::
+
+            ImageRequest(prompt="a cat").to_json()
+            # {'prompt': 'a cat', 'model': 'flux-kontext-pro', 'n': 1, 'aspect_ratio': '1:1'}
+        """
+        body: dict[str, Any] = {
+            "prompt": self.prompt,
+            "model": self.model,
+            "n": self.n if n is None else n,
+        }
+        if self.aspect_ratio is not None:
+            body["aspect_ratio"] = self.aspect_ratio
+        if self.size is not None:
+            body["size"] = self.size
+        if self.quality is not None:
+            body["quality"] = self.quality
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
+        if self.style is not None:
+            body["style"] = self.style
+        if self.user is not None:
+            body["user"] = self.user
+        if self.extra_body:
+            body.update(self.extra_body)
+        return body
+
+    def chunks(self) -> list[int]:
+        """How many images each HTTP request asks for: ``n`` split into pieces of 10.
+
+        Example::
+
+            ImageRequest(prompt="x", n=23).chunks()  # [10, 10, 3]
+        """
+        full, rest = divmod(self.n, MAX_N_PER_REQUEST)
+        return [MAX_N_PER_REQUEST] * full + ([rest] if rest else [])
+
+
+_FIELD_NAMES = frozenset(a.name for a in attrs.fields(ImageRequest)) - {"extra_body"}
+
+
+@attrs.frozen(kw_only=True)
+class Image:
+    """One generated image: a ``url`` or the image itself as ``b64_json``.
+
+    ``revised_prompt`` is the prompt the server actually used, when it says;
+    ``extra`` keeps every key the server sent that is not modelled here.
+
+    Example::
+
+        image = response.data[0]
+        png = image.decode() if image.b64_json else None
+    """
+
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+    extra: Mapping[str, Any] = attrs.field(default=_EMPTY, repr=False)
+
+    def decode(self) -> bytes:
+        """The image bytes carried in ``b64_json``.
+
+        Raises ``ValueError`` when the server sent a URL instead (ask with
+        ``response_format="b64_json"``).
+
+        Example::
+
+            Path("out.png").write_bytes(image.decode())
+        """
+        if self.b64_json is None:
+            raise ValueError(
+                "this image has no b64_json data (it has a url); "
+                "request response_format='b64_json' to get the bytes inline"
+            )
+        return base64.b64decode(self.b64_json)
+
+
+_IMAGE_KEYS = frozenset({"url", "b64_json", "revised_prompt"})
+_RESPONSE_KEYS = frozenset({"created", "data"})
+
+
+@attrs.frozen(kw_only=True)
+class ImagesResponse:
+    """A successful answer: when it was ``created`` and the images in ``data``, in order.
+
+    ``extra`` keeps unmodelled top-level keys (``usage``, ...); ``request_id`` is the
+    server's ``x-request-id`` when it sent one (the first one, for a split request).
+
+    Example::
+
+        response = await client.generate("a red fox", n=2)
+        for image in response.data:
+            print(image.url)
+    """
+
+    created: int
+    data: tuple[Image, ...]
+    extra: Mapping[str, Any] = attrs.field(default=_EMPTY, repr=False)
+    request_id: str | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        """The URLs of the images that came as URLs, in order.
+
+        Example::
+
+            print(response.urls[0])
+        """
+        return [image.url for image in self.data if image.url is not None]
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, request_id: str | None = None) -> ImagesResponse:
+        """Parse a 2xx body, raising `APIResponseValidationError` when it is unusable.
+
+        Example::
+
+            ImagesResponse.from_bytes(b'{"created": 1, "data": [{"url": "https://x"}]}')
+        """
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            raise APIResponseValidationError(
+                f"The server answered 2xx with a body that is not JSON: {raw[:200]!r}",
+                body=raw.decode("utf-8", "replace")[:2000],
+                request_id=request_id,
+            ) from None
+        return cls.from_json(payload, request_id=request_id)
+
+    @classmethod
+    def from_json(cls, payload: object, *, request_id: str | None = None) -> ImagesResponse:
+        """Build a response from parsed JSON, checking the contract's required fields.
+
+        Example::
+
+            ImagesResponse.from_json({"created": 1, "data": [{"url": "https://x"}]})
+        """
+
+        def bad(why: str) -> APIResponseValidationError:
+            return APIResponseValidationError(
+                f"The server answered 2xx but {why}", body=payload, request_id=request_id
+            )
+
+        if not isinstance(payload, dict):
+            raise bad("the body is not a JSON object")
+        data = payload.get("data")
+        if not isinstance(data, list):
+            raise bad("the body has no 'data' list")
+        if not data:
+            raise bad("'data' is empty: no image came back")
+        created = payload.get("created")
+        # bool is an int; JSON true is not a timestamp.
+        if isinstance(created, bool) or not isinstance(created, int | float):
+            raise bad(f"'created' is {created!r}, not a unix timestamp")
+        images = []
+        for i, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise bad(f"data[{i}] is not an object")
+            url = item.get("url")
+            b64 = item.get("b64_json")
+            if not isinstance(url, str) and not isinstance(b64, str):
+                raise bad(f"data[{i}] has neither a 'url' nor 'b64_json' string")
+            revised = item.get("revised_prompt")
+            extra = {k: v for k, v in item.items() if k not in _IMAGE_KEYS}
+            images.append(
+                Image(
+                    url=url if isinstance(url, str) else None,
+                    b64_json=b64 if isinstance(b64, str) else None,
+                    revised_prompt=revised if isinstance(revised, str) else None,
+                    extra=MappingProxyType(extra) if extra else _EMPTY,
+                )
+            )
+        extra = {k: v for k, v in payload.items() if k not in _RESPONSE_KEYS}
+        return cls(
+            created=int(created),
+            data=tuple(images),
+            extra=MappingProxyType(extra) if extra else _EMPTY,
+            request_id=request_id,
+        )
+
+    @classmethod
+    def join(cls, parts: list[ImagesResponse]) -> ImagesResponse:
+        """Join the answers to the pieces of a split request, images in order.
+
+        Example::
+
+            ImagesResponse.join([first_ten, last_three]).data  # 13 images
+        """
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return cls(
+            created=first.created,
+            data=tuple(image for part in parts for image in part.data),
+            extra=first.extra,
+            request_id=first.request_id,
+        )
