@@ -38,6 +38,7 @@ from ._fanout import (
     GenerationResult,
     PromptInput,
     _Counters,
+    to_request,
 )
 from ._limits import ConcurrencyLimit, Limiter, RateLimiter
 from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
@@ -482,18 +483,10 @@ class FluxClient:
             raise ValidationError(
                 "prompts", prompts, "an iterable of prompts (wrap a single prompt in a list)"
             )
-        base = dict(fields)
         requests: list[ImageRequest] = []
         for index, item in enumerate(items):
             try:
-                if isinstance(item, ImageRequest):
-                    requests.append(item)
-                elif isinstance(item, Mapping):
-                    requests.append(
-                        self.build_request(item.get("prompt"), {**base, **item})  # type: ignore[arg-type]
-                    )
-                else:
-                    requests.append(self.build_request(item, base))
+                requests.append(to_request(self, item, fields))
             except ValidationError as exc:
                 exc.add_note(f"in prompt #{index} of {len(items)}; nothing was sent")
                 raise
@@ -591,6 +584,8 @@ class FluxClient:
         url = self._url
         safe_url = self._safe_url
         retrier = _Retrier(policy, budget, self._label)
+        # A test-mode policy never waits, so the limiter is not told to pause or slow down.
+        pause = policy.wait
 
         async def attempt() -> ImagesResponse:
             if self._closed:
@@ -627,7 +622,7 @@ class FluxClient:
                 return ImagesResponse.from_bytes(raw, request_id=request_id)
             if status == 429 and counters is not None:
                 counters.rate_limited += 1
-            raise self._status_error(status, raw, resp_headers, request_id, limiter)
+            raise self._status_error(status, raw, resp_headers, request_id, limiter, pause)
 
         response = await retrier.run(attempt)
         return response, retrier.attempts
@@ -639,9 +634,10 @@ class FluxClient:
         headers: Mapping[str, str],
         request_id: str | None,
         limiter: Limiter,
+        pause: bool,
     ) -> APIError:
         retry_after = parse_retry_after(headers)
-        if status == 429:
+        if status == 429 and pause:
             limiter.on_rate_limited(retry_after)
         content_type = headers.get("Content-Type", "")
         body: object

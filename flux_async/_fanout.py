@@ -151,6 +151,20 @@ def _prompt_text(item: object) -> str | None:
     return None
 
 
+def to_request(client: FluxClient, item: object, fields: Mapping[str, Any]) -> ImageRequest:
+    """One input item as a validated request; ``fields`` are the batch's own fields."""
+    if isinstance(item, ImageRequest):
+        return item
+    if isinstance(item, str):
+        return client.build_request(item, fields)
+    if isinstance(item, Mapping):
+        own = {k: v for k, v in item.items() if k != "prompt"}
+        return client.build_request(item.get("prompt"), {**fields, **own})  # type: ignore[arg-type]
+    raise ValidationError(
+        "prompt", item, "a string, an ImageRequest, or a mapping with a 'prompt' key"
+    )
+
+
 class Fanout:
     """An async iterator of `GenerationResult` s, in completion order.
 
@@ -367,14 +381,10 @@ class Fanout:
 
     def _to_request(self, item: object) -> ImageRequest:
         if isinstance(item, str):
+            # The hot path of a big batch: skip build_request's field checks, which
+            # iter_generate already did once for the whole batch.
             return ImageRequest(prompt=item, **self._fields)
-        if isinstance(item, ImageRequest):
-            return item
-        if isinstance(item, Mapping):
-            return self._client.build_request(item.get("prompt"), {**self._fields, **item})  # type: ignore[arg-type]
-        raise ValidationError(
-            "prompt", item, "a string, an ImageRequest, or a mapping with a 'prompt' key"
-        )
+        return to_request(self._client, item, self._fields)
 
     async def _process(self, index: int, item: object) -> GenerationResult:
         loop = self._loop

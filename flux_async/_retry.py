@@ -138,7 +138,8 @@ class RetryPolicy:
     def for_tests(cls, **changes: object) -> RetryPolicy:
         """The default policy with every wait cut to zero, so test suites never sleep.
 
-        Attempt counts and every decision stay as in production.
+        Attempt counts and every decision stay as in production; a 429 is not reported
+        to the limiter, so nothing pauses or slows down either.
 
         Example::
 

@@ -1,0 +1,547 @@
+"""Rate control: the pause gate, GCRA pacing, the adaptive throttle, and a concurrency cap.
+
+Every attempt passes through here (DESIGN.md, "The path of one prompt")::
+
+    ConcurrencyLimit            take an in-flight slot
+    Limiter.acquire()           wait while the pause gate is shut (a 429's Retry-After),
+                                then take a pacing permit (GCRA, no startup burst, booked
+                                at most ``horizon`` seconds ahead)
+    ... POST ...
+    Limiter.on_success()        not a 429: after a calm window, the rate grows additively
+    Limiter.on_rate_limited()   a 429: shut the gate, cut the rate (at most once a window)
+
+`Limiter` is the interface the client and the fan-out talk to; `RateLimiter` is the
+in-process implementation (a Redis one will share one API key's quota across processes).
+
+Pacing is GCRA, the "virtual scheduling" form of a leaky bucket. One number, ``tat`` (the
+theoretical arrival time), is the time the next permit would be due if requests came at
+exactly ``rate``. With interval ``T = 1/rate`` and burst tolerance ``tau = (burst-1) * T``
+a permit may go at ``tat - tau``; taking it moves ``tat`` on by ``T``. Waiters do not poll:
+each books its slot and sleeps until exactly then, so N permits take (N-1)/rate seconds
+however late the event loop wakes anyone.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import math
+import time
+
+import attrs
+
+from ._exceptions import ValidationError
+
+__all__ = [
+    "DEFAULT_BURST",
+    "DEFAULT_DECREASE_FACTOR",
+    "DEFAULT_HORIZON",
+    "DEFAULT_INCREASE_SHARE_OF_CEILING",
+    "DEFAULT_INCREASE_SHARE_OF_CUT",
+    "DEFAULT_MIN_INCREASE",
+    "DEFAULT_MIN_RATE",
+    "DEFAULT_PER",
+    "DEFAULT_WINDOW",
+    "ConcurrencyLimit",
+    "Limiter",
+    "LimiterStatistics",
+    "RateLimiter",
+]
+
+#: ``rate`` counts requests per this many seconds (60.0 makes it a per-minute rate).
+DEFAULT_PER = 1.0
+#: Permits that may go back to back after an idle spell (1: strictly paced).
+DEFAULT_BURST = 1
+#: A cut sets the rate to this share of min(current rate, measured send rate).
+DEFAULT_DECREASE_FACTOR = 0.7
+#: Seconds: at most one cut per window; the send rate is measured over one window; the rate
+#: grows once per window without a 429.
+DEFAULT_WINDOW = 1.0
+#: Requests per second: no cut goes below this (nor above the ceiling, if that is lower).
+DEFAULT_MIN_RATE = 0.1
+#: Seconds: no permit is booked further ahead than this, so cuts reach queued waiters.
+DEFAULT_HORIZON = 1.0
+#: Default growth per window with a ceiling: this share of the ceiling...
+DEFAULT_INCREASE_SHARE_OF_CEILING = 0.05
+#: ...and without one: this share of the rate the last cut set...
+DEFAULT_INCREASE_SHARE_OF_CUT = 0.10
+#: ...and never less than this many requests per second.
+DEFAULT_MIN_INCREASE = 0.5
+
+# A deadline closer than this counts as reached. asyncio runs a timer up to one clock tick
+# early (BaseEventLoop uses the same resolution), and float sums miss by an ulp
+# (0.1 + 0.2 > 0.3, 3.05 - 2.05 < 1.0): without the slack a waiter would wake a hair early
+# and sleep again for 1e-17 s, and a window would not count as over when it is.
+_SLACK = max(1e-9, time.get_clock_info("monotonic").resolution)
+_NEVER = -math.inf
+
+
+@attrs.frozen(kw_only=True)
+class LimiterStatistics:
+    """A snapshot of a limiter, from `Limiter.statistics()`.
+
+    * ``rate``: the current pacing rate in requests per second; None while unpaced.
+    * ``ceiling``: the configured maximum in requests per second; None for no ceiling.
+    * ``burst``: permits that may go back to back after an idle spell.
+    * ``paused_for``: seconds left on the pause gate; 0.0 when it is open.
+    * ``permits``: permits granted so far.
+    * ``waiting``: tasks inside ``acquire()`` right now.
+    * ``rate_limited``: 429s reported through ``on_rate_limited``.
+    * ``cuts``: adaptive cuts made (at most one per window).
+
+    Example::
+
+        stats = limiter.statistics()
+        print(f"{stats.rate or 'unpaced'} req/s, {stats.waiting} waiting")
+    """
+
+    rate: float | None
+    ceiling: float | None
+    burst: int
+    paused_for: float
+    permits: int
+    waiting: int
+    rate_limited: int
+    cuts: int
+
+
+class Limiter(abc.ABC):
+    """The interface the client and the fan-out talk to; a Redis implementation will follow.
+
+    Call `acquire` before every attempt (retries included), then report how it went:
+    `on_rate_limited` for a 429, `on_success` for any other answer that was processed.
+    All methods are called from the event loop.
+
+    Example::
+
+        await limiter.acquire()
+        response = await post(...)
+        if response.status == 429:
+            limiter.on_rate_limited(retry_after)   # seconds, or None if not sent
+        else:
+            limiter.on_success()
+    """
+
+    @abc.abstractmethod
+    async def acquire(self) -> None:
+        """Wait until the pause gate is open, then for a pacing permit."""
+
+    @abc.abstractmethod
+    def on_success(self) -> None:
+        """Report an attempt that succeeded (was not a 429)."""
+
+    @abc.abstractmethod
+    def on_rate_limited(self, retry_after: float | None) -> None:
+        """Report a 429; ``retry_after`` (seconds, or None) shuts the pause gate that long."""
+
+    @abc.abstractmethod
+    def statistics(self) -> LimiterStatistics:
+        """Return a snapshot of the limiter's state."""
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValidationError(name, value, "a finite number > 0")
+    return float(value)
+
+
+class RateLimiter(Limiter):
+    """The in-process `Limiter`: a pause gate, GCRA pacing and an adaptive throttle.
+
+    * ``rate`` requests per ``per`` seconds is the ceiling, never exceeded, not even while
+      recovering; ``rate=None`` (the default) sets no ceiling: unpaced until the first 429
+      (when ``adaptive``), then paced.
+    * ``burst``: after an idle spell up to ``burst`` permits go back to back. There is no
+      startup burst: a fresh limiter grants one permit at once and paces the rest; burst
+      credit accrues only while idle.
+    * ``horizon``: no permit is booked more than this many seconds ahead. Waiters beyond it
+      queue (first in, first out) and book when their slot comes within reach, so a cut
+      applies to them.
+    * The pause gate: ``on_rate_limited(retry_after)`` shuts it until
+      ``max(pause_until, now + retry_after)``. Nobody gets a permit before then, and a
+      permit booked inside the pause is booked again after it. When the gate opens, waiters
+      leave at the paced rate, not all at once (unless the limiter is unpaced).
+    * ``adaptive``: on a 429, at most once per ``window`` seconds, cut the rate to
+      ``max(min_rate, decrease_factor * min(rate, sent))`` where ``sent`` is the number of
+      permits granted in the last ``window`` seconds divided by ``window``. The next permit
+      comes one new interval after the last one booked. Recovery: a success reported a
+      full ``window`` or more after the last 429 (or the last growth step) adds
+      ``increase`` req/s, up to the ceiling. ``increase`` defaults to 5 % of the ceiling,
+      or with no ceiling 10 % of the rate the last cut set, and at least 0.5 req/s. With
+      no ceiling the rate keeps growing by that step until the next 429 cuts it; it never
+      goes back to unpaced.
+
+    Cancelling a task inside `acquire` is safe: ``waiting`` drops and nothing stays locked.
+    If the task had already booked a slot, that slot is wasted: it is not handed back to
+    the next waiter (the schedule runs a little below the rate, never above).
+
+    Created outside an event loop or inside one; it binds to the first running loop that
+    uses it and rebinds (clearing its clock state) when idle under another.
+
+    Example::
+
+        limiter = RateLimiter(600, per=60, burst=5)   # 10 req/s at most, bursts of 5
+        await limiter.acquire()
+        ...
+        limiter.on_success()
+        print(limiter)   # <RateLimiter rate=10/s ceiling=10/s burst=5 paused_for=0s waiting=0>
+    """
+
+    def __init__(
+        self,
+        rate: float | None = None,
+        *,
+        per: float = DEFAULT_PER,
+        burst: int = DEFAULT_BURST,
+        adaptive: bool = True,
+        decrease_factor: float = DEFAULT_DECREASE_FACTOR,
+        window: float = DEFAULT_WINDOW,
+        increase: float | None = None,
+        min_rate: float = DEFAULT_MIN_RATE,
+        horizon: float = DEFAULT_HORIZON,
+    ) -> None:
+        per = _check_positive("per", per)
+        ceiling = None if rate is None else _check_positive("rate", rate) / per
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValidationError("burst", burst, "an int >= 1")
+        if (
+            isinstance(decrease_factor, bool)
+            or not isinstance(decrease_factor, int | float)
+            or not 0 < decrease_factor < 1
+        ):
+            raise ValidationError("decrease_factor", decrease_factor, "a number between 0 and 1")
+        self._window = _check_positive("window", window)
+        self._increase = None if increase is None else _check_positive("increase", increase)
+        self._min_rate = _check_positive("min_rate", min_rate)
+        self._horizon = _check_positive("horizon", horizon)
+        self._ceiling = ceiling
+        self._burst = burst
+        self._adaptive = bool(adaptive)
+        self._decrease_factor = float(decrease_factor)
+
+        # Pacing. `_interval` is 0.0 while unpaced; `_tat` is None until the first booking.
+        self._rate = ceiling
+        self._interval = 0.0
+        self._tau = 0.0
+        if ceiling is not None:
+            self._set_rate(ceiling)
+        self._tat: float | None = None
+        self._last_slot = _NEVER  # the latest slot booked (or unpaced grant)
+        self._pause_until = _NEVER
+
+        # The adaptive throttle.
+        self._grants: collections.deque[float] = collections.deque()  # times, last window
+        self._last_cut = _NEVER
+        self._calm_since = _NEVER  # the last 429 or growth step
+        self._recovering = False  # below the ceiling after a cut (always, with no ceiling)
+        self._step = 0.0
+        if ceiling is not None:
+            self._step = self._increase or max(
+                DEFAULT_MIN_INCREASE, DEFAULT_INCREASE_SHARE_OF_CEILING * ceiling
+            )
+
+        # Per-loop state, made lazily in the running loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._line: asyncio.Lock | None = None  # the queue beyond the horizon or the gate
+        self._queued = 0  # tasks in (or entering) the line
+
+        self._permits = 0
+        self._waiting = 0
+        self._rate_limited = 0
+        self._cuts = 0
+
+    # -- the hot path ------------------------------------------------------------------
+
+    async def acquire(self) -> None:
+        """Wait until the pause gate is open, then for a pacing permit.
+
+        Returns at once, without suspending, when the gate is open, nobody is queued and
+        a permit is due (always, while unpaced).
+        """
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._rebind(loop)
+        now = loop.time()
+        slot: float | None = None
+        if not self._queued and now + _SLACK >= self._pause_until:
+            if not self._interval:
+                # Unpaced, the gate open: the fast path, nothing to book.
+                self._last_slot = now
+                self._permits += 1
+                if self._adaptive:
+                    self._record(now)
+                return
+            slot = self._reserve(now)
+            if slot is not None and slot <= now:
+                self._grant(now)
+                return
+        self._waiting += 1
+        try:
+            while True:
+                if slot is None:
+                    slot = await self._book_in_line(loop)
+                delay = slot - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if slot + _SLACK >= self._pause_until:
+                    break
+                # A 429 shut the gate over our slot while we slept. The slot is forfeit;
+                # queue again behind the gate, which pushed `tat` past its end.
+                slot = None
+            self._grant(loop.time())
+        finally:
+            self._waiting -= 1
+
+    def _reserve(self, now: float) -> float | None:
+        """Book the next slot and return it, or return None if it lies beyond the horizon."""
+        if not self._interval:
+            self._last_slot = now
+            return now
+        tat = self._tat
+        if tat is None:
+            # A fresh bucket starts empty: as if `burst` permits had just gone, the last one
+            # `tau` ago. So this permit goes now and the next one T later: no startup burst.
+            tat = now + self._tau
+        elif tat < now:
+            # Idle since `tat`: the credit that accrued meanwhile is capped at `tau`, i.e. at
+            # `burst` permits, by starting from `now` rather than from the old `tat`.
+            tat = now
+        # A permit may go `tau` before its theoretical time; that slack is the burst.
+        slot = tat - self._tau
+        if slot < now:
+            slot = now
+        elif slot - now > self._horizon + _SLACK:
+            return None
+        # The next permit is due T after this one's theoretical time, not T after `now`:
+        # a late wake-up shortens the next wait instead of delaying every later permit.
+        self._tat = tat + self._interval
+        self._last_slot = slot
+        return slot
+
+    async def _book_in_line(self, loop: asyncio.AbstractEventLoop) -> float:
+        """Queue (FIFO) behind the pause gate and the horizon, then book a slot."""
+        if self._line is None:
+            self._line = asyncio.Lock()
+        self._queued += 1
+        try:
+            # Only the head of the line sleeps on a timer; the others wait on the lock, so
+            # a permit costs O(1) wake-ups however long the line is.
+            async with self._line:
+                while True:
+                    now = loop.time()
+                    if now + _SLACK < self._pause_until:
+                        await asyncio.sleep(self._pause_until - now)
+                        continue
+                    slot = self._reserve(now)
+                    if slot is not None:
+                        return slot
+                    # Our slot lies beyond the horizon: sleep until it comes within reach
+                    # and look again, so a cut made meanwhile applies to us as well.
+                    assert self._tat is not None
+                    await asyncio.sleep(self._tat - self._tau - self._horizon - now)
+        finally:
+            self._queued -= 1
+
+    def _grant(self, now: float) -> None:
+        self._permits += 1
+        if self._adaptive:
+            self._record(now)
+
+    def _record(self, now: float) -> None:
+        # Grant times of the last window, oldest first: each is appended once and popped
+        # once, so keeping the measured send rate costs O(1) amortised.
+        grants = self._grants
+        grants.append(now)
+        cutoff = now - self._window
+        while grants[0] <= cutoff:
+            grants.popleft()
+
+    # -- feedback ----------------------------------------------------------------------
+
+    def on_success(self) -> None:
+        """Report a processed attempt; after a full window without a 429, grow the rate.
+
+        Each call grows the rate by at most one step, so an idle spell is no credit.
+        """
+        if not self._recovering:
+            return
+        now = self._now()
+        if now - self._calm_since + _SLACK < self._window:
+            return
+        self._calm_since = now
+        assert self._rate is not None
+        rate = self._rate + self._step
+        if self._ceiling is not None and rate >= self._ceiling:
+            rate = self._ceiling
+            self._recovering = False
+        # Growing needs no change to `tat`: the next permit stays at least one old (longer)
+        # interval after the last, and only later ones come closer together.
+        self._set_rate(rate)
+
+    def on_rate_limited(self, retry_after: float | None) -> None:
+        """Report a 429: shut the pause gate for ``retry_after`` seconds, cut the rate.
+
+        ``retry_after=None`` (no Retry-After sent) leaves the gate as it is.
+        """
+        if retry_after is not None and (
+            isinstance(retry_after, bool)
+            or not isinstance(retry_after, int | float)
+            or not 0 <= retry_after < math.inf
+        ):
+            raise ValidationError("retry_after", retry_after, "a finite number >= 0, or None")
+        now = self._now()
+        self._rate_limited += 1
+        self._calm_since = now
+        if self._adaptive and now - self._last_cut + _SLACK >= self._window:
+            self._cut(now)
+        if retry_after:
+            self._pause_until = max(self._pause_until, now + retry_after)
+        if self._interval and self._pause_until > now:
+            # Let the first permit after the gate go at `pause_until` and the rest follow at
+            # the paced rate, instead of releasing everyone queued behind the gate at once.
+            floor = self._pause_until + self._tau
+            if self._tat is None or self._tat < floor:
+                self._tat = floor
+
+    def _cut(self, now: float) -> None:
+        grants = self._grants
+        cutoff = now - self._window
+        while grants and grants[0] <= cutoff:
+            grants.popleft()
+        sent = len(grants) / self._window
+        current = math.inf if self._rate is None else self._rate
+        rate = max(self._min_rate, self._decrease_factor * min(current, sent))
+        if self._ceiling is not None and rate > self._ceiling:
+            rate = self._ceiling  # min_rate may exceed a per-minute ceiling: the ceiling wins
+        self._last_cut = now
+        self._cuts += 1
+        self._recovering = self._ceiling is None or rate < self._ceiling
+        if self._ceiling is None:
+            self._step = self._increase or max(
+                DEFAULT_MIN_INCREASE, DEFAULT_INCREASE_SHARE_OF_CUT * rate
+            )
+        self._set_rate(rate)
+        if self._last_slot != _NEVER:
+            # The cut applies from the last permit booked: the next one goes a full new
+            # interval after it, with the bucket full (`+ tau`), so a bigger `tau` cannot
+            # turn into an instant burst. Permits already booked keep their slots; the
+            # horizon bounds how many there are.
+            floor = self._last_slot + self._interval + self._tau
+            if self._tat is None or self._tat < floor:
+                self._tat = floor
+
+    def _set_rate(self, rate: float) -> None:
+        self._rate = rate
+        self._interval = 1.0 / rate
+        self._tau = (self._burst - 1) * self._interval
+
+    # -- the event loop ----------------------------------------------------------------
+
+    def _now(self) -> float:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._rebind(loop)
+        return loop.time()
+
+    def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._waiting or self._queued:
+            raise RuntimeError(
+                "this RateLimiter has waiters in another event loop; use one per loop"
+            )
+        # Another loop has another clock: times from the old one mean nothing here. The
+        # rate learnt so far is kept.
+        self._loop = loop
+        self._line = None
+        self._tat = None
+        self._last_slot = self._pause_until = self._last_cut = self._calm_since = _NEVER
+        self._grants.clear()
+
+    # -- state -------------------------------------------------------------------------
+
+    def statistics(self) -> LimiterStatistics:
+        """Return a snapshot of the limiter's state (safe from any thread)."""
+        paused_for = 0.0
+        if self._loop is not None and self._pause_until != _NEVER:
+            paused_for = max(0.0, self._pause_until - self._loop.time())
+        return LimiterStatistics(
+            rate=self._rate,
+            ceiling=self._ceiling,
+            burst=self._burst,
+            paused_for=paused_for,
+            permits=self._permits,
+            waiting=self._waiting,
+            rate_limited=self._rate_limited,
+            cuts=self._cuts,
+        )
+
+    def __repr__(self) -> str:
+        stats = self.statistics()
+        rate = "unpaced" if stats.rate is None else f"{stats.rate:g}/s"
+        ceiling = "none" if stats.ceiling is None else f"{stats.ceiling:g}/s"
+        return (
+            f"<{type(self).__name__} rate={rate} ceiling={ceiling} burst={stats.burst}"
+            f" paused_for={stats.paused_for:g}s waiting={stats.waiting}>"
+        )
+
+
+class ConcurrencyLimit:
+    """At most ``limit`` tasks inside at once: an `asyncio.Semaphore`, made per running loop.
+
+    Use ``async with limit:``, or `acquire` and `release` in pairs.
+
+    Example::
+
+        limit = ConcurrencyLimit(8)
+        async with limit:
+            await post(...)
+        print(limit.in_flight, "of", limit.limit)
+    """
+
+    def __init__(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError("limit", limit, "an int >= 1")
+        self._limit = limit
+        self._in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    @property
+    def limit(self) -> int:
+        """The most tasks allowed inside at once."""
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks inside right now."""
+        return self._in_flight
+
+    async def acquire(self) -> None:
+        """Wait for a free slot and take it."""
+        loop = asyncio.get_running_loop()
+        semaphore = self._semaphore
+        if loop is not self._loop or semaphore is None:
+            if self._in_flight:
+                raise RuntimeError(
+                    "this ConcurrencyLimit is held in another event loop; use one per loop"
+                )
+            self._loop = loop
+            self._semaphore = semaphore = asyncio.Semaphore(self._limit)
+        await semaphore.acquire()
+        self._in_flight += 1
+
+    def release(self) -> None:
+        """Give back a slot taken with `acquire`."""
+        if not self._in_flight or self._semaphore is None:
+            raise RuntimeError("ConcurrencyLimit.release() without a matching acquire()")
+        self._in_flight -= 1
+        self._semaphore.release()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} limit={self._limit} in_flight={self._in_flight}>"

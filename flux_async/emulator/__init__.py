@@ -1,0 +1,18 @@
+"""A local server that implements the images contract faithfully, for tests and benchmarks.
+
+In-process::
+
+    from flux_async.emulator import Emulator, Fault
+
+    async with Emulator(api_keys=["sk-test"], rate_limit=5) as emu:
+        emu.script(Fault.status(503))  # the next request fails once
+        ...  # point a client at emu.base_url ("http://127.0.0.1:<port>/v1")
+        print(emu.stats.snapshot())
+
+In another process: ``python -m flux_async.emulator --port 0`` prints
+``READY http://127.0.0.1:<port>/v1`` and serves until SIGINT/SIGTERM.
+"""
+
+from ._server import Emulator, EmulatorStats, Fault, FaultRates, SeenRequest
+
+__all__ = ["Emulator", "EmulatorStats", "Fault", "FaultRates", "SeenRequest"]

@@ -1,0 +1,290 @@
+"""gather_generate / iter_generate over real sockets against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from flux_async import (
+    BadRequestError,
+    DeadlineExceededError,
+    FluxClient,
+    ImageRequest,
+    InternalServerError,
+    Limiter,
+    LimiterStatistics,
+    RateLimiter,
+    RetryBudget,
+    RetryPolicy,
+    ValidationError,
+)
+from flux_async._fanout import FanoutStatistics
+from flux_async.emulator import Emulator, FaultRates
+
+from .conftest import API_KEY
+
+
+async def test_gather_keeps_order_and_length(client: FluxClient, emulator: Emulator) -> None:
+    """One result per prompt, in input order, each with its own images."""
+    prompts = [f"prompt {i}" for i in range(60)]
+    results = await client.gather_generate(prompts, concurrency=8)
+    assert [r.index for r in results] == list(range(60))
+    assert [r.prompt for r in results] == prompts
+    assert all(r.ok and r.attempts == 1 for r in results)
+    sent = sorted(seen.body["prompt"] for seen in emulator.requests if seen.body)
+    assert sent == sorted(prompts)
+    assert emulator.stats.successes == 60
+
+
+async def test_per_prompt_errors_are_captured(emulator: Emulator) -> None:
+    """A prompt the server rejects gets its error; the others still succeed."""
+    async with FluxClient(
+        api_key=API_KEY, base_url=emulator.base_url, retry=RetryPolicy.for_tests()
+    ) as client:
+        # The emulator requires aspect_ratio; omitting it makes the server answer 400.
+        items = [
+            ImageRequest(prompt=f"p{i}", aspect_ratio=None if i % 5 == 0 else "1:1")
+            for i in range(20)
+        ]
+        results = await client.gather_generate(items, concurrency=4)
+    failed = [r.index for r in results if not r.ok]
+    assert failed == [0, 5, 10, 15]
+    assert all(isinstance(results[i].error, BadRequestError) for i in failed)
+    assert sum(r.ok for r in results) == 16
+    assert emulator.stats.bad_requests == 4
+
+
+async def test_fail_fast_cancels_the_rest(emulator: Emulator) -> None:
+    """fail_fast raises the first final error and sends no more prompts."""
+    async with FluxClient(
+        api_key=API_KEY, base_url=emulator.base_url, retry=RetryPolicy.for_tests()
+    ) as client:
+        items = [ImageRequest(prompt="bad", aspect_ratio=None)] + [
+            ImageRequest(prompt=f"p{i}") for i in range(200)
+        ]
+        with pytest.raises(BadRequestError) as info:
+            await client.gather_generate(items, concurrency=1, fail_fast=True)
+    assert "fail_fast" in "".join(info.value.__notes__)
+    # One worker-slot plus the extra worker may have started, never the whole batch.
+    assert emulator.stats.requests <= 3
+
+
+async def test_input_is_consumed_lazily(client: FluxClient) -> None:
+    """iter_generate pulls prompts as workers free up, not the whole input up front."""
+    pulled = 0
+
+    def prompts() -> Iterator[str]:
+        nonlocal pulled
+        for i in range(1_000_000):
+            pulled += 1
+            yield f"p{i}"
+
+    seen = 0
+    async with client.iter_generate(prompts(), concurrency=4) as results:
+        async for result in results:
+            assert result.ok
+            seen += 1
+            if seen == 20:
+                break
+    # Workers (concurrency + 1) plus the bounded result queue: O(concurrency), not O(n).
+    assert pulled < 40
+
+
+async def test_async_iterable_input(client: FluxClient, emulator: Emulator) -> None:
+    """An async generator of prompts works, every prompt yields one result."""
+
+    async def prompts() -> AsyncIterator[str]:
+        for i in range(25):
+            yield f"a{i}"
+
+    indexes = [r.index async for r in client.iter_generate(prompts(), concurrency=3)]
+    assert sorted(indexes) == list(range(25))
+    assert emulator.stats.successes == 25
+
+
+async def test_mapping_items_carry_their_own_fields(client: FluxClient, emulator: Emulator) -> None:
+    """A mapping item's fields override the call's fields for that prompt only."""
+    results = await client.gather_generate(
+        ["plain", {"prompt": "wide", "aspect_ratio": "16:9"}], aspect_ratio="9:16"
+    )
+    assert all(r.ok for r in results)
+    ratios = {seen.body["prompt"]: seen.body["aspect_ratio"] for seen in emulator.requests if seen.body}
+    assert ratios == {"plain": "9:16", "wide": "16:9"}
+
+
+async def test_n_is_split_per_prompt(client: FluxClient, emulator: Emulator) -> None:
+    """n=15 sends two requests per prompt and joins 15 images in order."""
+    results = await client.gather_generate(["x", "y"], n=15)
+    assert [len(r.unwrap().data) for r in results] == [15, 15]
+    assert emulator.stats.requests == 4
+    assert sorted(seen.body["n"] for seen in emulator.requests if seen.body) == [5, 5, 10, 10]
+
+
+async def test_bad_item_is_refused_before_sending(client: FluxClient, emulator: Emulator) -> None:
+    """gather_generate validates every prompt first; a bad one names its index, nothing is sent."""
+    with pytest.raises(ValidationError) as info:
+        await client.gather_generate(["ok", "also ok", ""])
+    assert "prompt #2 of 3" in "".join(info.value.__notes__)
+    with pytest.raises(ValidationError, match="aspect_ratio"):
+        client.iter_generate(["ok"], aspect_ratio="2:1")
+    with pytest.raises(ValidationError, match="concurrency"):
+        client.iter_generate(["ok"], concurrency=0)
+    assert emulator.stats.requests == 0
+
+
+async def test_input_error_is_raised_from_iteration(client: FluxClient) -> None:
+    """An exception from the caller's own iterable reaches the caller."""
+
+    def prompts() -> Iterator[str]:
+        yield "one"
+        raise RuntimeError("the prompt file is corrupt")
+
+    with pytest.raises(RuntimeError, match="corrupt"):
+        await client.gather_generate(prompts())  # materialised first: raises here
+    with pytest.raises(RuntimeError, match="corrupt"):
+        async for _ in client.iter_generate(prompts()):
+            pass
+
+
+async def test_progress_and_statistics(client: FluxClient) -> None:
+    """on_progress sees every completion; the final statistics add up."""
+    snapshots: list[FanoutStatistics] = []
+    async with client.iter_generate(
+        [f"p{i}" for i in range(30)], concurrency=5, on_progress=snapshots.append
+    ) as results:
+        async for _ in results:
+            pass
+        final = results.statistics()
+    assert [s.done for s in snapshots] == list(range(1, 31))
+    assert (final.submitted, final.done, final.succeeded, final.failed) == (30, 30, 30, 0)
+    assert final.in_flight == 0
+
+
+class _Gate(Limiter):
+    """A limiter that lets the test know when ``target`` attempts are on their way."""
+
+    def __init__(self, target: int) -> None:
+        self.acquired = 0
+        self.target = target
+        self.reached = asyncio.Event()
+
+    async def acquire(self) -> None:
+        self.acquired += 1
+        if self.acquired >= self.target:
+            self.reached.set()
+
+    def on_success(self) -> None:
+        pass
+
+    def on_rate_limited(self, retry_after: float | None) -> None:
+        pass
+
+    def statistics(self) -> LimiterStatistics:
+        return LimiterStatistics(
+            rate=None,
+            ceiling=None,
+            burst=1,
+            paused_for=0.0,
+            permits=self.acquired,
+            waiting=0,
+            rate_limited=0,
+            cuts=0,
+        )
+
+
+async def test_cancellation_leaks_nothing() -> None:
+    """Cancelling gather_generate mid-flight ends every task and returns every slot and connection."""
+    async with Emulator(latency=60) as emu:
+        async with FluxClient(base_url=emu.base_url) as client:
+            gate = _Gate(target=8)
+            fanout = client.iter_generate([f"p{i}" for i in range(100)], concurrency=8, limiter=gate)
+
+            async def consume() -> None:
+                async with fanout:
+                    async for _ in fanout:
+                        pass
+
+            before = asyncio.all_tasks()
+            task = asyncio.create_task(consume())
+            await gate.reached.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The emulator's own handler tasks live in this loop too; ours are in flux_async.
+            ours = [
+                t
+                for t in asyncio.all_tasks() - before
+                if "flux_async/_" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+            ]
+            assert ours == []
+            assert fanout._slot.in_flight == 0
+            assert fanout.statistics().in_flight == 0
+            assert gate.acquired == 8  # nothing new started after the cancel
+            connector = client._session.connector if client._session else None
+            assert connector is not None
+            assert not connector._acquired  # every connection went back / was closed
+
+
+async def test_batch_deadline_ends_everything_with_an_error() -> None:
+    """After batch_deadline no prompt is left without a result, and no new one starts."""
+    async with Emulator(latency=60) as emu, FluxClient(base_url=emu.base_url) as client:
+        results = await client.gather_generate(
+            [f"p{i}" for i in range(10)], concurrency=2, batch_deadline=0.3
+        )
+        assert len(results) == 10
+        assert all(isinstance(r.error, DeadlineExceededError) for r in results)
+        assert emu.stats.requests <= 3
+
+
+async def test_budget_exhaustion_limits_retries() -> None:
+    """When every request fails, the retry budget caps the extra load at capacity / cost."""
+    async with Emulator(faults=FaultRates(error_rate=1.0, error_status=503)) as emu:
+        async with FluxClient(
+            base_url=emu.base_url,
+            retry=RetryPolicy.for_tests(),
+            retry_budget=RetryBudget(capacity=20),
+        ) as client:
+            results = await client.gather_generate([f"p{i}" for i in range(30)], concurrency=4)
+        assert all(isinstance(r.error, InternalServerError) for r in results)
+        # 30 first attempts + 20 / 5 = 4 paid retries, no more.
+        assert emu.stats.requests == 34
+
+
+async def test_rate_limit_ceiling_is_respected() -> None:
+    """With rate_limit=20/s the server never sees more than ~21 requests in any 1 s window."""
+    async with Emulator() as emu, FluxClient(base_url=emu.base_url) as client:
+        results = await client.gather_generate(
+            [f"p{i}" for i in range(30)], concurrency=16, rate_limit=20
+        )
+        assert all(r.ok for r in results)
+        times = sorted(seen.time for seen in emu.requests)
+    worst = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert worst <= 22  # 21 by arithmetic, one more for loopback jitter
+
+
+async def test_429_storm_loses_nothing() -> None:
+    """Against a 40 rps server, adaptive limiting with default retries completes every prompt."""
+    async with Emulator(rate_limit=40, burst=4) as emu, FluxClient(base_url=emu.base_url) as client:
+        results = await client.gather_generate([f"p{i}" for i in range(80)], concurrency=16)
+        assert all(r.ok for r in results)
+        assert emu.stats.successes == 80
+        assert emu.stats.rate_limited > 0  # the storm really happened
+        stats = client.limiter.statistics()
+        assert stats.rate_limited > 0
+        assert stats.cuts >= 1
+
+
+async def test_shared_limiter_across_fanouts(emulator: Emulator) -> None:
+    """Two fan-outs sharing one RateLimiter together stay under its ceiling."""
+    limiter = RateLimiter(50)
+    async with FluxClient(api_key=API_KEY, base_url=emulator.base_url) as client:
+        a, b = await asyncio.gather(
+            client.gather_generate([f"a{i}" for i in range(20)], limiter=limiter),
+            client.gather_generate([f"b{i}" for i in range(20)], limiter=limiter),
+        )
+    assert all(r.ok for r in a + b)
+    assert limiter.statistics().permits == 40
+    times = sorted(seen.time for seen in emulator.requests)
+    assert times[-1] - times[0] >= 39 / 50 * 0.9
