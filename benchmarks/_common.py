@@ -525,3 +525,17 @@ def interleaved_rounds(
 
 def fmt_ratio(value: float) -> str:
     return f"{value:.2f}x"
+
+
+@dataclass
+class BenchOutput:
+    """What one benchmark hands to `run_all`: table rows and a few notes for the docs."""
+
+    title: str
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+    def print(self) -> None:
+        print_rows(self.title, self.rows)
+        for note in self.notes:
+            print(f"  note: {note}")

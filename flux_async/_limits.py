@@ -300,8 +300,9 @@ class RateLimiter(Limiter):
             return now
         tat = self._tat
         if tat is None:
-            # A fresh bucket starts empty: as if `burst` permits had just gone, the last one
-            # `tau` ago. So this permit goes now and the next one T later: no startup burst.
+            # A fresh limiter has no burst credit: `tat = now + tau` is the state a full
+            # burst leaves one interval on. This permit goes now, the next one T later:
+            # no startup burst.
             tat = now + self._tau
         elif tat < now:
             # Idle since `tat`: the credit that accrued meanwhile is capped at `tau`, i.e. at
@@ -399,7 +400,8 @@ class RateLimiter(Limiter):
             self._pause_until = max(self._pause_until, now + retry_after)
         if self._interval and self._pause_until > now:
             # Let the first permit after the gate go at `pause_until` and the rest follow at
-            # the paced rate, instead of releasing everyone queued behind the gate at once.
+            # the paced rate, instead of releasing everyone queued behind the gate at once;
+            # `+ tau` leaves no burst credit, however long the pause was.
             floor = self._pause_until + self._tau
             if self._tat is None or self._tat < floor:
                 self._tat = floor

@@ -41,7 +41,8 @@ async def test_success_returns_images_the_server_serves(
     """A call returns the emulator's images, and their URLs really serve PNGs."""
     response = await client.generate("a lighthouse at dusk", aspect_ratio="16:9", n=2)
     assert len(response.data) == 2
-    assert response.request_id and response.request_id.startswith("req_")
+    assert response.request_id is not None
+    assert response.request_id.startswith("req_")
     assert emulator.stats.requests == 1
     assert emulator.stats.successes == 1
     sent = emulator.requests[0].body

@@ -110,7 +110,9 @@ async def test_mapping_items_carry_their_own_fields(client: FluxClient, emulator
         ["plain", {"prompt": "wide", "aspect_ratio": "16:9"}], aspect_ratio="9:16"
     )
     assert all(r.ok for r in results)
-    ratios = {seen.body["prompt"]: seen.body["aspect_ratio"] for seen in emulator.requests if seen.body}
+    ratios = {
+        seen.body["prompt"]: seen.body["aspect_ratio"] for seen in emulator.requests if seen.body
+    }
     assert ratios == {"plain": "9:16", "wide": "16:9"}
 
 
@@ -195,36 +197,35 @@ class _Gate(Limiter):
 
 
 async def test_cancellation_leaks_nothing() -> None:
-    """Cancelling gather_generate mid-flight ends every task and returns every slot and connection."""
-    async with Emulator(latency=60) as emu:
-        async with FluxClient(base_url=emu.base_url) as client:
-            gate = _Gate(target=8)
-            fanout = client.iter_generate([f"p{i}" for i in range(100)], concurrency=8, limiter=gate)
+    """Cancelling mid-flight ends every task and returns every slot and connection."""
+    async with Emulator(latency=60) as emu, FluxClient(base_url=emu.base_url) as client:
+        gate = _Gate(target=8)
+        fanout = client.iter_generate([f"p{i}" for i in range(100)], concurrency=8, limiter=gate)
 
-            async def consume() -> None:
-                async with fanout:
-                    async for _ in fanout:
-                        pass
+        async def consume() -> None:
+            async with fanout:
+                async for _ in fanout:
+                    pass
 
-            before = asyncio.all_tasks()
-            task = asyncio.create_task(consume())
-            await gate.reached.wait()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            # The emulator's own handler tasks live in this loop too; ours are in flux_async.
-            ours = [
-                t
-                for t in asyncio.all_tasks() - before
-                if "flux_async/_" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
-            ]
-            assert ours == []
-            assert fanout._slot.in_flight == 0
-            assert fanout.statistics().in_flight == 0
-            assert gate.acquired == 8  # nothing new started after the cancel
-            connector = client._session.connector if client._session else None
-            assert connector is not None
-            assert not connector._acquired  # every connection went back / was closed
+        before = asyncio.all_tasks()
+        task = asyncio.create_task(consume())
+        await gate.reached.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The emulator's own handler tasks live in this loop too; ours are in flux_async.
+        ours = [
+            t
+            for t in asyncio.all_tasks() - before
+            if "flux_async/_" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+        ]
+        assert ours == []
+        assert fanout._slot.in_flight == 0
+        assert fanout.statistics().in_flight == 0
+        assert gate.acquired == 8  # nothing new started after the cancel
+        connector = client._session.connector if client._session else None
+        assert connector is not None
+        assert not connector._acquired  # every connection went back / was closed
 
 
 async def test_batch_deadline_ends_everything_with_an_error() -> None:
@@ -265,7 +266,7 @@ async def test_rate_limit_ceiling_is_respected() -> None:
 
 
 async def test_429_storm_loses_nothing() -> None:
-    """Against a 40 rps server, adaptive limiting with default retries completes every prompt."""
+    """Against a 40 rps server, adaptive limiting and default retries complete every prompt."""
     async with Emulator(rate_limit=40, burst=4) as emu, FluxClient(base_url=emu.base_url) as client:
         results = await client.gather_generate([f"p{i}" for i in range(80)], concurrency=16)
         assert all(r.ok for r in results)

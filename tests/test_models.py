@@ -82,7 +82,7 @@ def test_every_field_is_sent() -> None:
     ],
 )
 def test_validation_names_field_value_and_allowed(field: str, value: object, needle: str) -> None:
-    """A bad field raises ValidationError (a ValueError) naming the field, value and what is allowed."""
+    """A bad field raises ValidationError (a ValueError) naming field, value and what is allowed."""
     kwargs: dict[str, object] = {"prompt": "ok", field: value}
     with pytest.raises(ValidationError) as info:
         ImageRequest(**kwargs)  # type: ignore[arg-type]
