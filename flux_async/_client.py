@@ -10,10 +10,10 @@ Nothing is held across a backoff sleep.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
@@ -232,6 +232,8 @@ class FluxClient:
             headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
         self._headers = headers
         self._label = f"POST {self._safe_url}"
+        self._key_prefix = f"flux-async-{os.urandom(8).hex()}-"
+        self._keys = itertools.count(1)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -577,13 +579,14 @@ class FluxClient:
         """One logical call (one chunk): attempts under ``policy``; (response, attempts)."""
         body = json.dumps(request.to_json(n), ensure_ascii=False).encode()
         headers = dict(self._headers)
-        headers["Idempotency-Key"] = idempotency_key or f"flux-async-{uuid.uuid4().hex}"
+        # A random per-client prefix and a counter: unique across processes like a UUID,
+        # at a tenth of the cost on a path a batch runs a million times.
+        headers["Idempotency-Key"] = idempotency_key or f"{self._key_prefix}{next(self._keys)}"
         session = self._get_session()
         limiter = self.limiter if limiter is None else limiter
         budget = self.retry_budget
         url = self._url
         safe_url = self._safe_url
-        retrier = _Retrier(policy, budget, self._label)
         # A test-mode policy never waits, so the limiter is not told to pause or slow down.
         pause = policy.wait
 
@@ -624,8 +627,15 @@ class FluxClient:
                 counters.rate_limited += 1
             raise self._status_error(status, raw, resp_headers, request_id, limiter, pause)
 
-        response = await retrier.run(attempt)
-        return response, retrier.attempts
+        if policy.deadline is None:
+            # The first attempt runs bare; the retry machinery is built only on failure.
+            try:
+                return await attempt(), 1
+            except APIError as exc:
+                retrier = _Retrier(policy, budget, self._label)
+                return await retrier.resume(exc, attempt), retrier.attempts
+        retrier = _Retrier(policy, budget, self._label)
+        return await retrier.run(attempt), retrier.attempts
 
     def _status_error(
         self,

@@ -23,7 +23,7 @@ import attrs
 
 from ._exceptions import DeadlineExceededError, FluxError, ValidationError
 from ._limits import ConcurrencyLimit, Limiter
-from ._models import ImageRequest, ImagesResponse
+from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
 
 if TYPE_CHECKING:
     import aiohttp
@@ -394,9 +394,12 @@ class Fanout:
         request: ImageRequest | None = None
         try:
             request = self._to_request(item)
-            if self._deadline_at is None:
-                response, attempts = await self._client._run(
+            client = self._client
+            # A single-chunk request (the usual case) skips the splitting layer.
+            if request.n <= MAX_N_PER_REQUEST:
+                call = client._call(
                     request,
+                    None,
                     self._policy,
                     self._client_timeout,
                     None,
@@ -405,16 +408,20 @@ class Fanout:
                     counters,
                 )
             else:
+                call = client._run(
+                    request,
+                    self._policy,
+                    self._client_timeout,
+                    None,
+                    self._slot,
+                    self._limiter,
+                    counters,
+                )
+            if self._deadline_at is None:
+                response, attempts = await call
+            else:
                 async with asyncio.timeout_at(self._deadline_at):
-                    response, attempts = await self._client._run(
-                        request,
-                        self._policy,
-                        self._client_timeout,
-                        None,
-                        self._slot,
-                        self._limiter,
-                        counters,
-                    )
+                    response, attempts = await call
         except TimeoutError:
             self._expired = True
             error: BaseException = DeadlineExceededError(

@@ -236,6 +236,12 @@ class Image:
         return base64.b64decode(self.b64_json)
 
 
+def _bad(why: str, payload: object, request_id: str | None) -> APIResponseValidationError:
+    return APIResponseValidationError(
+        f"The server answered 2xx but {why}", body=payload, request_id=request_id
+    )
+
+
 _IMAGE_KEYS = frozenset({"url", "b64_json", "revised_prompt"})
 _RESPONSE_KEYS = frozenset({"created", "data"})
 
@@ -296,45 +302,56 @@ class ImagesResponse:
             ImagesResponse.from_json({"created": 1, "data": [{"url": "https://x"}]})
         """
 
-        def bad(why: str) -> APIResponseValidationError:
-            return APIResponseValidationError(
-                f"The server answered 2xx but {why}", body=payload, request_id=request_id
-            )
-
-        if not isinstance(payload, dict):
-            raise bad("the body is not a JSON object")
+        if type(payload) is not dict:
+            raise _bad("the body is not a JSON object", payload, request_id)
         data = payload.get("data")
-        if not isinstance(data, list):
-            raise bad("the body has no 'data' list")
+        if type(data) is not list:
+            raise _bad("the body has no 'data' list", payload, request_id)
         if not data:
-            raise bad("'data' is empty: no image came back")
+            raise _bad("'data' is empty: no image came back", payload, request_id)
         created = payload.get("created")
         # bool is an int; JSON true is not a timestamp.
-        if isinstance(created, bool) or not isinstance(created, int | float):
-            raise bad(f"'created' is {created!r}, not a unix timestamp")
+        if type(created) is not int and type(created) is not float:
+            raise _bad(f"'created' is {created!r}, not a unix timestamp", payload, request_id)
+        # This runs once per image of a million-prompt batch: exact type checks and no
+        # copies unless the server sent keys we do not model.
         images = []
         for i, item in enumerate(data):
-            if not isinstance(item, dict):
-                raise bad(f"data[{i}] is not an object")
+            if type(item) is not dict:
+                raise _bad(f"data[{i}] is not an object", payload, request_id)
             url = item.get("url")
             b64 = item.get("b64_json")
-            if not isinstance(url, str) and not isinstance(b64, str):
-                raise bad(f"data[{i}] has neither a 'url' nor 'b64_json' string")
             revised = item.get("revised_prompt")
-            extra = {k: v for k, v in item.items() if k not in _IMAGE_KEYS}
+            if type(url) is not str:
+                url = None
+            if type(b64) is not str:
+                b64 = None
+                if url is None:
+                    raise _bad(
+                        f"data[{i}] has neither a 'url' nor 'b64_json' string",
+                        payload,
+                        request_id,
+                    )
+            if _IMAGE_KEYS.issuperset(item):
+                extra: Mapping[str, Any] = _EMPTY
+            else:
+                extra = MappingProxyType({k: v for k, v in item.items() if k not in _IMAGE_KEYS})
             images.append(
                 Image(
-                    url=url if isinstance(url, str) else None,
-                    b64_json=b64 if isinstance(b64, str) else None,
-                    revised_prompt=revised if isinstance(revised, str) else None,
-                    extra=MappingProxyType(extra) if extra else _EMPTY,
+                    url=url,
+                    b64_json=b64,
+                    revised_prompt=revised if type(revised) is str else None,
+                    extra=extra,
                 )
             )
-        extra = {k: v for k, v in payload.items() if k not in _RESPONSE_KEYS}
+        if _RESPONSE_KEYS.issuperset(payload):
+            extra = _EMPTY
+        else:
+            extra = MappingProxyType({k: v for k, v in payload.items() if k not in _RESPONSE_KEYS})
         return cls(
             created=int(created),
             data=tuple(images),
-            extra=MappingProxyType(extra) if extra else _EMPTY,
+            extra=extra,
             request_id=request_id,
         )
 

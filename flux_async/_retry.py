@@ -452,6 +452,13 @@ class _Retrier:
         except TimeoutError:
             raise self._deadline_error() from None
 
+    async def resume(self, first: APIError, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Carry on after a first attempt the caller made itself (no deadline set)."""
+        self._state.attempts = 1
+        if not self._decide(first):
+            raise self._final(first) from None
+        return await self._retry_loop(attempt)
+
     def _final(self, exc: APIError) -> APIError:
         exc.attempts = self._state.attempts
         if self._state.final:
