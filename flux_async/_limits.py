@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_MIN_INCREASE",
     "DEFAULT_MIN_RATE",
     "DEFAULT_PER",
+    "DEFAULT_PROBE_GROWTH",
     "DEFAULT_WINDOW",
     "ConcurrencyLimit",
     "Limiter",
@@ -53,8 +54,11 @@ __all__ = [
 DEFAULT_PER = 1.0
 #: Permits that may go back to back after an idle spell (1: strictly paced).
 DEFAULT_BURST = 1
-#: A cut sets the rate to this share of min(current rate, measured send rate).
-DEFAULT_DECREASE_FACTOR = 0.7
+#: A cut sets the rate to this share of min(current rate, measured send rate). DESIGN.md
+#: proposed 0.7; against a 40 rps server that spent most of the run climbing back
+#: (goodput 0.82 of capacity, benchmarks/bench_storm.py) where 0.9 keeps 0.95 for a few
+#: more 429s, which cost the server nothing.
+DEFAULT_DECREASE_FACTOR = 0.9
 #: Seconds: at most one cut per window; the send rate is measured over one window; the rate
 #: grows once per window without a 429.
 DEFAULT_WINDOW = 1.0
@@ -68,6 +72,11 @@ DEFAULT_INCREASE_SHARE_OF_CEILING = 0.05
 DEFAULT_INCREASE_SHARE_OF_CUT = 0.10
 #: ...and never less than this many requests per second.
 DEFAULT_MIN_INCREASE = 0.5
+#: After the first cut of an unpaced limiter the measured rate is a guess (one window of
+#: sends that began a moment ago), so until the next 429 the rate grows by this factor
+#: per window instead of by the additive step: it finds the server's capacity in a few
+#: windows, then settles into additive increase like everyone else.
+DEFAULT_PROBE_GROWTH = 1.25
 
 # A deadline closer than this counts as reached. asyncio runs a timer up to one clock tick
 # early (BaseEventLoop uses the same resolution), and float sums miss by an ulp
@@ -235,6 +244,7 @@ class RateLimiter(Limiter):
         self._last_cut = _NEVER
         self._calm_since = _NEVER  # the last 429 or growth step
         self._recovering = False  # below the ceiling after a cut (always, with no ceiling)
+        self._probing = False  # after the first cut from unpaced: grow multiplicatively
         self._step = 0.0
         if ceiling is not None:
             self._step = self._increase or max(
@@ -372,7 +382,10 @@ class RateLimiter(Limiter):
             return
         self._calm_since = now
         assert self._rate is not None
-        rate = self._rate + self._step
+        if self._probing:
+            rate = self._rate * DEFAULT_PROBE_GROWTH
+        else:
+            rate = self._rate + self._step
         if self._ceiling is not None and rate >= self._ceiling:
             rate = self._ceiling
             self._recovering = False
@@ -418,6 +431,7 @@ class RateLimiter(Limiter):
             rate = self._ceiling  # min_rate may exceed a per-minute ceiling: the ceiling wins
         self._last_cut = now
         self._cuts += 1
+        self._probing = self._rate is None
         self._recovering = self._ceiling is None or rate < self._ceiling
         if self._ceiling is None:
             self._step = self._increase or max(

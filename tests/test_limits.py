@@ -14,6 +14,7 @@ import pytest
 
 from flux_async._exceptions import ValidationError
 from flux_async._limits import (
+    DEFAULT_PROBE_GROWTH,
     DEFAULT_DECREASE_FACTOR,
     ConcurrencyLimit,
     Limiter,
@@ -161,7 +162,7 @@ async def test_ceiling_never_exceeded_in_any_window() -> None:
 @pytest.mark.looptime
 async def test_cut_applies_to_queued_waiters() -> None:
     """Only ~horizon of permits is booked ahead, so a cut paces everyone queued beyond it."""
-    limiter = RateLimiter(10)
+    limiter = RateLimiter(10, decrease_factor=0.7)
     times: list[float] = []
 
     async def one() -> None:
@@ -260,7 +261,7 @@ async def test_cut_happens_once_per_window() -> None:
 @pytest.mark.looptime
 async def test_cut_uses_the_measured_send_rate_when_lower() -> None:
     """Sending 2/s under a 10/s ceiling, a 429 cuts to 0.7 * 2 = 1.4/s."""
-    limiter = RateLimiter(10)
+    limiter = RateLimiter(10, decrease_factor=0.7)
     await send(limiter, 7, gap=0.5)  # permits at 0.0, 0.5, ..., 3.0
     await asyncio.sleep(0.25)
     limiter.on_rate_limited(None)  # at 3.25: sent in (2.25, 3.25] are 2.5 and 3.0 -> 2/s
@@ -270,7 +271,7 @@ async def test_cut_uses_the_measured_send_rate_when_lower() -> None:
 @pytest.mark.looptime
 async def test_cut_uses_the_current_rate_when_lower() -> None:
     """A burst of 20 measured against a 10/s rate cuts to 0.7 * 10 = 7/s, not 14/s."""
-    limiter = RateLimiter(10, burst=20)
+    limiter = RateLimiter(10, burst=20, decrease_factor=0.7)
     await limiter.acquire()
     await asyncio.sleep(5)
     assert await grant_times(limiter, 20) == [5.0] * 20
@@ -282,7 +283,7 @@ async def test_cut_uses_the_current_rate_when_lower() -> None:
 @pytest.mark.looptime
 async def test_first_cut_without_a_ceiling_uses_the_measured_rate() -> None:
     """Unpaced at 20/s, a 429 starts pacing at 14/s, one interval after the last send."""
-    limiter = RateLimiter()
+    limiter = RateLimiter(decrease_factor=0.7)
     await send(limiter, 41, gap=0.05)  # permits at 0.0, 0.05, ..., 2.0
     await asyncio.sleep(0.025)
     limiter.on_rate_limited(None)  # at 2.025: (1.025, 2.025] holds 20 permits
@@ -307,7 +308,7 @@ async def test_min_rate_floor() -> None:
 @pytest.mark.looptime
 async def test_additive_recovery_up_to_the_ceiling() -> None:
     """After a cut, each full window with a success adds 5 % of the ceiling; never above it."""
-    limiter = RateLimiter(10)
+    limiter = RateLimiter(10, decrease_factor=0.7)
     await send(limiter, 21)
     await asyncio.sleep(0.05)
     limiter.on_rate_limited(None)  # 7.0/s
@@ -351,18 +352,30 @@ async def test_recovery_waits_a_full_window_after_any_429() -> None:
 
 
 @pytest.mark.looptime
-async def test_without_a_ceiling_the_rate_keeps_growing_additively() -> None:
-    """With no ceiling, recovery adds max(0.5, 10 % of the cut rate) per window, unbounded."""
-    limiter = RateLimiter()
+async def test_without_a_ceiling_the_rate_probes_then_grows_additively() -> None:
+    """No ceiling: after the first cut the rate grows x1.25 per window until the next 429,
+    then by max(0.5, 10 % of the cut rate) per window, unbounded."""
+    limiter = RateLimiter(decrease_factor=0.7)
     await send(limiter, 41, gap=0.05)
     await asyncio.sleep(0.025)
-    limiter.on_rate_limited(None)  # 14/s, so a step of 1.4/s
+    limiter.on_rate_limited(None)  # 0.7 * 20/s = 14/s, probing from here
+    for _ in range(3):
+        await asyncio.sleep(1)
+        limiter.on_success()
+    assert limiter.statistics().rate == pytest.approx(14.0 * DEFAULT_PROBE_GROWTH**3)
+    probed = limiter.statistics().rate
+    assert probed is not None
+    await send(limiter, 30, gap=0.02)  # 50/s for 0.6 s, under the probed pace
+    limiter.on_rate_limited(None)  # a paced cut: min(probed, sent) * 0.7; probing ends
+    cut = limiter.statistics().rate
+    assert cut is not None
+    assert cut == pytest.approx(0.7 * min(probed, 30.0))
     for _ in range(50):
         await asyncio.sleep(1)
         limiter.on_success()
     stats = limiter.statistics()
     assert stats.ceiling is None
-    assert stats.rate == pytest.approx(14.0 + 50 * 1.4)  # well past 4x the cut rate
+    assert stats.rate == pytest.approx(cut + 50 * max(0.5, 0.1 * cut))
 
 
 @pytest.mark.looptime
@@ -446,7 +459,7 @@ async def test_retry_after_must_be_a_finite_non_negative_number(retry_after: flo
 @pytest.mark.looptime
 async def test_statistics_and_repr_show_live_state() -> None:
     """statistics() and repr() report rate, ceiling, burst, pause, waiters and counters."""
-    limiter = RateLimiter(600, per=60, burst=5)
+    limiter = RateLimiter(600, per=60, burst=5, decrease_factor=0.7)
     fresh = "<RateLimiter rate=10/s ceiling=10/s burst=5 paused_for=0s waiting=0>"
     assert repr(limiter) == fresh
     await limiter.acquire()
