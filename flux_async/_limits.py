@@ -382,10 +382,7 @@ class RateLimiter(Limiter):
             return
         self._calm_since = now
         assert self._rate is not None
-        if self._probing:
-            rate = self._rate * DEFAULT_PROBE_GROWTH
-        else:
-            rate = self._rate + self._step
+        rate = self._rate * DEFAULT_PROBE_GROWTH if self._probing else self._rate + self._step
         if self._ceiling is not None and rate >= self._ceiling:
             rate = self._ceiling
             self._recovering = False

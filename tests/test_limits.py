@@ -14,8 +14,8 @@ import pytest
 
 from flux_async._exceptions import ValidationError
 from flux_async._limits import (
-    DEFAULT_PROBE_GROWTH,
     DEFAULT_DECREASE_FACTOR,
+    DEFAULT_PROBE_GROWTH,
     ConcurrencyLimit,
     Limiter,
     LimiterStatistics,
