@@ -304,8 +304,13 @@ class FluxClient:
             ttl_dns_cache=300,
             keepalive_timeout=60,
         )
+        # The constant headers live on the session we own, so each request adds only
+        # its Idempotency-Key: aiohttp merges headers key by key on every request.
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._client_timeout, raise_for_status=False
+            connector=connector,
+            timeout=self._client_timeout,
+            raise_for_status=False,
+            headers=self._headers,
         )
         return self._session
 
@@ -493,7 +498,7 @@ class FluxClient:
                 exc.add_note(f"in prompt #{index} of {len(items)}; nothing was sent")
                 raise
         results: list[GenerationResult | None] = [None] * len(requests)
-        async with self.iter_generate(
+        fanout = self.iter_generate(
             requests,
             concurrency=concurrency,
             rate_limit=rate_limit,
@@ -506,9 +511,12 @@ class FluxClient:
             timeout=timeout,
             fail_fast=fail_fast,
             on_progress=on_progress,
-        ) as fanout:
-            async for result in fanout:
-                results[result.index] = result
+        )
+
+        def collect(result: GenerationResult) -> None:
+            results[result.index] = result
+
+        await fanout.drain(collect)
         missing = DeadlineExceededError(
             f"the batch deadline of {batch_deadline}s passed before this prompt started",
             attempts=0,
@@ -578,17 +586,22 @@ class FluxClient:
     ) -> tuple[ImagesResponse, int]:
         """One logical call (one chunk): attempts under ``policy``; (response, attempts)."""
         body = json.dumps(request.to_json(n), ensure_ascii=False).encode()
-        headers = dict(self._headers)
+        session = self._get_session()
         # A random per-client prefix and a counter: unique across processes like a UUID,
         # at a tenth of the cost on a path a batch runs a million times.
-        headers["Idempotency-Key"] = idempotency_key or f"{self._key_prefix}{next(self._keys)}"
-        session = self._get_session()
+        key = idempotency_key or f"{self._key_prefix}{next(self._keys)}"
+        if self._owns_session:
+            headers = {"Idempotency-Key": key}
+        else:
+            headers = dict(self._headers)
+            headers["Idempotency-Key"] = key
         limiter = self.limiter if limiter is None else limiter
         budget = self.retry_budget
         url = self._url
         safe_url = self._safe_url
         # A test-mode policy never waits, so the limiter is not told to pause or slow down.
         pause = policy.wait
+        on_backoff = None if counters is None else counters.on_backoff
 
         async def attempt() -> ImagesResponse:
             if self._closed:
@@ -632,9 +645,9 @@ class FluxClient:
             try:
                 return await attempt(), 1
             except APIError as exc:
-                retrier = _Retrier(policy, budget, self._label)
+                retrier = _Retrier(policy, budget, self._label, on_backoff)
                 return await retrier.resume(exc, attempt), retrier.attempts
-        retrier = _Retrier(policy, budget, self._label)
+        retrier = _Retrier(policy, budget, self._label, on_backoff)
         return await retrier.run(attempt), retrier.attempts
 
     def _status_error(

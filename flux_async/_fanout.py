@@ -124,17 +124,30 @@ class FanoutStatistics:
 
 
 class _Counters:
-    """Live counts a fan-out shares with the attempts it makes (cheap attribute bumps)."""
+    """Live counts a fan-out shares with the attempts it makes (cheap attribute bumps).
 
-    __slots__ = ("done", "failed", "in_flight", "rate_limited", "retries", "submitted")
+    ``on_backoff(+1 / -1)`` is called by the retry loop around each backoff sleep, so the
+    fan-out can put another worker on the wire while one sleeps.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "done",
+        "failed",
+        "in_flight",
+        "on_backoff",
+        "rate_limited",
+        "retries",
+        "submitted",
+    )
+
+    def __init__(self, on_backoff: Callable[[int], None] | None = None) -> None:
         self.submitted = 0
         self.in_flight = 0
         self.done = 0
         self.failed = 0
         self.retries = 0
         self.rate_limited = 0
+        self.on_backoff = on_backoff
 
 
 _END = object()
@@ -219,9 +232,11 @@ class Fanout:
         self._fail_fast = fail_fast
         self._batch_deadline = batch_deadline
         self._on_progress = on_progress
-        self._counters = _Counters()
+        self._counters = _Counters(self._on_backoff)
         self._queue: asyncio.Queue[GenerationResult | object] | None = None
-        self._workers: list[asyncio.Task[None]] = []
+        self._workers: set[asyncio.Task[None]] = set()
+        self._sleeping = 0  # workers in a backoff sleep
+        self._max_workers = 2 * concurrency
         self._input_lock: asyncio.Lock | None = None
         self._deadline_at: float | None = None
         self._started_at = 0.0
@@ -231,6 +246,8 @@ class Fanout:
         self._exhausted = False
         self._expired = False
         self._input_error: Exception | None = None
+        self._sink: Callable[[GenerationResult], None] | None = None
+        self._failure: GenerationResult | None = None
         self._closed = False
 
     # -- public ------------------------------------------------------------------------
@@ -318,7 +335,7 @@ class Fanout:
                 await results.aclose()
         """
         self._closed = True
-        workers, self._workers = self._workers, []
+        workers, self._workers = self._workers, set()
         for task in workers:
             task.cancel()
         if workers:
@@ -328,20 +345,69 @@ class Fanout:
 
     # -- engine ------------------------------------------------------------------------
 
+    async def drain(self, sink: Callable[[GenerationResult], None]) -> None:
+        """Run to the end handing each result to ``sink``: no queue, no iterator.
+
+        What `FluxClient.gather_generate` uses: with nobody consuming in between, results
+        skip the queue and the hand-over to the consumer task. Raises what iterating would
+        (the caller's input error, or the first failure with ``fail_fast``); cancelling
+        it cancels everything still running.
+        """
+        if self._queue is not None or self._closed:
+            raise RuntimeError("this fan-out has already been started")
+        self._sink = sink
+        self._start()
+        try:
+            while self._workers:
+                await asyncio.wait(set(self._workers))
+        finally:
+            await self.aclose()
+        if self._input_error is not None:
+            raise self._input_error
+        failure = self._failure
+        if failure is not None:
+            assert failure.error is not None
+            failure.error.add_note(
+                f"fail_fast: prompt #{failure.index} failed; the prompts still running "
+                "were cancelled"
+            )
+            raise failure.error
+
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._started_at = loop.time()
         if self._batch_deadline is not None:
             self._deadline_at = self._started_at + self._batch_deadline
-        # Workers beyond the slot count keep the wire full while some prompts sleep in
-        # backoff; the queue bound makes a slow consumer pause the workers.
-        n_workers = self._concurrency + max(1, self._concurrency // 4)
-        self._queue = asyncio.Queue(maxsize=2 * n_workers)
+        # One worker per slot: in the common case no worker ever waits for a slot, so a
+        # request costs no hand-over between tasks. A worker going to sleep in backoff
+        # calls _on_backoff, which adds a worker so the wire stays full; the queue bound
+        # makes a slow consumer pause the workers.
+        if self._sink is None:
+            self._queue = asyncio.Queue(maxsize=2 * self._max_workers)
         if self._async_items is not None:
             self._input_lock = asyncio.Lock()
-        self._running_workers = n_workers
-        self._workers = [loop.create_task(self._worker()) for _ in range(n_workers)]
+        for _ in range(self._concurrency):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        assert self._loop is not None
+        self._running_workers += 1
+        task = self._loop.create_task(self._worker())
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+    def _on_backoff(self, delta: int) -> None:
+        self._sleeping += delta
+        if (
+            delta > 0
+            and not self._closed
+            and not self._exhausted
+            and not self._expired
+            and len(self._workers) - self._sleeping < self._concurrency
+            and len(self._workers) < self._max_workers
+        ):
+            self._spawn()
 
     async def _next_item(self) -> tuple[int, object] | None:
         if self._exhausted or self._expired:
@@ -364,20 +430,41 @@ class Fanout:
 
     async def _worker(self) -> None:
         queue = self._queue
-        assert queue is not None
+        sink = self._sink
         try:
             while True:
                 taken = await self._next_item()
                 if taken is None:
                     break
-                await queue.put(await self._process(*taken))
+                result = await self._process(*taken)
+                if sink is None:
+                    assert queue is not None
+                    await queue.put(result)
+                else:
+                    sink(result)
+                    if self._fail_fast and result.error is not None:
+                        self._fail(result)
+                        break
+                if len(self._workers) - self._sleeping > self._concurrency:
+                    break  # a sleeper woke up: this worker was its stand-in
         except Exception as exc:
             # Only the caller's own iterable can get here (_process captures the rest):
             # its error is the caller's to see, raised from the iteration.
             if self._input_error is None:
                 self._input_error = exc
             self._exhausted = True
-        await queue.put(_END)
+        if queue is not None:
+            await queue.put(_END)
+
+    def _fail(self, result: GenerationResult) -> None:
+        """fail_fast in drain mode: remember the first failure and stop everyone else."""
+        if self._failure is None:
+            self._failure = result
+        self._exhausted = True
+        current = asyncio.current_task()
+        for task in self._workers:
+            if task is not current:
+                task.cancel()
 
     def _to_request(self, item: object) -> ImageRequest:
         if isinstance(item, str):

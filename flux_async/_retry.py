@@ -355,14 +355,16 @@ async def _no_sleep(_: float) -> None:
 class _Retrier:
     """Runs one logical call under a policy; the client makes one per call."""
 
-    __slots__ = ("_budget", "_deadline_at", "_label", "_loop", "_policy", "_state")
+    __slots__ = ("_budget", "_deadline_at", "_label", "_loop", "_on_backoff", "_policy", "_state")
 
     def __init__(
         self,
         policy: RetryPolicy,
         budget: RetryBudget | None,
         label: str,
+        on_backoff: Callable[[int], None] | None = None,
     ) -> None:
+        self._on_backoff = on_backoff
         self._policy = policy
         self._budget = budget
         self._label = label
@@ -512,7 +514,16 @@ class _Retrier:
             )
 
     async def _sleep(self, seconds: float) -> None:
-        if seconds > 0 and self._policy.wait:
-            await asyncio.sleep(seconds)
-        else:
+        if not (seconds > 0 and self._policy.wait):
             await _no_sleep(seconds)
+            return
+        on_backoff = self._on_backoff
+        if on_backoff is None:
+            await asyncio.sleep(seconds)
+            return
+        # Tell the fan-out this worker is off the wire for a while.
+        on_backoff(1)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            on_backoff(-1)

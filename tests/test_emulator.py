@@ -349,7 +349,7 @@ async def test_rate_capacity_is_per_key(http: aiohttp.ClientSession) -> None:
 
 async def test_max_in_flight_rejects_the_excess(http: aiohttp.ClientSession) -> None:
     """With max_in_flight=2 and latency, the third of a simultaneous burst gets a 429."""
-    async with Emulator(api_keys=[KEY], latency=0.3, max_in_flight=2) as emu:
+    async with Emulator(api_keys=[KEY], latency=0.2, max_in_flight=2) as emu:
         replies = await asyncio.gather(*(generate(http, emu) for _ in range(3)))
         assert sorted(r.status for r in replies) == [200, 200, 429]
         rejected = next(r for r in replies if r.status == 429)
@@ -512,14 +512,15 @@ def test_fault_and_rates_reject_bad_arguments() -> None:
 
 def test_emulator_rejects_bad_arguments() -> None:
     """The Emulator constructor refuses impossible settings."""
-    for kwargs in (
+    cases: list[dict[str, Any]] = [
         {"api_keys": []},
         {"latency": -1},
         {"rate_limit": 0},
         {"burst": 0},
         {"max_in_flight": 0},
         {"port": 70000},
-    ):
+    ]
+    for kwargs in cases:
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             Emulator(**kwargs)
 

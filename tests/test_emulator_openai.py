@@ -22,7 +22,7 @@ async def emu() -> AsyncIterator[Emulator]:
 
 
 @pytest.fixture
-async def client(emu: Emulator) -> AsyncIterator[openai.AsyncOpenAI]:
+async def openai_client(emu: Emulator) -> AsyncIterator[openai.AsyncOpenAI]:
     client = openai.AsyncOpenAI(base_url=emu.base_url, api_key=KEY, max_retries=0)
     try:
         yield client
@@ -38,10 +38,10 @@ def ihdr_size(png: bytes) -> tuple[int, int]:
 
 
 async def test_openai_client_generates_fetchable_images(
-    emu: Emulator, client: openai.AsyncOpenAI
+    emu: Emulator, openai_client: openai.AsyncOpenAI
 ) -> None:
     """images.generate with n=2 and aspect_ratio 16:9 returns two URLs serving 1024x576 PNGs."""
-    result = await client.images.generate(
+    result = await openai_client.images.generate(
         model="flux-kontext-pro",
         prompt="a lighthouse at dusk",
         n=2,
@@ -66,9 +66,9 @@ async def test_openai_client_generates_fetchable_images(
     )
 
 
-async def test_openai_client_b64_json(client: openai.AsyncOpenAI) -> None:
+async def test_openai_client_b64_json(openai_client: openai.AsyncOpenAI) -> None:
     """response_format=b64_json comes back as an inline base64 PNG the client exposes."""
-    result = await client.images.generate(
+    result = await openai_client.images.generate(
         prompt="a red fox",
         response_format="b64_json",
         extra_body={"aspect_ratio": "1:1"},
@@ -79,10 +79,12 @@ async def test_openai_client_b64_json(client: openai.AsyncOpenAI) -> None:
     assert ihdr_size(base64.b64decode(image.b64_json)) == (1024, 1024)
 
 
-async def test_openai_client_bad_request(client: openai.AsyncOpenAI) -> None:
+async def test_openai_client_bad_request(openai_client: openai.AsyncOpenAI) -> None:
     """A 400 surfaces as openai.BadRequestError carrying the param."""
     with pytest.raises(openai.BadRequestError) as excinfo:
-        await client.images.generate(prompt="a red fox", n=11, extra_body={"aspect_ratio": "1:1"})
+        await openai_client.images.generate(
+            prompt="a red fox", n=11, extra_body={"aspect_ratio": "1:1"}
+        )
     assert excinfo.value.status_code == 400
     assert excinfo.value.param == "n"
     assert excinfo.value.code == "integer_above_max_value"

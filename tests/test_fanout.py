@@ -21,7 +21,7 @@ from flux_async import (
     ValidationError,
 )
 from flux_async._fanout import FanoutStatistics
-from flux_async.emulator import Emulator, FaultRates
+from flux_async.emulator import Emulator, Fault, FaultRates
 
 from .conftest import API_KEY
 
@@ -289,3 +289,55 @@ async def test_shared_limiter_across_fanouts(emulator: Emulator) -> None:
     assert limiter.statistics().permits == 40
     times = sorted(seen.time for seen in emulator.requests)
     assert times[-1] - times[0] >= 39 / 50 * 0.9
+
+
+async def test_backoff_frees_the_wire_for_other_prompts() -> None:
+    """While prompts sleep in backoff, other prompts use their slots; in flight stays <= c."""
+    async with Emulator(latency=0.01) as emu:
+        emu.script(*[Fault.status(503, headers={"Retry-After": "0.3"})] * 2)
+        async with FluxClient(base_url=emu.base_url) as client:
+            results = await client.gather_generate([f"p{i}" for i in range(12)], concurrency=2)
+        assert all(r.ok for r in results)
+        keys = [seen.idempotency_key for seen in emu.requests]
+        # The two failed calls retry last: everything else was sent while they slept.
+        assert len(keys) == 14
+        assert set(keys[-2:]) == set(keys[:2])
+        assert len(set(keys[2:12])) == 10
+        assert emu.stats.max_in_flight_seen <= 2
+
+
+async def test_pause_gate_holds_every_worker() -> None:
+    """One 429 with Retry-After pauses the whole fan-out: nothing is sent until it ends."""
+    async with Emulator() as emu:
+        emu.script(Fault.status(429, headers={"Retry-After": "0.6"}))
+        async with FluxClient(base_url=emu.base_url) as client:
+            results = await client.gather_generate([f"p{i}" for i in range(8)], concurrency=4)
+        assert all(r.ok for r in results)
+        times = [seen.time - emu.requests[0].time for seen in emu.requests]
+    early = [t for t in times if t < 0.2]
+    assert len(early) == 4  # the first wave was already on the wire
+    assert all(t >= 0.55 for t in times[4:])  # everyone else waited for the gate
+    assert len(times) == 9
+
+
+async def test_gather_cancellation_leaks_nothing() -> None:
+    """Cancelling gather_generate ends every worker task and returns every connection."""
+    async with Emulator(latency=60) as emu, FluxClient(base_url=emu.base_url) as client:
+        gate = _Gate(target=4)
+        before = asyncio.all_tasks()
+        task = asyncio.create_task(
+            client.gather_generate([f"p{i}" for i in range(50)], concurrency=4, limiter=gate)
+        )
+        await gate.reached.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ours = [
+            t
+            for t in asyncio.all_tasks() - before
+            if "flux_async/_" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+        ]
+        assert ours == []
+        assert gate.acquired == 4
+        assert client._session is not None
+        assert not client._session.connector._acquired  # type: ignore[union-attr]

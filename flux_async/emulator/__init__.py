@@ -1,6 +1,6 @@
 """A local server that implements the images contract faithfully, for tests and benchmarks.
 
-In-process::
+Example (in-process)::
 
     from flux_async.emulator import Emulator, Fault
 

@@ -1,7 +1,9 @@
 """Command line: ``python -m flux_async.emulator`` (also installed as ``flux-async-emulator``).
 
 Prints exactly one line, ``READY http://HOST:PORT/v1``, to stdout once it is listening, then
-serves until SIGINT or SIGTERM and exits 0::
+serves until SIGINT or SIGTERM and exits 0.
+
+Example::
 
     $ python -m flux_async.emulator --port 0 --api-key sk-test --rate-limit 50 --burst 10
     READY http://127.0.0.1:41877/v1
@@ -25,7 +27,7 @@ from ._server import Emulator, FaultRates
 __all__ = ["ENV_API_KEYS", "main"]
 
 ENV_API_KEYS = "FLUX_EMULATOR_API_KEYS"
-"""Environment variable holding comma-separated API keys, e.g. ``sk-a,sk-b``."""
+"""Environment variable holding comma-separated API keys. Example: ``sk-a,sk-b``."""
 
 
 def _number(
@@ -69,9 +71,11 @@ def _integer(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser (exposed for ``--help`` rendering and tests)::
+    """Return the argument parser (exposed for ``--help`` rendering and tests).
 
-    args = build_parser().parse_args(["--port", "0", "--latency", "0.05"])
+    Example::
+
+        args = build_parser().parse_args(["--port", "0", "--latency", "0.05"])
     """
     parser = argparse.ArgumentParser(
         prog="python -m flux_async.emulator",
@@ -168,9 +172,11 @@ async def _serve(emulator: Emulator) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the emulator until SIGINT/SIGTERM; return the exit status::
+    """Run the emulator until SIGINT/SIGTERM; return the exit status.
 
-    raise SystemExit(main(["--port", "0", "--api-key", "sk-test"]))
+    Example::
+
+        raise SystemExit(main(["--port", "0", "--api-key", "sk-test"]))
     """
     parser = build_parser()
     args = parser.parse_args(argv)

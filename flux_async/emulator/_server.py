@@ -199,7 +199,9 @@ def _check_seconds(seconds: float) -> float:
 class Fault:
     """One injected misbehaviour, queued with :meth:`Emulator.script` for the next request.
 
-    Build faults with the constructors, not the fields::
+    Build faults with the constructors, not the fields.
+
+    Example::
 
         emu.script(
             Fault.status(429, headers={"Retry-After": "1"}),
@@ -229,7 +231,9 @@ class Fault:
         """Answer with HTTP ``code``; the default body is an OpenAI-style error JSON.
 
         ``body`` may be a dict (sent as JSON) or a str (sent as ``text/html`` when it starts
-        with ``<``, else ``text/plain``)::
+        with ``<``, else ``text/plain``).
+
+        Example::
 
             Fault.status(503)
             Fault.status(429, headers={"Retry-After": "1"})
@@ -251,7 +255,9 @@ class Fault:
     def drop(cls) -> Fault:
         """Read the request, then close the connection without answering.
 
-        The client sees a server disconnect (aiohttp: ``ServerDisconnectedError``)::
+        The client sees a server disconnect (aiohttp: ``ServerDisconnectedError``).
+
+        Example::
 
             emu.script(Fault.drop())
         """
@@ -259,9 +265,11 @@ class Fault:
 
     @classmethod
     def slow(cls, seconds: float) -> Fault:
-        """Wait ``seconds``, then handle the request normally (auth, validation, ...)::
+        """Wait ``seconds``, then handle the request normally (auth, validation, ...).
 
-        emu.script(Fault.slow(2.0))  # longer than the client's timeout
+        Example::
+
+            emu.script(Fault.slow(2.0))  # longer than the client's timeout
         """
         return cls("slow", 0, _check_seconds(seconds))
 
@@ -270,7 +278,9 @@ class Fault:
         """Answer 200 with a broken body.
 
         ``"json"``: not JSON at all; ``"empty_data"``: ``{"created": ..., "data": []}``;
-        ``"no_data"``: JSON without ``data``::
+        ``"no_data"``: JSON without ``data``.
+
+        Example::
 
             emu.script(Fault.malformed(), Fault.malformed("empty_data"))
         """
@@ -280,9 +290,11 @@ class Fault:
 
     @classmethod
     def html(cls, status: int = 502) -> Fault:
-        """Answer with a reverse proxy's HTML error page (nginx style)::
+        """Answer with a reverse proxy's HTML error page (nginx style).
 
-        emu.script(Fault.html(), Fault.html(504))
+        Example::
+
+            emu.script(Fault.html(), Fault.html(504))
         """
         _check_code(status, 400)
         return cls("html", status, body=_html_page(status), content_type=_HTML)
@@ -304,7 +316,9 @@ class FaultRates:
     """Random faults, drawn per admitted request from ``random.Random(seed)``.
 
     ``slow_rate`` is drawn first and independently; then at most one of error, drop and
-    malformed (their rates must sum to at most 1)::
+    malformed (their rates must sum to at most 1).
+
+    Example::
 
         Emulator(faults=FaultRates(error_rate=0.1, error_status=503, slow_rate=0.05))
     """
@@ -328,7 +342,9 @@ class EmulatorStats:
     ``faults`` counts injected faults of every kind (a slow fault is counted even though the
     request then goes on to its own outcome). ``in_flight`` counts generation requests whose
     handler is running, admitted or not, so ``max_in_flight_seen`` is the client's peak
-    concurrency. ``per_key`` maps a key fingerprint (or ``"anonymous"``) to the same counters::
+    concurrency. ``per_key`` maps a key fingerprint (or ``"anonymous"``) to the same counters.
+
+    Example::
 
         assert emu.stats.successes == 3
         assert emu.stats.per_key[Emulator.key_id("sk-test")]["rate_limited"] == 1
@@ -347,9 +363,11 @@ class EmulatorStats:
     per_key: dict[str, dict[str, int]] = attrs.Factory(dict)
 
     def snapshot(self) -> dict[str, Any]:
-        """Return a JSON-able copy of every counter::
+        """Return a JSON-able copy of every counter.
 
-        json.dumps(emu.stats.snapshot())
+        Example::
+
+            json.dumps(emu.stats.snapshot())
         """
         data: dict[str, Any] = {name: getattr(self, name) for name in _COUNTERS}
         data["in_flight"] = self.in_flight
@@ -370,7 +388,9 @@ class SeenRequest:
     """One generation request as the emulator saw it (``emu.requests``, arrival order).
 
     ``time`` is the server's ``time.monotonic()`` at arrival; ``body`` the parsed JSON object
-    (None when it was not one); ``status`` None while pending or when dropped::
+    (None when it was not one); ``status`` None while pending or when dropped.
+
+    Example::
 
         first = emu.requests[0]
         assert first.outcome == "success" and first.body["prompt"] == "a cat"
@@ -591,7 +611,9 @@ class Emulator:
 
     ``api_keys=None`` accepts any (or no) bearer; ``rate_limit`` is requests/second per key
     (None: unlimited); ``max_in_flight`` caps concurrent generations (None: unlimited);
-    ``port=0`` picks a free port. Keys are never shown: see :meth:`key_id`::
+    ``port=0`` picks a free port. Keys are never shown: see :meth:`key_id`.
+
+    Example::
 
         async with Emulator(api_keys=["sk-test"], rate_limit=5, burst=2) as emu:
             client = AsyncOpenAI(base_url=emu.base_url, api_key="sk-test")
@@ -701,9 +723,11 @@ class Emulator:
 
     @staticmethod
     def key_id(key: str) -> str:
-        """Fingerprint an API key so it can be named without being shown::
+        """Fingerprint an API key so it can be named without being shown.
 
-        Emulator.key_id("sk-test")  # 'key-' + the first 8 hex digits of its SHA-256
+        Example::
+
+            Emulator.key_id("sk-test")  # 'key-' + the first 8 hex digits of its SHA-256
         """
         return "key-" + _sha256(key.encode()).hexdigest()[:8]
 
@@ -711,7 +735,9 @@ class Emulator:
     def base_url(self) -> str:
         """``http://HOST:PORT/v1``, ready for ``AsyncOpenAI(base_url=emu.base_url)``.
 
-        Raises ``RuntimeError`` before :meth:`start`::
+        Raises ``RuntimeError`` before :meth:`start`.
+
+        Example::
 
             async with Emulator() as emu:
                 print(emu.base_url)  # http://127.0.0.1:54321/v1
@@ -721,9 +747,11 @@ class Emulator:
         return self._base_url
 
     def script(self, *faults: Fault) -> None:
-        """Queue faults for the next generation requests, one each, in arrival order::
+        """Queue faults for the next generation requests, one each, in arrival order.
 
-        emu.script(Fault.status(503), Fault.drop())  # 1st request 503, 2nd dropped, 3rd ok
+        Example::
+
+            emu.script(Fault.status(503), Fault.drop())  # 1st request 503, 2nd dropped, 3rd ok
         """
         for fault in faults:
             if not isinstance(fault, Fault):
@@ -732,7 +760,9 @@ class Emulator:
 
     def reset(self) -> None:
         """Zero the counters, forget recorded requests, the fault script, rate-limit state,
-        stored idempotent responses, and restart the random fault sequence from ``seed``::
+        stored idempotent responses, and restart the random fault sequence from ``seed``.
+
+        Example::
 
             emu.reset()
             assert emu.stats.requests == 0 and emu.requests == []
@@ -746,14 +776,16 @@ class Emulator:
         self._rng.seed(self._seed)
 
     async def start(self) -> None:
-        """Bind and start serving (``async with`` does this for you)::
+        """Bind and start serving (``async with`` does this for you).
 
-        emu = Emulator()
-        await emu.start()
-        try:
-            ...
-        finally:
-            await emu.close()
+        Example::
+
+            emu = Emulator()
+            await emu.start()
+            try:
+                ...
+            finally:
+                await emu.close()
         """
         if self._runner is not None:
             raise RuntimeError("the emulator is already running")
@@ -780,7 +812,9 @@ class Emulator:
     async def close(self) -> None:
         """Stop serving; requests still waiting (latency, slow faults) are dropped.
 
-        Safe to call more than once::
+        Safe to call more than once.
+
+        Example::
 
             await emu.close()
             await emu.close()  # no-op

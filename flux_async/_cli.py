@@ -1,0 +1,616 @@
+"""The ``flux-async`` command line: bulk generation from a prompts file, and a demo.
+
+It comes with the ``cli`` extra (``pip install 'flux-async[cli]'``: click and tqdm); the
+library never imports this module. Run it as ``flux-async`` or ``python -m flux_async``.
+
+Examples::
+
+    $ flux-async generate prompts.txt --out results.jsonl --aspect-ratio 16:9 --rate-limit 20
+    $ jq -c '{prompt: .title, n: 2}' items.json | flux-async generate --jsonl
+    $ flux-async generate prompts.txt --emulator --emulator-rate-limit 20   # offline dry run
+    $ flux-async demo                                                      # no key, no network
+
+``generate`` writes one JSON line per prompt as soon as it finishes (completion order;
+``index`` says which prompt it was) and a summary to stderr. Exit status: 0 when every
+prompt succeeded, 1 when some failed, 2 for bad usage or input, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, NoReturn, TextIO
+
+import click
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ._client import ENV_API_KEY, ENV_BASE_URL, FluxClient, RequestFields
+from ._exceptions import APIStatusError, ValidationError
+from ._fanout import DEFAULT_CONCURRENCY, Fanout, FanoutStatistics, GenerationResult, PromptInput
+from ._models import ImageRequest
+from ._retry import RetryPolicy
+from .emulator import Emulator
+from .emulator.__main__ import main as emulator_main
+
+__all__ = ["cli", "main", "sample_prompts"]
+
+#: The demo's emulator: a capacity the default concurrency overruns, so 429s happen and
+#: the adaptive limiter has to find the rate, and a latency like a (very fast) model's.
+DEMO_RATE_LIMIT = 40.0
+DEMO_BURST = 10
+DEMO_LATENCY = 0.05
+DEMO_CONCURRENCY = 32
+DEMO_OUT = "flux-async-demo.jsonl"
+
+# Sent to the emulator instead of the user's key: a real key has no business on a fake
+# server, and FluxClient would otherwise fall back to $FLUX_API_KEY.
+_EMULATOR_KEY = "sk-emulator"
+# Lines read ahead of the fan-out from a pipe; bounds memory however long the input is.
+_READ_AHEAD = 1024
+_EXIT_FAILED = 1
+_EXIT_USAGE = 2
+_EXIT_INTERRUPTED = 130
+
+_SUBJECTS = (
+    "a lighthouse at dusk",
+    "a red fox in fresh snow",
+    "a cup of coffee on a rainy windowsill",
+    "an old tram climbing a hill",
+    "a koi pond in autumn",
+    "a mountain cabin under the northern lights",
+    "a robot watering tomato plants",
+    "a paper boat on a puddle",
+    "a busy night market",
+    "a whale breaching at sunrise",
+    "a library with floating books",
+    "a desert caravan at noon",
+    "a cat asleep on a piano",
+    "a bicycle leaning on a yellow wall",
+    "a glass greenhouse in the fog",
+    "an astronaut fishing on the moon",
+    "a bowl of ramen, steam rising",
+    "a windmill in a tulip field",
+    "a violin on a velvet chair",
+    "a city skyline after rain",
+)
+_STYLES = (
+    "watercolor",
+    "oil painting",
+    "35mm photograph",
+    "isometric 3D render",
+    "ukiyo-e woodblock print",
+    "pencil sketch",
+    "pixel art",
+    "art deco poster",
+    "studio photograph, soft light",
+    "charcoal drawing",
+    "low-poly illustration",
+    "stained glass",
+    "cinematic still, anamorphic",
+    "children's book illustration",
+    "vaporwave",
+)
+
+
+def sample_prompts() -> list[str]:
+    """The demo's prompts: every subject in every style (300 of them).
+
+    Example::
+
+        >>> sample_prompts()[0]
+        'a lighthouse at dusk, watercolor'
+    """
+    return [f"{subject}, {style}" for subject, style in itertools.product(_SUBJECTS, _STYLES)]
+
+
+# -- input ---------------------------------------------------------------------------------
+
+
+async def _lines(stream: TextIO) -> AsyncIterator[str]:
+    """The lines of ``stream``, read as the fan-out asks for them."""
+    if stream.seekable():
+        # A regular file never makes a read wait long: read it right in the loop.
+        for line in stream:
+            yield line
+        return
+    # A pipe or a terminal blocks for as long as its writer likes. A daemon thread reads it
+    # so that the requests in flight keep going meanwhile and Ctrl-C is never stuck behind
+    # a read (a daemon thread does not hold up the exit); the bounded queue bounds memory.
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    lines: queue.Queue[str | Exception | None] = queue.Queue(maxsize=_READ_AHEAD)
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(ready.set)
+
+    def pump() -> None:
+        try:
+            for line in stream:
+                lines.put(line)
+                wake()
+        except Exception as exc:  # e.g. bytes that are not UTF-8: the consumer raises it
+            lines.put(exc)
+        else:
+            lines.put(None)
+        wake()
+
+    threading.Thread(target=pump, name="flux-async-input", daemon=True).start()
+    while True:
+        ready.clear()
+        try:
+            item = lines.get_nowait()
+        except queue.Empty:
+            await ready.wait()
+            continue
+        if item is None:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+async def _prompts(stream: TextIO, *, jsonl: bool, problems: list[str]) -> AsyncIterator[Any]:
+    """Prompts (or, with ``jsonl``, decoded objects) from ``stream``, skipping blank and
+    ``#`` lines. A line that is not JSON ends the input and is reported in ``problems``:
+    the prompts already running still finish, so none of them is lost.
+    """
+    number = 0
+    async for line in _lines(stream):
+        number += 1
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if not jsonl:
+            yield text
+            continue
+        try:
+            yield json.loads(text)
+        except ValueError as exc:
+            problems.append(f"line {number} is not JSON ({exc}); later lines were not read")
+            return
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def _record(result: GenerationResult) -> dict[str, Any]:
+    """One output line: what happened to one prompt."""
+    record: dict[str, Any] = {
+        "index": result.index,
+        "prompt": result.prompt,
+        "ok": result.ok,
+        "attempts": result.attempts,
+        "elapsed": round(result.elapsed, 3),
+    }
+    if result.response is not None:
+        record["urls"] = result.response.urls
+        inline = [image.b64_json for image in result.response.data if image.b64_json]
+        if inline:  # --response-format b64_json: the images themselves
+            record["b64_json"] = inline
+        return record
+    error = result.error
+    info: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, APIStatusError):
+        info["status_code"] = error.status_code
+    record["error"] = info
+    return record
+
+
+def _progress_updater(bar: tqdm[Any]) -> Callable[[FanoutStatistics], None]:
+    def update(stats: FanoutStatistics) -> None:
+        rate = "unpaced" if stats.rate is None else f"{stats.rate:.1f}/s"
+        # refresh=False: update() below redraws, at most every tqdm's mininterval.
+        bar.set_postfix_str(
+            f"failed={stats.failed} 429s={stats.rate_limited} rate={rate}", refresh=False
+        )
+        bar.update(stats.done - bar.n)
+
+    return update
+
+
+@contextlib.contextmanager
+def _verbose_logging(enabled: bool) -> Iterator[None]:
+    """INFO from the ``flux_async`` logger to stderr, for the duration of one command."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("flux_async")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        # Log lines go above the progress bar instead of through it.
+        with logging_redirect_tqdm(loggers=[logger]):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class _Job:
+    """Everything one run needs; ``fanout`` and ``emulator_stats`` are filled in as it goes,
+    so that the caller can report on a run that was interrupted.
+    """
+
+    items: Iterable[PromptInput] | AsyncIterator[Any]
+    out: IO[str]
+    fields: RequestFields
+    api_key: str | None
+    base_url: str | None
+    fanout_options: dict[str, Any]
+    emulator: dict[str, Any] | None = None
+    emulator_note: str = ""
+    progress: bool = False
+    total: int | None = None
+    written: int = 0
+    fanout: Fanout | None = None
+    emulator_stats: dict[str, Any] = field(default_factory=dict)
+
+
+async def _run(job: _Job) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        api_key, base_url = job.api_key, job.base_url
+        if job.emulator is not None:
+            emulator = await stack.enter_async_context(Emulator(**job.emulator))
+            # Runs on the way out, after the client and the fan-out have closed.
+            stack.callback(lambda: job.emulator_stats.update(emulator.stats.snapshot()))
+            api_key, base_url = _EMULATOR_KEY, emulator.base_url
+            click.echo(job.emulator_note.format(url=base_url), err=True)
+        client = await stack.enter_async_context(FluxClient(api_key=api_key, base_url=base_url))
+        bar = stack.enter_context(
+            tqdm(
+                total=job.total,
+                unit="prompt",
+                file=sys.stderr,
+                disable=not job.progress,
+                dynamic_ncols=True,
+            )
+        )
+        job.fanout = await stack.enter_async_context(
+            client.iter_generate(
+                job.items,
+                on_progress=_progress_updater(bar) if job.progress else None,
+                **job.fanout_options,
+                **job.fields,
+            )
+        )
+        async for result in job.fanout:
+            job.out.write(json.dumps(_record(result), ensure_ascii=False) + "\n")
+            # Flushed per line: a crash or Ctrl-C loses nothing that had finished.
+            job.out.flush()
+            job.written += 1
+
+
+def _statistics(job: _Job) -> FanoutStatistics:
+    if job.fanout is not None:
+        return job.fanout.statistics()
+    return FanoutStatistics(
+        submitted=0,
+        in_flight=0,
+        done=0,
+        succeeded=0,
+        failed=0,
+        retries=0,
+        rate_limited=0,
+        rate=None,
+        elapsed=0.0,
+    )
+
+
+def _summary(job: _Job, elapsed: float) -> str:
+    stats = _statistics(job)
+    rate = stats.done / elapsed if elapsed > 0 else 0.0
+    return (
+        f"{stats.done} prompts: {stats.succeeded} succeeded, {stats.failed} failed, "
+        f"{stats.retries} retries, {stats.rate_limited} x 429, {elapsed:.1f} s, "
+        f"{rate:.1f} prompts/s"
+    )
+
+
+def _where(out: IO[str]) -> str:
+    name = getattr(out, "name", "")
+    return "stdout" if out is sys.stdout or not isinstance(name, str) else os.path.abspath(name)
+
+
+def _bad_value(ctx: click.Context, exc: ValidationError) -> NoReturn:
+    """Exit 2 with one line naming the option, its value and what it may be."""
+    option = "--" + exc.field.replace("_", "-")
+    # The library's wording is for Python callers; an option is omitted by not passing it.
+    allowed = exc.allowed.removesuffix(" (or None to omit it)")
+    click.echo(f"Error: {option} {exc.value!r} is not allowed: {allowed}", err=True)
+    ctx.exit(_EXIT_USAGE)
+
+
+def _execute(ctx: click.Context, job: _Job) -> float:
+    """Run ``job``; return its elapsed seconds, or exit 2 (bad value) or 130 (Ctrl-C)."""
+    started = time.perf_counter()
+    try:
+        asyncio.run(_run(job))
+    except ValidationError as exc:
+        # The only ValidationErrors that escape come from option values (a prompt's own
+        # bad fields end that prompt instead), and they are raised before anything is sent.
+        _bad_value(ctx, exc)
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the run, and the fan-out cancelled what was in flight.
+        click.echo(
+            f"\nInterrupted: {job.written} finished prompts were written to "
+            f"{_where(job.out)}; the rest were cancelled.",
+            err=True,
+        )
+        ctx.exit(_EXIT_INTERRUPTED)
+    return time.perf_counter() - started
+
+
+def _request_fields(**options: Any) -> RequestFields:
+    """The request options that were given; the others keep `ImageRequest`'s defaults."""
+    fields: RequestFields = {k: v for k, v in options.items() if v is not None}  # type: ignore[assignment]
+    return fields
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flux-async")
+def cli() -> None:
+    """Bulk image generation against OpenAI-format /v1/images/generations APIs.
+
+    Try `flux-async demo` (no key, no network), then
+    `flux-async generate prompts.txt --out results.jsonl`.
+    """
+
+
+@cli.command()
+@click.argument("prompts", type=click.File("r", encoding="utf-8"), default="-")
+@click.option(
+    "--jsonl",
+    is_flag=True,
+    help='Each line is a JSON object: {"prompt": "...", "n": 2, "aspect_ratio": "16:9"}.',
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    default="-",
+    help="Where the JSON lines go (default: stdout).",
+)
+@click.option("--api-key", envvar=ENV_API_KEY, help=f"API key (default: ${ENV_API_KEY}).")
+@click.option("--base-url", envvar=ENV_BASE_URL, help=f"Base URL ending in /v1 (${ENV_BASE_URL}).")
+@click.option("--model", help="Model, e.g. flux-kontext-pro (the default).")
+@click.option("--aspect-ratio", help="21:9, 16:9, 4:3, 3:2, 1:1 (default), 2:3, 3:4, 9:16, 9:21.")
+@click.option("--size", help="WIDTHxHEIGHT, e.g. 1024x1024.")
+@click.option("-n", "--n", "n", type=int, help="Images per prompt (default 1).")
+@click.option("--quality", help="standard or hd.")
+@click.option("--response-format", help="url or b64_json.")
+@click.option("--style", help="vivid or natural.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="HTTP requests in flight at once.",
+)
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Requests per second, never exceeded (default: adapt to the server's 429s).",
+)
+@click.option(
+    "--rate-limit-per-minute",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Requests per minute, instead of --rate-limit.",
+)
+@click.option("--burst", type=click.IntRange(min=1), help="Burst for the rate limit (default 1).")
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds per prompt, retries included.",
+)
+@click.option(
+    "--batch-deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds for the whole run; prompts not done by then fail.",
+)
+@click.option(
+    "--max-attempts", type=click.IntRange(min=1), help="Attempts per prompt, 429s aside (4)."
+)
+@click.option("--emulator", is_flag=True, help="Send everything to the bundled emulator.")
+@click.option(
+    "--emulator-rate-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="The emulator's capacity in requests/s (shows 429 handling).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr (default: when stderr is a terminal).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log retries and rate cuts to stderr.")
+@click.pass_context
+def generate(
+    ctx: click.Context,
+    prompts: TextIO,
+    jsonl: bool,
+    out: str,
+    api_key: str | None,
+    base_url: str | None,
+    model: str | None,
+    aspect_ratio: str | None,
+    size: str | None,
+    n: int | None,
+    quality: str | None,
+    response_format: str | None,
+    style: str | None,
+    concurrency: int,
+    rate_limit: float | None,
+    rate_limit_per_minute: float | None,
+    burst: int | None,
+    deadline: float | None,
+    batch_deadline: float | None,
+    max_attempts: int | None,
+    emulator: bool,
+    emulator_rate_limit: float | None,
+    progress: bool | None,
+    verbose: bool,
+) -> None:
+    """Generate images for every prompt in PROMPTS (a file, or - for stdin: the default).
+
+    One prompt per line; blank lines and lines starting with # are skipped. Writes one
+    JSON line per prompt as it finishes: index, prompt, ok, attempts, elapsed, and urls
+    or error. Exit status: 0 all succeeded, 1 some failed, 2 bad usage, 130 interrupted.
+
+    \b
+    Example:
+      flux-async generate prompts.txt -o results.jsonl --aspect-ratio 16:9 --rate-limit 20
+    """
+    if rate_limit is not None and rate_limit_per_minute is not None:
+        raise click.UsageError("use --rate-limit or --rate-limit-per-minute, not both")
+    if burst is not None and rate_limit is None and rate_limit_per_minute is None:
+        raise click.UsageError("--burst needs --rate-limit or --rate-limit-per-minute")
+    if emulator_rate_limit is not None and not emulator:
+        raise click.UsageError("--emulator-rate-limit needs --emulator")
+    fields = _request_fields(
+        model=model,
+        aspect_ratio=aspect_ratio,
+        size=size,
+        n=n,
+        quality=quality,
+        response_format=response_format,
+        style=style,
+    )
+    fanout_options: dict[str, Any] = {
+        "concurrency": concurrency,
+        "deadline": deadline,
+        "batch_deadline": batch_deadline,
+        "retry": None if max_attempts is None else RetryPolicy(max_attempts=max_attempts),
+    }
+    if rate_limit is not None or rate_limit_per_minute is not None:
+        fanout_options["rate_limit"] = rate_limit or rate_limit_per_minute
+        fanout_options["per"] = 1.0 if rate_limit is not None else 60.0
+        fanout_options["burst"] = burst or 1
+    try:
+        # Checked now, before the output file is opened or anything is started or sent.
+        ImageRequest(prompt="check", **fields)
+        if not emulator and base_url is not None:
+            FluxClient(base_url=base_url, api_key=_EMULATOR_KEY)
+    except ValidationError as exc:
+        _bad_value(ctx, exc)
+    if prompts.isatty():
+        click.echo("Reading prompts from the terminal, one per line; end with Ctrl-D.", err=True)
+    problems: list[str] = []
+    output = ctx.with_resource(click.open_file(out, "w", encoding="utf-8"))
+    job = _Job(
+        items=_prompts(prompts, jsonl=jsonl, problems=problems),
+        out=output,
+        fields=fields,
+        api_key=api_key,
+        base_url=base_url,
+        fanout_options=fanout_options,
+        emulator=None if not emulator else {"rate_limit": emulator_rate_limit},
+        emulator_note=(
+            "flux-async: --emulator: every request goes to the bundled emulator at {url}; "
+            "no real API is used and the images are placeholders."
+        ),
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
+    with _verbose_logging(verbose):
+        elapsed = _execute(ctx, job)
+    click.echo(_summary(job, elapsed), err=True)
+    if problems:
+        click.echo(f"Error: {prompts.name}: {problems[0]}", err=True)
+        ctx.exit(_EXIT_USAGE)
+    ctx.exit(_EXIT_FAILED if _statistics(job).failed else 0)
+
+
+@cli.command()
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    default=DEMO_OUT,
+    show_default=True,
+    help="Where the JSON lines go (- for stdout).",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Log retries and rate cuts to stderr.")
+# Hidden: lets the test suite run a short demo.
+@click.option("--count", type=click.IntRange(1, len(sample_prompts())), hidden=True)
+@click.pass_context
+def demo(ctx: click.Context, out: str, progress: bool, verbose: bool, count: int | None) -> None:
+    """Run a bulk job against the bundled emulator: no key, no network.
+
+    Generates for 300 sample prompts with concurrency 32 through an emulator whose capacity
+    is 40 requests/s, so the server answers 429 and the client has to find the rate;
+    every prompt still ends with its images.
+    """
+    prompts = sample_prompts()[:count]
+    output = ctx.with_resource(click.open_file(out, "w", encoding="utf-8"))
+    job = _Job(
+        items=prompts,
+        out=output,
+        fields={},
+        api_key=None,
+        base_url=None,
+        fanout_options={"concurrency": DEMO_CONCURRENCY},
+        emulator={"rate_limit": DEMO_RATE_LIMIT, "burst": DEMO_BURST, "latency": DEMO_LATENCY},
+        emulator_note=(
+            f"flux-async demo: {len(prompts)} prompts, concurrency {DEMO_CONCURRENCY}, "
+            "against the bundled emulator at {url} "
+            f"(capacity {DEMO_RATE_LIMIT:g} requests/s, latency {DEMO_LATENCY:g} s). "
+            "No key, no network, no real API."
+        ),
+        progress=progress,
+        total=len(prompts),
+    )
+    with _verbose_logging(verbose):
+        elapsed = _execute(ctx, job)
+    click.echo(_summary(job, elapsed), err=True)
+    emu = job.emulator_stats
+    lost = len(prompts) - job.written
+    click.echo(
+        f"The emulator answered {emu.get('requests', 0)} requests: "
+        f"{emu.get('successes', 0)} with images, {emu.get('rate_limited', 0)} with 429. "
+        f"Every 429 was absorbed by waiting and retrying: {lost} prompts lost.",
+        err=True,
+    )
+    click.echo(f"Results: {_where(output)}", err=True)
+    ctx.exit(_EXIT_FAILED if lost or _statistics(job).failed else 0)
+
+
+@cli.command(
+    "emulator",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def emulator_command(args: tuple[str, ...]) -> None:
+    """Serve the emulator (same as flux-async-emulator; --help for its options)."""
+    sys.exit(emulator_main(list(args)))
+
+
+def main() -> None:
+    """The ``flux-async`` script.
+
+    Example::
+
+        $ flux-async demo
+    """
+    cli()
