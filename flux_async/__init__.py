@@ -41,6 +41,7 @@ from ._exceptions import (
     UnprocessableEntityError,
     ValidationError,
 )
+from ._fanout import DEFAULT_CONCURRENCY, Fanout, FanoutStatistics, GenerationResult, PromptInput
 from ._limits import ConcurrencyLimit, Limiter, LimiterStatistics, RateLimiter
 from ._models import (
     ASPECT_RATIOS,
@@ -58,6 +59,7 @@ __all__ = [
     "ASPECT_RATIOS",
     "DEFAULT_ASPECT_RATIO",
     "DEFAULT_BASE_URL",
+    "DEFAULT_CONCURRENCY",
     "DEFAULT_MODEL",
     "DEFAULT_TIMEOUT",
     "ENV_API_KEY",
@@ -74,8 +76,11 @@ __all__ = [
     "ConcurrencyLimit",
     "ConflictError",
     "DeadlineExceededError",
+    "Fanout",
+    "FanoutStatistics",
     "FluxClient",
     "FluxError",
+    "GenerationResult",
     "Image",
     "ImageRequest",
     "ImagesResponse",
@@ -84,6 +89,7 @@ __all__ = [
     "LimiterStatistics",
     "NotFoundError",
     "PermissionDeniedError",
+    "PromptInput",
     "RateLimitError",
     "RateLimiter",
     "RequestFields",

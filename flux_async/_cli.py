@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, NoReturn, TextIO
+from typing import IO, Any, BinaryIO, NoReturn
 
 import click
 from tqdm import tqdm
@@ -117,34 +117,45 @@ def sample_prompts() -> list[str]:
 # -- input ---------------------------------------------------------------------------------
 
 
-async def _lines(stream: TextIO) -> AsyncIterator[str]:
-    """The lines of ``stream``, read as the fan-out asks for them."""
-    if stream.seekable():
+async def _lines(stream: BinaryIO) -> AsyncIterator[bytes]:
+    """The lines of ``stream``, read as the fan-out asks for them (bytes: decoding line by
+    line lets an undecodable line be reported by its number, after the lines before it).
+    """
+    try:
+        fd = None if stream.seekable() else stream.fileno()
+    except (OSError, ValueError):  # no file descriptor (an in-memory stream): never blocks
+        fd = None
+    if fd is None:
         # A regular file never makes a read wait long: read it right in the loop.
         for line in stream:
             yield line
         return
     # A pipe or a terminal blocks for as long as its writer likes. A daemon thread reads it
     # so that the requests in flight keep going meanwhile and Ctrl-C is never stuck behind
-    # a read (a daemon thread does not hold up the exit); the bounded queue bounds memory.
+    # a read; the bounded queue bounds memory. It reads the raw descriptor, not ``stream``:
+    # a daemon thread stuck inside a buffered reader's lock aborts the interpreter's exit.
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
-    lines: queue.Queue[str | Exception | None] = queue.Queue(maxsize=_READ_AHEAD)
+    lines: queue.Queue[bytes | Exception | None] = queue.Queue(maxsize=_READ_AHEAD)
 
-    def wake() -> None:
+    def put(item: bytes | Exception | None) -> None:
+        lines.put(item)
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
             loop.call_soon_threadsafe(ready.set)
 
     def pump() -> None:
+        pending = b""
         try:
-            for line in stream:
-                lines.put(line)
-                wake()
-        except Exception as exc:  # e.g. bytes that are not UTF-8: the consumer raises it
-            lines.put(exc)
-        else:
-            lines.put(None)
-        wake()
+            while chunk := os.read(fd, 65536):
+                *complete, pending = (pending + chunk).split(b"\n")
+                for line in complete:
+                    put(line)
+        except OSError as exc:
+            put(exc)
+            return
+        if pending:
+            put(pending)
+        put(None)
 
     threading.Thread(target=pump, name="flux-async-input", daemon=True).start()
     while True:
@@ -161,25 +172,31 @@ async def _lines(stream: TextIO) -> AsyncIterator[str]:
         yield item
 
 
-async def _prompts(stream: TextIO, *, jsonl: bool, problems: list[str]) -> AsyncIterator[Any]:
+async def _prompts(stream: BinaryIO, *, jsonl: bool, problems: list[str]) -> AsyncIterator[Any]:
     """Prompts (or, with ``jsonl``, decoded objects) from ``stream``, skipping blank and
-    ``#`` lines. A line that is not JSON ends the input and is reported in ``problems``:
-    the prompts already running still finish, so none of them is lost.
+    ``#`` lines. A line that is not UTF-8 or not JSON ends the input and is reported in
+    ``problems``: the prompts already running still finish, so none of them is lost.
     """
     number = 0
-    async for line in _lines(stream):
+    async for raw in _lines(stream):
         number += 1
-        text = line.strip()
+        try:
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not prompt text.
+            text = raw.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as exc:
+            problems.append(f"line {number} is not UTF-8 ({exc.reason}); later lines were not read")
+            return
         if not text or text.startswith("#"):
             continue
         if not jsonl:
             yield text
             continue
         try:
-            yield json.loads(text)
+            item = json.loads(text)
         except ValueError as exc:
             problems.append(f"line {number} is not JSON ({exc}); later lines were not read")
             return
+        yield item
 
 
 # -- output --------------------------------------------------------------------------------
@@ -318,8 +335,9 @@ def _statistics(job: _Job) -> FanoutStatistics:
 def _summary(job: _Job, elapsed: float) -> str:
     stats = _statistics(job)
     rate = stats.done / elapsed if elapsed > 0 else 0.0
+    prompts = "prompt" if stats.done == 1 else "prompts"
     return (
-        f"{stats.done} prompts: {stats.succeeded} succeeded, {stats.failed} failed, "
+        f"{stats.done} {prompts}: {stats.succeeded} succeeded, {stats.failed} failed, "
         f"{stats.retries} retries, {stats.rate_limited} x 429, {elapsed:.1f} s, "
         f"{rate:.1f} prompts/s"
     )
@@ -379,7 +397,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("prompts", type=click.File("r", encoding="utf-8"), default="-")
+@click.argument("prompts", type=click.File("rb"), default="-")
 @click.option(
     "--jsonl",
     is_flag=True,
@@ -447,7 +465,7 @@ def cli() -> None:
 @click.pass_context
 def generate(
     ctx: click.Context,
-    prompts: TextIO,
+    prompts: BinaryIO,
     jsonl: bool,
     out: str,
     api_key: str | None,

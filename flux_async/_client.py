@@ -420,8 +420,11 @@ class FluxClient:
 
         Example::
 
-            async with client.iter_generate(open("prompts.txt"), concurrency=64,
-                                            rate_limit=50) as results:
+            def prompts() -> Iterator[str]:
+                with open("prompts.txt") as lines:
+                    yield from (line.strip() for line in lines if line.strip())
+
+            async with client.iter_generate(prompts(), concurrency=64, rate_limit=50) as results:
                 async for result in results:
                     print(result.index, result.ok)
         """
@@ -429,6 +432,15 @@ class FluxClient:
             raise ValidationError("concurrency", concurrency, "an integer >= 1")
         if batch_deadline is not None and not batch_deadline > 0:
             raise ValidationError("batch_deadline", batch_deadline, "seconds > 0, or None")
+        if self._owns_session and 0 < self._max_connections < concurrency:
+            # Attempts beyond the pool would queue for a connection inside aiohttp, where
+            # the wait counts against Timeout.connect and fails as a timeout.
+            raise ValidationError(
+                "concurrency",
+                concurrency,
+                f"at most the client's max_connections ({self._max_connections}); "
+                f"create the client with FluxClient(max_connections={concurrency}) or more",
+            )
         if limiter is not None and rate_limit is not None:
             raise ValidationError(
                 "rate_limit", rate_limit, "None when a limiter is given (set its rate instead)"
@@ -554,23 +566,32 @@ class FluxClient:
             return await self._call(
                 request, None, policy, client_timeout, idempotency_key, slot, limiter, counters
             )
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(
-                    self._call(
-                        request,
-                        size,
-                        policy,
-                        client_timeout,
-                        None if idempotency_key is None else f"{idempotency_key}-{i}",
-                        slot,
-                        limiter,
-                        counters,
-                    )
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(
+                self._call(
+                    request,
+                    size,
+                    policy,
+                    client_timeout,
+                    None if idempotency_key is None else f"{idempotency_key}-{i}",
+                    slot,
+                    limiter,
+                    counters,
                 )
-                for i, size in enumerate(chunks)
-            ]
-        parts = [task.result() for task in tasks]
+            )
+            for i, size in enumerate(chunks)
+        ]
+        try:
+            # Not a TaskGroup: its ExceptionGroup would hide the typed error a caller
+            # catches. The first chunk to fail for good fails the request; the others
+            # are cancelled and awaited, so nothing outlives the call.
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return ImagesResponse.join([p[0] for p in parts]), sum(p[1] for p in parts)
 
     async def _call(

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "Fanout",
     "FanoutStatistics",
     "GenerationResult",
     "PromptInput",
@@ -539,8 +540,10 @@ class Fanout:
         counters.done += 1
         if error is not None:
             counters.failed += 1
-        if attempts > 1:
-            counters.retries += attempts - 1
+        if request is not None and attempts > 1:
+            # A request for n > 10 images is several calls: only attempts beyond one per
+            # call are retries.
+            counters.retries += max(0, attempts - len(request.chunks()))
         loop = self._loop
         assert loop is not None
         result = GenerationResult(

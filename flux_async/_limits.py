@@ -119,7 +119,8 @@ class Limiter(abc.ABC):
     """The interface the client and the fan-out talk to; a Redis implementation will follow.
 
     Call `acquire` before every attempt (retries included), then report how it went:
-    `on_rate_limited` for a 429, `on_success` for any other answer that was processed.
+    `on_rate_limited` for a 429, `on_success` for a 2xx (other errors report nothing: a
+    failing server is the retry budget's business, not the pacer's).
     All methods are called from the event loop.
 
     Example::
@@ -138,7 +139,7 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     def on_success(self) -> None:
-        """Report an attempt that succeeded (was not a 429)."""
+        """Report an attempt that got a 2xx answer."""
 
     @abc.abstractmethod
     def on_rate_limited(self, retry_after: float | None) -> None:
@@ -179,7 +180,9 @@ class RateLimiter(Limiter):
       ``increase`` req/s, up to the ceiling. ``increase`` defaults to 5 % of the ceiling,
       or with no ceiling 10 % of the rate the last cut set, and at least 0.5 req/s. With
       no ceiling the rate keeps growing by that step until the next 429 cuts it; it never
-      goes back to unpaced.
+      goes back to unpaced. The first cut of an unpaced limiter measures a send rate that
+      began a moment ago, so until the next 429 it grows by ``DEFAULT_PROBE_GROWTH``
+      (x1.25) per window instead, to find the server's capacity in a few windows.
 
     Cancelling a task inside `acquire` is safe: ``waiting`` drops and nothing stays locked.
     If the task had already booked a slot, that slot is wasted: it is not handed back to

@@ -417,7 +417,7 @@ class _Retrier:
             wait = policy.backoff(failures)
         remaining = self.remaining()
         if remaining is not None and wait >= remaining:
-            if isinstance(exc, RateLimitError):
+            if isinstance(exc, RateLimitError) and retry_after is not None:
                 # The server told us when to come back and it is past our deadline:
                 # say so now rather than sleep into a certain failure.
                 exc.add_note(

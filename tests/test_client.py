@@ -329,3 +329,11 @@ async def test_bad_base_url_is_refused_early() -> None:
     """A base_url that is not http(s) raises ValidationError at construction."""
     with pytest.raises(ValidationError, match="base_url"):
         FluxClient(base_url="ftp://example.com/v1")
+
+
+async def test_failed_chunk_raises_the_typed_error(client: FluxClient, emulator: Emulator) -> None:
+    """A split request whose chunk fails for good raises that chunk's typed error."""
+    emulator.script(Fault.status(400))
+    with pytest.raises(BadRequestError):
+        await client.generate("many", n=15)
+    assert emulator.stats.requests <= 2

@@ -341,3 +341,20 @@ async def test_gather_cancellation_leaks_nothing() -> None:
         assert gate.acquired == 4
         assert client._session is not None
         assert not client._session.connector._acquired  # type: ignore[union-attr]
+
+
+async def test_split_prompts_are_not_counted_as_retries(client: FluxClient) -> None:
+    """n=11 makes two calls per prompt; statistics count no retries for them."""
+    async with client.iter_generate(["a", "b"], n=11) as results:
+        attempts = [r.attempts async for r in results]
+        stats = results.statistics()
+    assert attempts == [2, 2]
+    assert stats.retries == 0
+
+
+async def test_concurrency_beyond_the_pool_is_refused(emulator: Emulator) -> None:
+    """concurrency above max_connections is refused up front with what to change."""
+    async with FluxClient(base_url=emulator.base_url, max_connections=4) as client:
+        with pytest.raises(ValidationError, match=r"max_connections=8"):
+            client.iter_generate(["x"], concurrency=8)
+    assert emulator.stats.requests == 0

@@ -946,7 +946,7 @@ class Emulator:
                 return _drop(request), "dropped"
 
         if not authorized:
-            if request.headers.get("Authorization") is None:
+            if kid == _ANONYMOUS:
                 message = (
                     "You didn't provide an API key. You need to provide your API key in an "
                     "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
