@@ -271,7 +271,7 @@ async def test_cut_uses_the_measured_send_rate_when_lower() -> None:
 @pytest.mark.looptime
 async def test_cut_uses_the_current_rate_when_lower() -> None:
     """A burst of 20 measured against a 10/s rate cuts to 0.7 * 10 = 7/s, not 14/s."""
-    limiter = RateLimiter(10, burst=20, decrease_factor=0.7)
+    limiter = RateLimiter(10, burst=20, decrease_factor=0.7, tolerance=0)
     await limiter.acquire()
     await asyncio.sleep(5)
     assert await grant_times(limiter, 20) == [5.0] * 20
@@ -283,7 +283,7 @@ async def test_cut_uses_the_current_rate_when_lower() -> None:
 @pytest.mark.looptime
 async def test_first_cut_without_a_ceiling_uses_the_measured_rate() -> None:
     """Unpaced at 20/s, a 429 starts pacing at 14/s, one interval after the last send."""
-    limiter = RateLimiter(decrease_factor=0.7)
+    limiter = RateLimiter(decrease_factor=0.7, tolerance=0)
     await send(limiter, 41, gap=0.05)  # permits at 0.0, 0.05, ..., 2.0
     await asyncio.sleep(0.025)
     limiter.on_rate_limited(None)  # at 2.025: (1.025, 2.025] holds 20 permits
@@ -355,7 +355,7 @@ async def test_recovery_waits_a_full_window_after_any_429() -> None:
 async def test_without_a_ceiling_the_rate_probes_then_grows_additively() -> None:
     """No ceiling: after the first cut the rate grows x1.25 per window until the next 429,
     then by max(0.5, 10 % of the cut rate) per window, unbounded."""
-    limiter = RateLimiter(decrease_factor=0.7)
+    limiter = RateLimiter(decrease_factor=0.7, tolerance=0)
     await send(limiter, 41, gap=0.05)
     await asyncio.sleep(0.025)
     limiter.on_rate_limited(None)  # 0.7 * 20/s = 14/s, probing from here
@@ -530,3 +530,20 @@ def test_concurrency_limit_validation(value: object) -> None:
     """ConcurrencyLimit needs an int >= 1 and says so."""
     with pytest.raises(ValueError, match=r"^limit=.* is not allowed: an int >= 1"):
         ConcurrencyLimit(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.looptime
+async def test_a_lone_429_within_tolerance_does_not_cut() -> None:
+    """One 429 among 40 sends in a window is retried, not punished; a few more cut."""
+    limiter = RateLimiter(40)
+    await send(limiter, 41, gap=0.025)  # 40/s for 1 s
+    limiter.on_rate_limited(None)  # 1 of 40: within 5 %
+    assert (limiter.statistics().rate, limiter.statistics().cuts) == (40.0, 0)
+    limiter.on_rate_limited(None)
+    limiter.on_rate_limited(None)  # 3 of 40: overload
+    stats = limiter.statistics()
+    assert stats.cuts == 1
+    assert stats.rate == pytest.approx(40 * DEFAULT_DECREASE_FACTOR)
+    assert stats.rate_limited == 3
+    with pytest.raises(ValueError, match="tolerance"):
+        RateLimiter(tolerance=1)
