@@ -24,6 +24,8 @@ import atexit
 import contextlib
 import ctypes
 import gc
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -51,7 +53,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import aiohttp  # noqa: E402
-import openai  # noqa: E402
 
 from flux_async import FluxClient  # noqa: E402
 
@@ -126,6 +127,42 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def source_revision() -> str:
+    """The checkout's commit, flagged when flux_async/ has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "flux_async"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head, dirty = "unknown commit", ""
+    # A digest of the code itself, so an edit made while the benchmarks run shows up even
+    # when nothing is committed.
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "flux_async").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO_ROOT)).encode())
+        digest.update(path.read_bytes())
+    tree = f"flux_async/ digest {digest.hexdigest()[:10]}"
+    return f"{head} ({tree}{', with uncommitted changes' if dirty else ''})"
+
+
 def machine_info() -> dict[str, str]:
     """What the docs say about where the figures came from."""
     return {
@@ -135,7 +172,7 @@ def machine_info() -> dict[str, str]:
         "cpu_count": str(os.cpu_count()),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "aiohttp": aiohttp.__version__,
-        "openai": openai.__version__,
+        "openai": _version("openai"),
     }
 
 
@@ -161,6 +198,8 @@ def run_main(main: Callable[[], int]) -> None:
     """Run a script's ``main``: SIGTERM unwinds like Ctrl-C, and Ctrl-C exits 130 cleanly."""
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         signal.signal(signal.SIGTERM, _on_sigterm)
+        # Started in the background by a script, SIGINT arrives ignored: listen anyway.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = main()
     except KeyboardInterrupt:
@@ -223,7 +262,8 @@ class EmulatorProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
-        self._stderr = tempfile.TemporaryFile()
+        # Kept open for the process's life (closed in stop()), so no `with` here.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         cmd = [sys.executable, "-m", "flux_async.emulator", *self.args]
         self._proc = subprocess.Popen(
             cmd,
@@ -234,7 +274,7 @@ class EmulatorProcess:
             stderr=self._stderr,
             # Its own session: a Ctrl-C reaches only us, and we stop it in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         _LIVE.add(self)
         try:
@@ -247,7 +287,8 @@ class EmulatorProcess:
 
     def _read_ready_line(self) -> str:
         proc = self._proc
-        assert proc is not None and proc.stdout is not None
+        assert proc is not None
+        assert proc.stdout is not None
         deadline = time.monotonic() + self.ready_timeout
         buffer = b""
         fd = proc.stdout.fileno()
@@ -375,6 +416,11 @@ class RunResult:
         return self.n / self.wall if self.wall > 0 else float("nan")
 
     @property
+    def busy(self) -> float:
+        """Share of the wall time this process spent on the CPU (1.0: client-bound)."""
+        return self.cpu / self.wall if self.wall > 0 else float("nan")
+
+    @property
     def cpu_us_per_request(self) -> float:
         return 1e6 * self.cpu / self.n if self.n else float("nan")
 
@@ -387,7 +433,8 @@ class RunResult:
         )
         return (
             f"{self.contender:<12} n={self.n:<6} wall={self.wall:7.3f}s  {self.rps:8.1f} req/s  "
-            f"client CPU {self.cpu_us_per_request:6.0f} us/req{server}{lost}"
+            f"client CPU {self.cpu_us_per_request:6.0f} us/req (busy {100 * self.busy:3.0f}%)"
+            f"{server}{lost}"
         )
 
 
@@ -412,9 +459,7 @@ async def run_flux(
                 result.errors[type(r.error).__name__] += 1
 
 
-async def run_raw(
-    base_url: str, items: Iterable[str], concurrency: int, result: RunResult
-) -> None:
+async def run_raw(base_url: str, items: Iterable[str], concurrency: int, result: RunResult) -> None:
     """The hand-written baseline: one session, a semaphore, gather, json.loads."""
     url = base_url + "/images/generations"
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -444,6 +489,9 @@ async def run_openai(
     base_url: str, items: Iterable[str], concurrency: int, result: RunResult
 ) -> None:
     """The openai package: ``AsyncOpenAI.images.generate`` under a semaphore."""
+    # Imported here, not at the top: the memory benchmark's children must not pay for it.
+    import openai
+
     client = openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY)
     semaphore = asyncio.Semaphore(concurrency)
 
@@ -501,13 +549,16 @@ def interleaved_rounds(
     run_one: Callable[[str], RunResult],
     *,
     warmup: Callable[[str], RunResult] | None = None,
+    rounds_for: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, list[RunResult]]:
     """Warm every contender up once, then run ``rounds`` rounds of all of them in turn.
 
     The order rotates each round, so no contender always runs right after the same
     neighbour (connection teardown, GC and CPU frequency leave traces on the next run).
+    ``rounds_for`` lets a slow contender sit out the later rounds.
     """
+    limits = rounds_for or {}
     if warmup is not None:
         for name in contenders:
             r = warmup(name)
@@ -516,6 +567,8 @@ def interleaved_rounds(
     order = list(contenders)
     for i in range(rounds):
         for name in order:
+            if i >= limits.get(name, rounds):
+                continue
             r = run_one(name)
             out[name].append(r)
             log(f"  round {i + 1}/{rounds} {r.summary()}")
@@ -524,7 +577,7 @@ def interleaved_rounds(
 
 
 def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}x"
+    return f"{value:.3f}x"
 
 
 @dataclass
