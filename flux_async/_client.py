@@ -606,70 +606,10 @@ class FluxClient:
         counters: _Counters | None = None,
     ) -> tuple[ImagesResponse, int]:
         """One logical call (one chunk): attempts under ``policy``; (response, attempts)."""
-        body = json.dumps(request.to_json(n), ensure_ascii=False).encode()
-        session = self._get_session()
-        # A random per-client prefix and a counter: unique across processes like a UUID,
-        # at a tenth of the cost on a path a batch runs a million times.
-        key = idempotency_key or f"{self._key_prefix}{next(self._keys)}"
-        if self._owns_session:
-            headers = {"Idempotency-Key": key}
-        else:
-            headers = dict(self._headers)
-            headers["Idempotency-Key"] = key
-        limiter = self.limiter if limiter is None else limiter
-        budget = self.retry_budget
-        url = self._url
-        safe_url = self._safe_url
-        # A test-mode policy never waits, so the limiter is not told to pause or slow down.
-        pause = policy.wait
-        on_backoff = None if counters is None else counters.on_backoff
-
-        async def attempt() -> ImagesResponse:
-            if self._closed:
-                raise ClientClosedError("this FluxClient was closed while a call was running")
-            if slot is not None:
-                await slot.acquire()
-            try:
-                await limiter.acquire()
-                if counters is not None:
-                    counters.in_flight += 1
-                try:
-                    async with session.post(
-                        url, data=body, headers=headers, timeout=client_timeout
-                    ) as resp:
-                        raw = await resp.read()
-                        status = resp.status
-                        resp_headers = resp.headers
-                except aiohttp.ClientResponseError as exc:
-                    # Its request_info holds our headers, Authorization included.
-                    error = translate_aiohttp_error(exc, url=safe_url)
-                    raise error from None
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    raise translate_aiohttp_error(exc, url=safe_url) from exc
-                finally:
-                    if counters is not None:
-                        counters.in_flight -= 1
-            finally:
-                if slot is not None:
-                    slot.release()
-            request_id = resp_headers.get("x-request-id")
-            if status < 300:
-                limiter.on_success()
-                budget.on_success()
-                return ImagesResponse.from_bytes(raw, request_id=request_id)
-            if status == 429 and counters is not None:
-                counters.rate_limited += 1
-            raise self._status_error(status, raw, resp_headers, request_id, limiter, pause)
-
-        if policy.deadline is None:
-            # The first attempt runs bare; the retry machinery is built only on failure.
-            try:
-                return await attempt(), 1
-            except APIError as exc:
-                retrier = _Retrier(policy, budget, self._label, on_backoff)
-                return await retrier.resume(exc, attempt), retrier.attempts
-        retrier = _Retrier(policy, budget, self._label, on_backoff)
-        return await retrier.run(attempt), retrier.attempts
+        call = _Call(
+            self, request, n, policy, client_timeout, idempotency_key, slot, limiter, counters
+        )
+        return await call.run()
 
     def _status_error(
         self,
@@ -706,3 +646,119 @@ class FluxClient:
                 f"Check base_url: calls go to {self._safe_url}; OpenAI-style base URLs end in /v1."
             )
         return error
+
+
+class _Call:
+    """One logical call: its body and headers, built once, and the attempts that send it.
+
+    The fan-out awaits `attempt` directly and reaches for `retry` only when it fails, so
+    the common case costs one coroutine frame per request.
+    """
+
+    __slots__ = (
+        "body",
+        "budget",
+        "client",
+        "client_timeout",
+        "counters",
+        "headers",
+        "limiter",
+        "policy",
+        "session",
+        "slot",
+    )
+
+    def __init__(
+        self,
+        client: FluxClient,
+        request: ImageRequest,
+        n: int | None,
+        policy: RetryPolicy,
+        client_timeout: aiohttp.ClientTimeout,
+        idempotency_key: str | None,
+        slot: ConcurrencyLimit | None,
+        limiter: Limiter | None,
+        counters: _Counters | None,
+    ) -> None:
+        self.client = client
+        self.body = request.to_bytes(n)
+        self.session = client._get_session()
+        # A random per-client prefix and a counter: unique across processes like a UUID,
+        # at a tenth of the cost on a path a batch runs a million times.
+        key = idempotency_key or f"{client._key_prefix}{next(client._keys)}"
+        if client._owns_session:
+            self.headers = {"Idempotency-Key": key}
+        else:
+            self.headers = dict(client._headers)
+            self.headers["Idempotency-Key"] = key
+        self.limiter = client.limiter if limiter is None else limiter
+        self.budget = client.retry_budget
+        self.policy = policy
+        self.client_timeout = client_timeout
+        self.slot = slot
+        self.counters = counters
+
+    async def run(self) -> tuple[ImagesResponse, int]:
+        """Attempts until success or the policy gives up: (response, attempts)."""
+        if self.policy.deadline is None:
+            # The first attempt runs bare; the retry machinery is built only on failure.
+            try:
+                return await self.attempt(), 1
+            except APIError as exc:
+                return await self.retry(exc)
+        retrier = self._retrier()
+        return await retrier.run(self.attempt), retrier.attempts
+
+    async def retry(self, first: APIError) -> tuple[ImagesResponse, int]:
+        """Carry on after a first attempt that failed with ``first`` (no deadline set)."""
+        retrier = self._retrier()
+        return await retrier.resume(first, self.attempt), retrier.attempts
+
+    def _retrier(self) -> _Retrier:
+        counters = self.counters
+        on_backoff = None if counters is None else counters.on_backoff
+        return _Retrier(self.policy, self.budget, self.client._label, on_backoff)
+
+    async def attempt(self) -> ImagesResponse:
+        """One HTTP attempt: slot, permit, POST, then the answer or a typed error."""
+        client = self.client
+        if client._closed:
+            raise ClientClosedError("this FluxClient was closed while a call was running")
+        slot = self.slot
+        limiter = self.limiter
+        counters = self.counters
+        if slot is not None and not slot.try_acquire():
+            await slot.acquire()
+        try:
+            if not limiter.try_acquire():
+                await limiter.acquire()
+            if counters is not None:
+                counters.in_flight += 1
+            try:
+                async with self.session.post(
+                    client._url, data=self.body, headers=self.headers, timeout=self.client_timeout
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+                    resp_headers = resp.headers
+            except aiohttp.ClientResponseError as exc:
+                # Its request_info holds our headers, Authorization included.
+                error = translate_aiohttp_error(exc, url=client._safe_url)
+                raise error from None
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise translate_aiohttp_error(exc, url=client._safe_url) from exc
+            finally:
+                if counters is not None:
+                    counters.in_flight -= 1
+        finally:
+            if slot is not None:
+                slot.release()
+        request_id = resp_headers.get("x-request-id")
+        if status < 300:
+            limiter.on_success()
+            self.budget.on_success()
+            return ImagesResponse.from_bytes(raw, request_id=request_id)
+        if status == 429 and counters is not None:
+            counters.rate_limited += 1
+        # A test-mode policy never waits, so the limiter is not told to pause or slow down.
+        raise client._status_error(status, raw, resp_headers, request_id, limiter, self.policy.wait)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
 
-from ._exceptions import DeadlineExceededError, FluxError, ValidationError
+from ._exceptions import APIError, DeadlineExceededError, FluxError, ValidationError
 from ._limits import ConcurrencyLimit, Limiter
 from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
 
@@ -232,6 +232,11 @@ class Fanout:
             self._fields["model"] = client.model
         self._fail_fast = fail_fast
         self._batch_deadline = batch_deadline
+        self._fast = batch_deadline is None and policy.deadline is None
+        # _client imports this module; by the time a fan-out exists, it is loaded.
+        from ._client import _Call
+
+        self._call = _Call
         self._on_progress = on_progress
         self._counters = _Counters(self._on_backoff)
         self._queue: asyncio.Queue[GenerationResult | object] | None = None
@@ -483,19 +488,7 @@ class Fanout:
         try:
             request = self._to_request(item)
             client = self._client
-            # A single-chunk request (the usual case) skips the splitting layer.
-            if request.n <= MAX_N_PER_REQUEST:
-                call = client._call(
-                    request,
-                    None,
-                    self._policy,
-                    self._client_timeout,
-                    None,
-                    self._slot,
-                    self._limiter,
-                    counters,
-                )
-            else:
+            if request.n > MAX_N_PER_REQUEST:
                 call = client._run(
                     request,
                     self._policy,
@@ -505,6 +498,38 @@ class Fanout:
                     self._limiter,
                     counters,
                 )
+            elif self._fast:
+                # The common case, kept to one coroutine frame below this one: no deadline
+                # to arm, one chunk, and the retry machinery only if the attempt fails.
+                single = self._call(
+                    client,
+                    request,
+                    None,
+                    self._policy,
+                    self._client_timeout,
+                    None,
+                    self._slot,
+                    self._limiter,
+                    counters,
+                )
+                try:
+                    response = await single.attempt()
+                    attempts = 1
+                except APIError as exc:
+                    response, attempts = await single.retry(exc)
+                return self._finish(index, item, request, response, None, attempts, started)
+            else:
+                call = self._call(
+                    client,
+                    request,
+                    None,
+                    self._policy,
+                    self._client_timeout,
+                    None,
+                    self._slot,
+                    self._limiter,
+                    counters,
+                ).run()
             if self._deadline_at is None:
                 response, attempts = await call
             else:

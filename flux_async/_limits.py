@@ -143,6 +143,15 @@ class Limiter(abc.ABC):
     async def acquire(self) -> None:
         """Wait until the pause gate is open, then for a pacing permit."""
 
+    def try_acquire(self) -> bool:
+        """Take a permit if one is due right now, without waiting; False otherwise.
+
+        Callers try this first and await `acquire` only when it says False, so a permit
+        that needs no wait costs no coroutine. The default says False: a limiter whose
+        permits need I/O (Redis) simply always goes through `acquire`.
+        """
+        return False
+
     @abc.abstractmethod
     def on_success(self) -> None:
         """Report an attempt that got a 2xx answer."""
@@ -289,19 +298,12 @@ class RateLimiter(Limiter):
         Returns at once, without suspending, when the gate is open, nobody is queued and
         a permit is due (always, while unpaced).
         """
+        if self.try_acquire():
+            return
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._rebind(loop)
         now = loop.time()
         slot: float | None = None
         if not self._queued and now + _SLACK >= self._pause_until:
-            if not self._interval:
-                # Unpaced, the gate open: the fast path, nothing to book.
-                self._last_slot = now
-                self._permits += 1
-                if self._adaptive:
-                    self._record(now)
-                return
             slot = self._reserve(now)
             if slot is not None and slot <= now:
                 self._grant(now)
@@ -322,6 +324,29 @@ class RateLimiter(Limiter):
             self._grant(loop.time())
         finally:
             self._waiting -= 1
+
+    def try_acquire(self) -> bool:
+        """Take a permit if the gate is open, nobody is queued and a permit is due now."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._rebind(loop)
+        now = loop.time()
+        if self._queued or now + _SLACK < self._pause_until:
+            return False
+        if not self._interval:
+            # Unpaced, the gate open: nothing to book.
+            self._last_slot = now
+            self._permits += 1
+            if self._adaptive:
+                self._record(now)
+            return True
+        tat = self._tat
+        if tat is not None and tat - self._tau > now:
+            return False  # not due yet: acquire() books it and sleeps
+        # Due now, so _reserve books it for now: it is never beyond the horizon.
+        self._reserve(now)
+        self._grant(now)
+        return True
 
     def _reserve(self, now: float) -> float | None:
         """Book the next slot and return it, or return None if it lies beyond the horizon."""
@@ -534,7 +559,7 @@ class RateLimiter(Limiter):
 
 
 class ConcurrencyLimit:
-    """At most ``limit`` tasks inside at once: an `asyncio.Semaphore`, made per running loop.
+    """At most ``limit`` tasks inside at once: a FIFO semaphore with a wait-free fast path.
 
     Use ``async with limit:``, or `acquire` and `release` in pairs.
 
@@ -551,8 +576,10 @@ class ConcurrencyLimit:
             raise ValidationError("limit", limit, "an int >= 1")
         self._limit = limit
         self._in_flight = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self._free = limit
+        # Waiters in arrival order. A hand-over gives the slot straight to the next live
+        # waiter (set_result), so a released slot cannot be stolen by a newcomer.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def limit(self) -> int:
@@ -564,26 +591,48 @@ class ConcurrencyLimit:
         """Tasks inside right now."""
         return self._in_flight
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody is queued; never waits.
+
+        The hot path: a fan-out with one worker per slot always finds one free, so it
+        pays no coroutine for it.
+        """
+        if self._free and not self._waiters:
+            self._free -= 1
+            self._in_flight += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
         """Wait for a free slot and take it."""
-        loop = asyncio.get_running_loop()
-        semaphore = self._semaphore
-        if loop is not self._loop or semaphore is None:
-            if self._in_flight:
-                raise RuntimeError(
-                    "this ConcurrencyLimit is held in another event loop; use one per loop"
-                )
-            self._loop = loop
-            self._semaphore = semaphore = asyncio.Semaphore(self._limit)
-        await semaphore.acquire()
+        if self.try_acquire():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # The slot was handed over just as we were cancelled: pass it on.
+                self._in_flight += 1
+                self.release()
+            else:
+                self._waiters.remove(waiter)
+            raise
         self._in_flight += 1
 
     def release(self) -> None:
         """Give back a slot taken with `acquire`."""
-        if not self._in_flight or self._semaphore is None:
+        if not self._in_flight:
             raise RuntimeError("ConcurrencyLimit.release() without a matching acquire()")
         self._in_flight -= 1
-        self._semaphore.release()
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
     async def __aenter__(self) -> None:
         await self.acquire()

@@ -10,6 +10,7 @@ request (a larger ``n`` is split into several requests), ``size`` any ``WxH``,
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -186,6 +187,30 @@ class ImageRequest:
             body.update(self.extra_body)
         return body
 
+    def to_bytes(self, n: int | None = None) -> bytes:
+        """The body exactly as sent: `to_json` encoded as compact UTF-8 JSON.
+
+        Example::
+
+            ImageRequest(prompt="a cat").to_bytes()
+            # b'{"prompt":"a cat","model":"flux-kontext-pro","n":1,"aspect_ratio":"1:1"}'
+        """
+        if self.extra_body:
+            return encode_json(self.to_json(n)).encode()
+        # Everything after the prompt is the same for every prompt of a batch: encode it
+        # once and splice each prompt in front, a third of the cost of a full encode.
+        tail = _body_tail(
+            self.model,
+            self.n if n is None else n,
+            self.aspect_ratio,
+            self.size,
+            self.quality,
+            self.response_format,
+            self.style,
+            self.user,
+        )
+        return b'{"prompt":' + encode_json(self.prompt).encode() + tail
+
     def chunks(self) -> list[int]:
         """How many images each HTTP request asks for: ``n`` split into pieces of 10.
 
@@ -198,6 +223,38 @@ class ImageRequest:
 
 
 _FIELD_NAMES = frozenset(a.name for a in attrs.fields(ImageRequest)) - {"extra_body"}
+
+#: Compact, UTF-8 as is: one encoder for every body (json.dumps with options builds a
+#: new one per call). Immutable once made, so sharing it is not shared state.
+encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@functools.lru_cache(maxsize=64)
+def _body_tail(
+    model: str,
+    n: int,
+    aspect_ratio: str | None,
+    size: str | None,
+    quality: str | None,
+    response_format: str | None,
+    style: str | None,
+    user: str | None,
+) -> bytes:
+    """The encoded body after ``"prompt": ...``, in to_json's key order (a pure function,
+    so caching it is safe; a batch has one or a few distinct tails)."""
+    body = ImageRequest(
+        prompt="x",
+        model=model,
+        n=n,
+        aspect_ratio=aspect_ratio,
+        size=size,
+        quality=quality,
+        response_format=response_format,
+        style=style,
+        user=user,
+    ).to_json()
+    del body["prompt"]
+    return b"," + encode_json(body).encode()[1:]
 
 
 @attrs.frozen(kw_only=True)

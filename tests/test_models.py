@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -162,3 +163,19 @@ def test_join_keeps_order() -> None:
     a = ImagesResponse.from_json({"created": 1, "data": [{"url": "a"}, {"url": "b"}]})
     b = ImagesResponse.from_json({"created": 2, "data": [{"url": "c"}]})
     assert ImagesResponse.join([a, b]).urls == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        ImageRequest(prompt='say "hi" — ünïcode\n'),
+        ImageRequest(prompt="x", n=7, aspect_ratio=None, size="512x512", style="vivid"),
+        ImageRequest(prompt="x", quality="hd", response_format="b64_json", user="u"),
+        ImageRequest(prompt="x", extra_body={"seed": 3}),
+    ],
+)
+def test_to_bytes_is_the_json_body(req: ImageRequest) -> None:
+    """to_bytes (what is sent) is exactly to_json, encoded; n overrides per chunk."""
+    assert json.loads(req.to_bytes()) == req.to_json()
+    assert list(json.loads(req.to_bytes())) == list(req.to_json())
+    assert json.loads(req.to_bytes(3))["n"] == 3
