@@ -269,6 +269,7 @@ class _Job:
 
     items: Iterable[PromptInput] | AsyncIterator[Any]
     out: IO[str]
+    out_path: str
     fields: RequestFields
     api_key: str | None
     base_url: str | None
@@ -343,9 +344,8 @@ def _summary(job: _Job, elapsed: float) -> str:
     )
 
 
-def _where(out: IO[str]) -> str:
-    name = getattr(out, "name", "")
-    return "stdout" if out is sys.stdout or not isinstance(name, str) else os.path.abspath(name)
+def _where(path: str) -> str:
+    return "stdout" if path == "-" else os.path.abspath(path)
 
 
 def _bad_value(ctx: click.Context, exc: ValidationError) -> NoReturn:
@@ -370,7 +370,7 @@ def _execute(ctx: click.Context, job: _Job) -> float:
         # asyncio.run cancelled the run, and the fan-out cancelled what was in flight.
         click.echo(
             f"\nInterrupted: {job.written} finished prompts were written to "
-            f"{_where(job.out)}; the rest were cancelled.",
+            f"{_where(job.out_path)}; the rest were cancelled.",
             err=True,
         )
         ctx.exit(_EXIT_INTERRUPTED)
@@ -538,6 +538,7 @@ def generate(
     job = _Job(
         items=_prompts(prompts, jsonl=jsonl, problems=problems),
         out=output,
+        out_path=out,
         fields=fields,
         api_key=api_key,
         base_url=base_url,
@@ -552,6 +553,13 @@ def generate(
     with _verbose_logging(verbose):
         elapsed = _execute(ctx, job)
     click.echo(_summary(job, elapsed), err=True)
+    if batch_deadline is not None and elapsed >= batch_deadline:
+        # Prompts still unread then were never taken from the input, so they have no line.
+        click.echo(
+            f"The batch deadline of {batch_deadline:g} s passed: prompts after the last "
+            "index listed were not read.",
+            err=True,
+        )
     if problems:
         click.echo(f"Error: {prompts.name}: {problems[0]}", err=True)
         ctx.exit(_EXIT_USAGE)
@@ -567,7 +575,9 @@ def generate(
     show_default=True,
     help="Where the JSON lines go (- for stdout).",
 )
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+@click.option(
+    "--progress/--no-progress", default=True, help="Progress bar on stderr (default: on)."
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log retries and rate cuts to stderr.")
 # Hidden: lets the test suite run a short demo.
 @click.option("--count", type=click.IntRange(1, len(sample_prompts())), hidden=True)
@@ -584,6 +594,7 @@ def demo(ctx: click.Context, out: str, progress: bool, verbose: bool, count: int
     job = _Job(
         items=prompts,
         out=output,
+        out_path=out,
         fields={},
         api_key=None,
         base_url=None,
@@ -609,7 +620,7 @@ def demo(ctx: click.Context, out: str, progress: bool, verbose: bool, count: int
         f"Every 429 was absorbed by waiting and retrying: {lost} prompts lost.",
         err=True,
     )
-    click.echo(f"Results: {_where(output)}", err=True)
+    click.echo(f"Results: {_where(out)}", err=True)
     ctx.exit(_EXIT_FAILED if lost or _statistics(job).failed else 0)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Generator
+from typing import Any
 
 import pytest
 
@@ -26,3 +28,24 @@ async def client(emulator: Emulator) -> AsyncIterator[FluxClient]:
         api_key=API_KEY, base_url=emulator.base_url, retry=RetryPolicy.for_tests()
     ) as c:
         yield c
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, Any, Any]:
+    """Give each plain (non-async) test a loop of its own and close it afterwards.
+
+    The looptime plugin asks the event-loop policy for a loop on every test; for a plain
+    test that makes a loop nobody closes, and ``filterwarnings = error`` turns its
+    ResourceWarning into a failure of whichever test runs when it is collected.
+    """
+    # pytest-asyncio marks every coroutine test (asyncio_mode = auto) and swaps its
+    # function for a wrapper, so the marker, not the function, tells them apart.
+    if pyfuncitem.get_closest_marker("asyncio") is not None:
+        return (yield)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return (yield)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()

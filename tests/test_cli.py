@@ -1,22 +1,23 @@
 """The ``flux-async`` command line: generate, demo, emulator, and ``python -m flux_async``.
 
-CliRunner runs a command synchronously and the command calls ``asyncio.run`` itself, so
-these tests are plain functions. Where a test needs a server that outlives one command
-(to count what reached it, or to check a key), it runs ``python -m flux_async.emulator``
-in a subprocess.
+A command calls ``asyncio.run`` itself, so `run` invokes it (through click's CliRunner) in
+a worker thread, with a loop of its own; a test that needs a server outliving one command
+(to count what reached it, or to check a key) runs an `Emulator` in the test's loop.
+
+The tests are async although most only wait on that thread: a plain test that runs first
+in a session makes pytest-asyncio and looptime leave an event loop that is later dropped
+unclosed (a ResourceWarning at exit, an error under filterwarnings), and test_cli.py sorts
+first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import urllib.request
-import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,86 +25,53 @@ import pytest
 from click.testing import CliRunner, Result
 
 from flux_async._cli import cli, sample_prompts
+from flux_async.emulator import Emulator
 
 KEY = "sk-cli-secret-0123456789abcdef"
 
 
-@contextlib.contextmanager
-def keep_event_loop() -> Iterator[None]:
-    """Put back the thread's event loop after a command's ``asyncio.run`` unsets it.
-
-    pytest-asyncio leaves a loop set for the thread; once unset, nothing refers to it and
-    it is garbage-collected unclosed: a ResourceWarning, an error under filterwarnings.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop: asyncio.AbstractEventLoop | None = (
-                asyncio.get_event_loop_policy().get_event_loop()
-            )
-        except RuntimeError:
-            loop = None
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            asyncio.set_event_loop(loop)
-
-
-def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+def _invoke(args: list[str], input: str | None, env: dict[str, str]) -> Result:
     # No FLUX_* from the developer's shell may leak into a test.
-    clean = {"FLUX_API_KEY": None, "FLUX_BASE_URL": None}
-    with keep_event_loop():
-        return CliRunner().invoke(cli, list(args), input=input, env={**clean, **(env or {})})
+    clean: dict[str, str | None] = {"FLUX_API_KEY": None, "FLUX_BASE_URL": None}
+    return CliRunner().invoke(cli, args, input=input, env={**clean, **env})
+
+
+async def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    """Run the CLI in a worker thread (its asyncio.run cannot nest in the test's loop)."""
+    return await asyncio.to_thread(_invoke, list(args), input, env or {})
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
 
 
-def python(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+async def python(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python *args`` in a subprocess, without the FLUX_* variables of this shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
-    return subprocess.run(
-        [sys.executable, *args], input=input, capture_output=True, text=True, env=env, timeout=60
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 
-class ServerProcess:
-    """``python -m flux_async.emulator`` requiring ``KEY``, on a free port."""
-
-    def __init__(self, proc: subprocess.Popen[str], base_url: str) -> None:
-        self.proc = proc
-        self.base_url = base_url
-
-    def stats(self) -> dict[str, Any]:
-        root = self.base_url.removesuffix("/v1")
-        with urllib.request.urlopen(f"{root}/_emulator/stats", timeout=10) as response:
-            data: dict[str, Any] = json.load(response)
-        return data
-
-
 @pytest.fixture
-def server() -> Iterator[ServerProcess]:
-    """An emulator in another process, stopped (and its pipe closed) after the test."""
-    command = [sys.executable, "-m", "flux_async.emulator", "--port", "0", "--api-key", KEY]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None
-            ready = proc.stdout.readline().split()
-            assert ready[:1] == ["READY"], ready
-            yield ServerProcess(proc, ready[1])
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+async def server() -> AsyncIterator[Emulator]:
+    """An emulator that requires ``KEY``, running in the test's loop, closed after it."""
+    async with Emulator(api_keys=[KEY]) as emu:
+        yield emu
 
 
-def test_generate_writes_one_line_per_prompt(tmp_path: Path) -> None:
+async def test_generate_writes_one_line_per_prompt(tmp_path: Path) -> None:
     """generate --emulator: one ok JSON line with urls per prompt; blanks and # skipped."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n\n# a comment\n  a crow  \na cat\n", "utf-8")
     out = tmp_path / "out.jsonl"
-    result = run("generate", str(prompts), "--emulator", "--out", str(out))
+    result = await run("generate", str(prompts), "--emulator", "--out", str(out))
     assert result.exit_code == 0, result.output
     records = read_jsonl(out)
     assert sorted(r["index"] for r in records) == [0, 1, 2]
@@ -119,9 +87,9 @@ def test_generate_writes_one_line_per_prompt(tmp_path: Path) -> None:
     assert "3 prompts: 3 succeeded, 0 failed" in result.output
 
 
-def test_generate_reads_stdin_and_writes_stdout() -> None:
+async def test_generate_reads_stdin_and_writes_stdout() -> None:
     """With no PROMPTS and no --out, prompts come from stdin and results go to stdout."""
-    result = run("generate", "--emulator", "--aspect-ratio", "16:9", input="one\ntwo\n")
+    result = await run("generate", "--emulator", "--aspect-ratio", "16:9", input="one\ntwo\n")
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in result.output.splitlines() if x.startswith("{")]
     assert sorted(r["prompt"] for r in lines) == ["one", "two"]
@@ -129,7 +97,7 @@ def test_generate_reads_stdin_and_writes_stdout() -> None:
     assert all("/1024x576/" in r["urls"][0] for r in lines)
 
 
-def test_generate_jsonl_per_line_fields(tmp_path: Path) -> None:
+async def test_generate_jsonl_per_line_fields(tmp_path: Path) -> None:
     """--jsonl: each line's own fields apply; a line with a bad field fails alone (exit 1)."""
     prompts = tmp_path / "prompts.jsonl"
     lines = [
@@ -139,7 +107,7 @@ def test_generate_jsonl_per_line_fields(tmp_path: Path) -> None:
     ]
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines), "utf-8")
     out = tmp_path / "out.jsonl"
-    result = run("generate", "--jsonl", str(prompts), "--emulator", "-o", str(out))
+    result = await run("generate", "--jsonl", str(prompts), "--emulator", "-o", str(out))
     assert result.exit_code == 1, result.output
     by_index = {r["index"]: r for r in read_jsonl(out)}
     assert sorted(by_index) == [0, 1, 2]
@@ -156,23 +124,23 @@ def test_generate_jsonl_per_line_fields(tmp_path: Path) -> None:
     assert "2 succeeded, 1 failed" in result.output
 
 
-def test_generate_jsonl_stops_at_a_line_that_is_not_json(tmp_path: Path) -> None:
+async def test_generate_jsonl_stops_at_a_line_that_is_not_json(tmp_path: Path) -> None:
     """A line that is not JSON ends the input with exit 2; the lines before it are written."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "first"}\nnot json\n{"prompt": "never read"}\n', "utf-8")
     out = tmp_path / "out.jsonl"
-    result = run("generate", "--jsonl", str(prompts), "--emulator", "-o", str(out))
+    result = await run("generate", "--jsonl", str(prompts), "--emulator", "-o", str(out))
     assert result.exit_code == 2, result.output
     assert [r["prompt"] for r in read_jsonl(out)] == ["first"]
     assert "line 2 is not JSON" in result.output
 
 
-def test_bad_aspect_ratio_is_a_clean_usage_error(tmp_path: Path, server: ServerProcess) -> None:
+async def test_bad_aspect_ratio_is_a_clean_usage_error(tmp_path: Path, server: Emulator) -> None:
     """--aspect-ratio 5:4: exit 2, one line naming the value and the choices, nothing sent."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n", "utf-8")
     out = tmp_path / "out.jsonl"
-    result = run(
+    result = await run(
         "generate",
         str(prompts),
         "--aspect-ratio",
@@ -190,37 +158,39 @@ def test_bad_aspect_ratio_is_a_clean_usage_error(tmp_path: Path, server: ServerP
         "one of 21:9, 16:9, 4:3, 3:2, 1:1, 2:3, 3:4, 9:16, 9:21"
     ]
     assert not out.exists()
-    assert server.stats()["requests"] == 0
+    assert server.stats.requests == 0
 
 
-def test_conflicting_rate_limits_are_a_usage_error() -> None:
+async def test_conflicting_rate_limits_are_a_usage_error() -> None:
     """--rate-limit with --rate-limit-per-minute is refused with exit 2 before anything runs."""
-    result = run("generate", "--emulator", "--rate-limit", "5", "--rate-limit-per-minute", "60")
+    result = await run(
+        "generate", "--emulator", "--rate-limit", "5", "--rate-limit-per-minute", "60"
+    )
     assert result.exit_code == 2
     assert "not both" in result.output
     assert "no real API" not in result.output
 
 
-def test_api_key_is_sent_but_never_shown(tmp_path: Path, server: ServerProcess) -> None:
+async def test_api_key_is_sent_but_never_shown(tmp_path: Path, server: Emulator) -> None:
     """The key from $FLUX_API_KEY reaches the server and appears in no output, even with -v."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\na crow\n", "utf-8")
     out = tmp_path / "out.jsonl"
     env = {"FLUX_API_KEY": KEY, "FLUX_BASE_URL": server.base_url}
-    result = run("generate", str(prompts), "-v", "--out", str(out), env=env)
+    result = await run("generate", str(prompts), "-v", "--out", str(out), env=env)
     assert result.exit_code == 0, result.output
-    assert server.stats()["successes"] == 2  # the server requires KEY: it was sent
+    assert server.stats.successes == 2  # the server requires KEY: it was sent
     assert KEY not in result.output
     assert KEY not in out.read_text("utf-8")
 
 
-def test_wrong_api_key_fails_each_prompt_with_401(tmp_path: Path, server: ServerProcess) -> None:
+async def test_wrong_api_key_fails_each_prompt_with_401(tmp_path: Path, server: Emulator) -> None:
     """A rejected key: every prompt fails with status_code 401, exit 1, key not shown."""
     wrong = "sk-wrong-key-fedcba9876543210"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n", "utf-8")
     out = tmp_path / "out.jsonl"
-    result = run(
+    result = await run(
         "generate", str(prompts), "--api-key", wrong, "--base-url", server.base_url, "-o", str(out)
     )
     assert result.exit_code == 1, result.output
@@ -232,10 +202,10 @@ def test_wrong_api_key_fails_each_prompt_with_401(tmp_path: Path, server: Server
     assert wrong not in out.read_text("utf-8")
 
 
-def test_demo_absorbs_429s_and_loses_nothing(tmp_path: Path) -> None:
+async def test_demo_absorbs_429s_and_loses_nothing(tmp_path: Path) -> None:
     """demo (shortened with the hidden --count): every prompt succeeds, none lost, bar shown."""
     out = tmp_path / "demo.jsonl"
-    result = run("demo", "--count", "40", "--out", str(out))
+    result = await run("demo", "--count", "40", "--out", str(out))
     assert result.exit_code == 0, result.output
     records = read_jsonl(out)
     assert sorted(r["index"] for r in records) == list(range(40))
@@ -247,56 +217,56 @@ def test_demo_absorbs_429s_and_loses_nothing(tmp_path: Path) -> None:
     assert str(out) in result.output
 
 
-def test_sample_prompts_are_300_distinct() -> None:
+async def test_sample_prompts_are_300_distinct() -> None:
     """The demo's built-in prompts: 300, all different."""
     prompts = sample_prompts()
     assert len(prompts) == len(set(prompts)) == 300
 
 
-def test_emulator_command_forwards_to_the_emulator_cli() -> None:
+async def test_emulator_command_forwards_to_the_emulator_cli() -> None:
     """`flux-async emulator --help` shows the emulator's own options."""
-    result = run("emulator", "--help")
+    result = await run("emulator", "--help")
     assert result.exit_code == 0
     assert "--rate-limit" in result.output
     assert "--latency" in result.output
 
 
-def test_python_m_flux_async_help() -> None:
+async def test_python_m_flux_async_help() -> None:
     """`python -m flux_async --help` lists the commands."""
-    proc = python("-m", "flux_async", "--help")
+    proc = await python("-m", "flux_async", "--help")
     assert proc.returncode == 0, proc.stderr
     for command in ("generate", "demo", "emulator"):
         assert command in proc.stdout
 
 
-def test_python_m_flux_async_reads_a_pipe() -> None:
+async def test_python_m_flux_async_reads_a_pipe() -> None:
     """Prompts piped into a real process (read by the pipe reader thread) all come back."""
     prompts = "".join(f"prompt {i}\n" for i in range(25))
-    proc = python("-m", "flux_async", "generate", "--emulator", input=prompts)
+    proc = await python("-m", "flux_async", "generate", "--emulator", input=prompts)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert sorted(r["index"] for r in records) == list(range(25))
     assert all(r["ok"] for r in records)
 
 
-def test_python_m_without_the_cli_extra_says_what_to_install() -> None:
+async def test_python_m_without_the_cli_extra_says_what_to_install() -> None:
     """Without click, `python -m flux_async` prints the pip command and exits 2."""
     code = (
         "import runpy, sys; sys.modules['click'] = None; "
         "runpy.run_module('flux_async', run_name='__main__')"
     )
-    proc = python("-c", code, "--help")
+    proc = await python("-c", code, "--help")
     assert proc.returncode == 2
     assert "pip install 'flux-async[cli]'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_the_library_does_not_import_the_cli() -> None:
+async def test_the_library_does_not_import_the_cli() -> None:
     """`import flux_async` loads neither the CLI module nor click nor tqdm."""
     code = (
         "import sys, flux_async, flux_async.emulator; "
         "print(sorted({'click', 'tqdm', 'flux_async._cli'} & set(sys.modules)))"
     )
-    proc = python("-c", code)
+    proc = await python("-c", code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -162,7 +162,7 @@ async def test_ceiling_never_exceeded_in_any_window() -> None:
 @pytest.mark.looptime
 async def test_cut_applies_to_queued_waiters() -> None:
     """Only ~horizon of permits is booked ahead, so a cut paces everyone queued beyond it."""
-    limiter = RateLimiter(10, decrease_factor=0.7)
+    limiter = RateLimiter(10, decrease_factor=0.7, horizon=1.0)
     times: list[float] = []
 
     async def one() -> None:
@@ -396,7 +396,7 @@ async def test_not_adaptive_never_changes_the_rate() -> None:
 @pytest.mark.looptime
 async def test_cancellation_leaves_no_waiter_behind() -> None:
     """Cancelled waiters (booked, queued or paused) leave waiting == 0 and the queue free."""
-    limiter = RateLimiter(1)
+    limiter = RateLimiter(1, horizon=1.0)
     tasks = [asyncio.create_task(limiter.acquire()) for _ in range(6)]
     await asyncio.sleep(0.5)
     assert limiter.statistics().waiting == 5  # one booked at 1.0, four queued
@@ -547,3 +547,23 @@ async def test_a_lone_429_within_tolerance_does_not_cut() -> None:
     assert stats.rate_limited == 3
     with pytest.raises(ValueError, match="tolerance"):
         RateLimiter(tolerance=1)
+
+
+async def test_concurrency_limit_cancelled_waiters_leave_no_trace() -> None:
+    """A waiter cancelled in line, or just as a slot was handed to it, leaks no slot."""
+    limit = ConcurrencyLimit(1)
+    assert limit.try_acquire()
+    assert not limit.try_acquire()
+    queued = [asyncio.create_task(limit.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    queued[0].cancel()  # cancelled while waiting in line
+    limit.release()  # hands the slot to queued[1]
+    queued[1].cancel()  # ...which is cancelled before it runs: the slot moves on
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert results[2] is None
+    assert limit.in_flight == 1  # queued[2] holds it
+    limit.release()
+    assert limit.in_flight == 0
+    assert limit.try_acquire()
