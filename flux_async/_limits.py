@@ -188,7 +188,8 @@ class RateLimiter(Limiter):
       queue (first in, first out) and book when their slot comes within reach, so a cut
       applies to them.
     * The pause gate: ``on_rate_limited(retry_after)`` shuts it until
-      ``max(pause_until, now + retry_after)``. Nobody gets a permit before then, and a
+      ``max(pause_until, now + retry_after)`` when the 429 is overload (below) or its
+      ``retry_after`` is longer than ``window``; a tolerated one only delays its own retry. Nobody gets a permit before then, and a
       permit booked inside the pause is booked again after it. When the gate opens, waiters
       leave at the paced rate, not all at once (unless the limiter is unpaced).
     * ``adaptive``: on a 429 that makes 429s more than ``tolerance`` (5 %) of the
