@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
 
-from ._exceptions import APIError, DeadlineExceededError, FluxError, ValidationError
+from ._exceptions import DeadlineExceededError, FluxError, ValidationError
 from ._limits import ConcurrencyLimit, Limiter
 from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
 
@@ -179,6 +179,16 @@ def to_request(client: FluxClient, item: object, fields: Mapping[str, Any]) -> I
     )
 
 
+def _fail_fast_error(result: GenerationResult) -> BaseException:
+    """The error that ends a fail_fast fan-out, noting what happened to the rest."""
+    error = result.error
+    assert error is not None
+    error.add_note(
+        f"fail_fast: prompt #{result.index} failed; the prompts still running were cancelled"
+    )
+    return error
+
+
 class Fanout:
     """An async iterator of `GenerationResult` s, in completion order.
 
@@ -232,7 +242,6 @@ class Fanout:
             self._fields["model"] = client.model
         self._fail_fast = fail_fast
         self._batch_deadline = batch_deadline
-        self._fast = batch_deadline is None and policy.deadline is None
         # _client imports this module; by the time a fan-out exists, it is loaded.
         from ._client import _Call
 
@@ -318,12 +327,7 @@ class Fanout:
                 assert isinstance(item, GenerationResult)
                 if self._fail_fast and item.error is not None:
                     await self.aclose()
-                    failure = item.error
-                    failure.add_note(
-                        f"fail_fast: prompt #{item.index} failed; the prompts still "
-                        "running were cancelled"
-                    )
-                    raise failure
+                    raise _fail_fast_error(item)
                 return item
         except asyncio.CancelledError:
             await self.aclose()
@@ -370,14 +374,8 @@ class Fanout:
             await self.aclose()
         if self._input_error is not None:
             raise self._input_error
-        failure = self._failure
-        if failure is not None:
-            assert failure.error is not None
-            failure.error.add_note(
-                f"fail_fast: prompt #{failure.index} failed; the prompts still running "
-                "were cancelled"
-            )
-            raise failure.error
+        if self._failure is not None:
+            raise _fail_fast_error(self._failure)
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -498,26 +496,6 @@ class Fanout:
                     self._limiter,
                     counters,
                 )
-            elif self._fast:
-                # The common case, kept to one coroutine frame below this one: no deadline
-                # to arm, one chunk, and the retry machinery only if the attempt fails.
-                single = self._call(
-                    client,
-                    request,
-                    None,
-                    self._policy,
-                    self._client_timeout,
-                    None,
-                    self._slot,
-                    self._limiter,
-                    counters,
-                )
-                try:
-                    response = await single.attempt()
-                    attempts = 1
-                except APIError as exc:
-                    response, attempts = await single.retry(exc)
-                return self._finish(index, item, request, response, None, attempts, started)
             else:
                 call = self._call(
                     client,

@@ -93,7 +93,6 @@ DEFAULT_TOLERANCE = 0.05
 # and sleep again for 1e-17 s, and a window would not count as over when it is.
 _SLACK = max(1e-9, time.get_clock_info("monotonic").resolution)
 _NEVER = -math.inf
-_LAG_FLOOR = 1e-3
 
 
 @attrs.frozen(kw_only=True)
@@ -189,8 +188,9 @@ class RateLimiter(Limiter):
       applies to them.
     * The pause gate: ``on_rate_limited(retry_after)`` shuts it until
       ``max(pause_until, now + retry_after)`` when the 429 is overload (below) or its
-      ``retry_after`` is longer than ``window``; a tolerated one only delays its own retry. Nobody gets a permit before then, and a
-      permit booked inside the pause is booked again after it. When the gate opens, waiters
+      ``retry_after`` is longer than ``window``; a tolerated one only delays its own
+      retry. Nobody gets a permit before then, and a permit booked inside the pause is
+      booked again after it. When the gate opens, waiters
       leave at the paced rate, not all at once (unless the limiter is unpaced).
     * ``adaptive``: on a 429 that makes 429s more than ``tolerance`` (5 %) of the
       permits granted in the last ``window`` (a lone 429 from network jitter is retried,
@@ -270,7 +270,6 @@ class RateLimiter(Limiter):
             self._set_rate(ceiling)
         self._tat: float | None = None
         self._last_slot = _NEVER  # the latest slot booked (or unpaced grant)
-        self._lag = 0.0  # how late the latest strictly paced permit went after its slot
         self._pause_until = _NEVER
 
         # The adaptive throttle.
@@ -323,28 +322,11 @@ class RateLimiter(Limiter):
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if slot + _SLACK >= self._pause_until:
-                    if not self._tau and self._lag:
-                        # Strict pacing (burst 1): the permit before woke `lag` late, so
-                        # this one goes as late, keeping the booked spacing between the
-                        # two; a server that paces the same way rejects a closer pair.
-                        # Lateness does not accumulate: it is the largest wake-up delay
-                        # so far, not a sum.
-                        gap = slot + self._lag - loop.time()
-                        if gap > _SLACK:
-                            await asyncio.sleep(gap)
-                            if loop.time() + _SLACK < self._pause_until:
-                                slot = None
-                                continue
                     break
                 # A 429 shut the gate over our slot while we slept. The slot is forfeit;
                 # queue again behind the gate, which pushed `tat` past its end.
                 slot = None
-            now = loop.time()
-            self._grant(now)
-            if not self._tau:
-                lag = now - slot
-                # Sub-millisecond lateness is timer noise, too small for a server to see.
-                self._lag = lag if lag > _LAG_FLOOR else 0.0
+            self._grant(loop.time())
         finally:
             self._waiting -= 1
 
@@ -366,8 +348,6 @@ class RateLimiter(Limiter):
         tat = self._tat
         if tat is not None and tat - self._tau > now:
             return False  # not due yet: acquire() books it and sleeps
-        if not self._tau and tat is not None and tat + self._lag > now + _SLACK:
-            return False  # strict pacing: the permit before went late; so must this one
         # Due now, so _reserve books it for now: it is never beyond the horizon.
         self._reserve(now)
         self._grant(now)
@@ -557,7 +537,6 @@ class RateLimiter(Limiter):
         self._line = None
         self._tat = None
         self._last_slot = self._pause_until = self._last_cut = self._calm_since = _NEVER
-        self._lag = 0.0
         self._grants.clear()
 
     # -- state -------------------------------------------------------------------------
