@@ -145,15 +145,15 @@ HOW_TO_READ = """\
 ## Known gaps
 
 - **Latency-bound wall ÷ ideal (target ≤ 1.05)** is missed by every client, the raw
-  aiohttp loop included (1.10–1.11 here, flux-async within ±1 % of raw). The ideal,
+  aiohttp loop included (1.10 to 1.11 here, flux-async within ±1 % of raw). The ideal,
   `ceil(n/c) x latency`, counts no CPU time; each of the 20 waves of 100 requests costs
-  both processes about 130–200 µs of CPU per request on 2 shared cores, which the
+  both processes about 130 to 200 µs of CPU per request on 2 shared cores, which the
   emulator's timestamps show as each wave starting ~5 ms late. flux-async adds nothing
   measurable on top of raw aiohttp here.
 - **The 429 storm at burst 1** (information row): a server that rejects any two
   requests closer than 25 ms draws 429s from loopback jitter alone while the client
   paces below capacity; flux-async loses no prompt there (1.10 attempts per prompt) but
-  keeps 0.77–0.86 of capacity. The target row uses 0.1 s of burst tolerance, closer to
+  keeps 0.77 to 0.86 of capacity. The target row uses 0.1 s of burst tolerance, closer to
   gateways that meter per minute.
 
 ## How to read
