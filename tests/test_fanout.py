@@ -164,6 +164,16 @@ async def test_progress_and_statistics(client: FluxClient) -> None:
     assert final.in_flight == 0
 
 
+def _flux_tasks_since(before: set[asyncio.Task[object]]) -> list[asyncio.Task[object]]:
+    """Tasks started since ``before`` that run flux_async code (the emulator's own handler
+    tasks share the loop and are left out)."""
+    return [
+        t
+        for t in asyncio.all_tasks() - before
+        if "flux_async/_" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+    ]
+
+
 class _Gate(Limiter):
     """A limiter that lets the test know when ``target`` attempts are on their way."""
 
@@ -213,13 +223,7 @@ async def test_cancellation_leaks_nothing() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        # The emulator's own handler tasks live in this loop too; ours are in flux_async.
-        ours = [
-            t
-            for t in asyncio.all_tasks() - before
-            if "flux_async/_" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
-        ]
-        assert ours == []
+        assert _flux_tasks_since(before) == []
         assert fanout._slot.in_flight == 0
         assert fanout.statistics().in_flight == 0
         assert gate.acquired == 8  # nothing new started after the cancel
@@ -332,12 +336,7 @@ async def test_gather_cancellation_leaks_nothing() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        ours = [
-            t
-            for t in asyncio.all_tasks() - before
-            if "flux_async/_" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
-        ]
-        assert ours == []
+        assert _flux_tasks_since(before) == []
         assert gate.acquired == 4
         assert client._session is not None
         assert not client._session.connector._acquired  # type: ignore[union-attr]
