@@ -543,10 +543,10 @@ class FluxClient:
         ]
 
     def _policy(self, retry: RetryPolicy | None, deadline: float | None) -> RetryPolicy:
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ValidationError("retry", retry, "a flux_async.RetryPolicy or None")
         policy = self.retry if retry is None else retry
         if deadline is not None:
-            if not isinstance(retry, RetryPolicy) and retry is not None:
-                raise ValidationError("retry", retry, "a flux_async.RetryPolicy or None")
             policy = attrs.evolve(policy, deadline=deadline)
         return policy
 

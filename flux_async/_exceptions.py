@@ -29,7 +29,6 @@ gave up, so a failure in a batch says how hard we tried.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import re
 from collections.abc import Mapping
@@ -388,7 +387,8 @@ def error_for_status(
 def _aiohttp_error_class(exc_type: type[BaseException]) -> type[APIError]:
     """Which of our classes an aiohttp (or asyncio) exception type becomes."""
     # Timeouts first: aiohttp's timeout errors also inherit from connection errors.
-    if issubclass(exc_type, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
+    # asyncio.TimeoutError is TimeoutError (3.11+); aiohttp's timeouts all subclass it.
+    if issubclass(exc_type, TimeoutError):
         return APITimeoutError
     return APIConnectionError
 

@@ -309,10 +309,8 @@ class RateLimiter(Limiter):
         now = loop.time()
         slot: float | None = None
         if not self._queued and now + _SLACK >= self._pause_until:
+            # try_acquire found the permit not yet due: book it (within the horizon).
             slot = self._reserve(now)
-            if slot is not None and slot <= now:
-                self._grant(now)
-                return
         self._waiting += 1
         try:
             while True:

@@ -400,8 +400,7 @@ class _Retrier:
             state.other_failures += 1
             if state.other_failures >= policy.max_attempts:
                 return False
-            retry_after = getattr(exc, "retry_after", None)
-            if isinstance(exc, APIStatusError) and retry_after is None:
+            if isinstance(exc, APIStatusError):
                 retry_after = parse_retry_after(exc.headers)
             if self._budget is not None and not self._budget.try_spend(exc):
                 exc.add_note(
@@ -431,28 +430,21 @@ class _Retrier:
         return True
 
     async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Call ``attempt`` until it succeeds or the policy gives up."""
-        state = self._state
-        state.attempts = 1
-        # The first attempt skips tenacity entirely: a batch makes a million of them and
-        # almost all succeed, so the retry machinery is only built once something failed.
+        """Call ``attempt`` until it succeeds or the policy gives up, within the deadline."""
+        if self._deadline_at is None:
+            return await self._first_then_retries(attempt)
         try:
-            if self._deadline_at is None:
-                return await attempt()
             async with asyncio.timeout_at(self._deadline_at):
-                return await attempt()
+                return await self._first_then_retries(attempt)
+        except TimeoutError:
+            raise self._deadline_error() from None
+
+    async def _first_then_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        self._state.attempts = 1
+        try:
+            return await attempt()
         except APIError as exc:
-            if not self._decide(exc):
-                raise self._final(exc) from None
-        except TimeoutError:
-            raise self._deadline_error() from None
-        try:
-            if self._deadline_at is None:
-                return await self._retry_loop(attempt)
-            async with asyncio.timeout_at(self._deadline_at):
-                return await self._retry_loop(attempt)
-        except TimeoutError:
-            raise self._deadline_error() from None
+            return await self.resume(exc, attempt)
 
     async def resume(self, first: APIError, attempt: Callable[[], Awaitable[T]]) -> T:
         """Carry on after a first attempt the caller made itself (no deadline set)."""
