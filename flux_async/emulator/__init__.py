@@ -13,6 +13,8 @@ In another process: ``python -m flux_async.emulator --port 0`` prints
 ``READY http://127.0.0.1:<port>/v1`` and serves until SIGINT/SIGTERM.
 """
 
-from ._server import Emulator, EmulatorStats, Fault, FaultRates, SeenRequest
+from ._faults import Fault, FaultRates
+from ._server import Emulator
+from ._stats import EmulatorStats, SeenRequest
 
 __all__ = ["Emulator", "EmulatorStats", "Fault", "FaultRates", "SeenRequest"]

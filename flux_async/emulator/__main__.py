@@ -22,7 +22,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from ._server import Emulator, FaultRates
+from ._faults import FaultRates
+from ._server import Emulator
 
 __all__ = ["ENV_API_KEYS", "main"]
 
