@@ -25,17 +25,25 @@ gave up, so a failure in a batch says how hard we tried.
 
 `translate_aiohttp_error` is the only function that looks at aiohttp's exception types;
 ``tests/test_exceptions.py`` walks every ``aiohttp.ClientError`` subclass through it.
+`parse_json` is the only place a body from the network is parsed: whatever the server
+sends, it either returns JSON values (finite numbers only) or raises ``ValueError``.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import math
 import re
+import reprlib
 from collections.abc import Mapping
+from typing import Any, NoReturn
 
 import aiohttp
 
 __all__ = [
+    "MAX_BODY_EXCERPT",
+    "MAX_PARSED_BODY",
     "APIConnectionError",
     "APIError",
     "APIResponseValidationError",
@@ -53,9 +61,17 @@ __all__ = [
     "RateLimitError",
     "UnprocessableEntityError",
     "ValidationError",
+    "error_body",
     "error_for_status",
+    "parse_json",
     "translate_aiohttp_error",
 ]
+
+#: An error keeps a body of at most this many bytes parsed (`APIStatusError.body`) ...
+MAX_PARSED_BODY = 64 * 1024
+#: ... and of any other body at most this many characters of text: a batch keeps one
+#: error per failed prompt, so a multi-megabyte error page must not be kept whole.
+MAX_BODY_EXCERPT = 2000
 
 
 class FluxError(Exception):
@@ -88,10 +104,7 @@ class ValidationError(FluxError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"{field}={shown} is not allowed: {allowed}")
+        super().__init__(f"{field}={_short_repr(value)} is not allowed: {allowed}")
 
 
 class ClientClosedError(FluxError, RuntimeError):
@@ -122,9 +135,12 @@ class APIError(FluxError):
 class APIStatusError(APIError):
     """The server answered with an error status.
 
-    ``status_code`` is the HTTP status, ``body`` the parsed JSON error body (or the raw
-    text when the body was not JSON, e.g. a proxy's HTML page), ``request_id`` the
-    server's ``x-request-id`` when it sent one.
+    ``status_code`` is the HTTP status and ``request_id`` the server's ``x-request-id``
+    when it sent one. ``body`` is bounded, whatever the server sent: the parsed JSON
+    error body when the body is JSON of at most `MAX_PARSED_BODY` bytes (64 KiB);
+    otherwise (a proxy's HTML page, invalid JSON, a larger body) its first
+    `MAX_BODY_EXCERPT` characters (2,000) as text. The server's message quoted in
+    ``str(exc)`` is one line of at most 300 characters.
 
     Example::
 
@@ -255,7 +271,9 @@ class InternalServerError(APIStatusError):
 class APIResponseValidationError(APIError):
     """A 2xx answer whose body is not a usable image list (bad JSON, empty ``data``).
 
-    ``body`` is what the server sent. Not retried: the server may already have billed it.
+    ``body`` is what the server sent, bounded as for `APIStatusError`: the parsed JSON
+    when the body is valid JSON of at most 64 KiB, else its first 2,000 characters as
+    text. Not retried: the server may already have billed it.
 
     Example::
 
@@ -318,31 +336,134 @@ _STATUS_CLASSES: dict[int, type[APIStatusError]] = {
     429: RateLimitError,
 }
 
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        # 1e400 parses to inf, which later breaks int() and every consumer of the number.
+        raise ValueError(f"{text[:40]} is too large for a float")
+    return value
+
+
+# Called only for NaN/Infinity and for numbers with a fraction or exponent, so a body
+# of strings and integers (every image response) parses at json.loads' speed.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """Parse JSON that came from the network: any failure is a ``ValueError`` saying why.
+
+    Stricter than ``json.loads``: the bytes must be UTF-8 (a leading BOM is allowed),
+    ``NaN`` / ``Infinity`` and numbers beyond a float's range are refused, and nesting
+    too deep for the parser is a ``ValueError`` rather than a ``RecursionError``.
+
+    Example::
+
+        parse_json(b'{"created": 1}')  # {'created': 1}
+        parse_json(b'{"created": NaN}')  # ValueError: NaN is not a JSON number
+    """
+    try:
+        text = raw if isinstance(raw, str) else raw.decode()
+        if text[:1] == "\ufeff":
+            text = text[1:]
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+
+
+def _excerpt(raw: bytes) -> str:
+    # A UTF-8 character is at most 4 bytes: decode no more than the excerpt can hold.
+    return raw[: 4 * MAX_BODY_EXCERPT].decode("utf-8", "replace")[:MAX_BODY_EXCERPT]
+
+
+def error_body(raw: bytes, *, expect_json: bool = True) -> object:
+    """What an error keeps of a response body: bounded, and never raising.
+
+    The parsed JSON when ``expect_json`` and ``raw`` is valid JSON of at most
+    `MAX_PARSED_BODY` bytes; otherwise the first `MAX_BODY_EXCERPT` characters as text.
+
+    Example::
+
+        error_body(b'{"error": {"message": "no"}}')  # {'error': {'message': 'no'}}
+        error_body(b"<html>502</html>", expect_json=False)  # '<html>502</html>'
+    """
+    if expect_json and len(raw) <= MAX_PARSED_BODY:
+        try:
+            return parse_json(raw)
+        except ValueError:
+            pass
+    return _excerpt(raw)
+
+
 _TAG = re.compile(r"<[^>]+>")
-_SPACE = re.compile(r"\s+")
+# Newlines and control characters in a server's text would break a log line in two.
+_SPACE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]+")
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_MAX_MESSAGE = 300
+
+# Depth- and size-limited, so a summary of a body of any shape stays short and cannot
+# recurse without bound.
+_SUMMARY = reprlib.Repr()
+_SUMMARY.maxlevel = 3
+_SUMMARY.maxstring = 120
+_SUMMARY.maxother = 60
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    """A repr of at most ``limit`` characters that cannot fail, however deep ``value`` is."""
+    try:
+        shown = _SUMMARY.repr(value)
+    except Exception:
+        # A value whose own repr() fails is still named in the message.
+        shown = f"<{type(value).__name__} object>"
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _message_text(body: object) -> str:
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        if isinstance(error, Mapping):
+            message = error.get("message")
+            if isinstance(message, str) and message.strip():
+                return message
+        elif isinstance(error, str) and error.strip():
+            return error
+        for key in ("message", "detail"):
+            value = body.get(key)
+            if isinstance(value, str) and value.strip():
+                return value
+        return _SUMMARY.repr(dict(body))
+    if isinstance(body, str):
+        page = body[: 2 * MAX_BODY_EXCERPT]
+        # A proxy's HTML page: its <title> is the useful part ("502 Bad Gateway").
+        title = _TITLE.search(page)
+        return html.unescape(title.group(1) if title else _TAG.sub(" ", page))
+    if body is None:
+        return ""
+    return _SUMMARY.repr(body)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = _SPACE.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _message_from_body(status: int, body: object) -> str:
     """Best human-readable message in an error body, whatever shape the server used."""
-    if isinstance(body, Mapping):
-        error = body.get("error")
-        if isinstance(error, Mapping) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-        if isinstance(body.get("message"), str):
-            return str(body["message"])
-        if isinstance(body.get("detail"), str):
-            return str(body["detail"])
-        return str(dict(body))[:300]
-    if isinstance(body, str) and body.strip():
-        # A proxy's HTML page: its <title> is the useful part ("502 Bad Gateway").
-        title = _TITLE.search(body)
-        text = title.group(1) if title else _TAG.sub(" ", body)
-        text = _SPACE.sub(" ", html.unescape(text)).strip()
-        return text[:300] if text else f"HTTP {status}"
-    return f"HTTP {status} with an empty body"
+    try:
+        text = _clip(_message_text(body), _MAX_MESSAGE)
+    except Exception:
+        # Building an error must not raise, whatever object it was given.
+        text = ""
+    if text:
+        return text
+    if body is None or (isinstance(body, str) and not body.strip()):
+        return f"HTTP {status} with an empty body"
+    return f"HTTP {status}"
 
 
 def error_for_status(
@@ -393,25 +514,67 @@ def _aiohttp_error_class(exc_type: type[BaseException]) -> type[APIError]:
     return APIConnectionError
 
 
+# Belt and braces for exception text we pass on: credential-shaped pieces are masked
+# even though none of aiohttp's own messages should carry our request's headers.
+_CREDENTIALS = (
+    # An Authorization value: "Bearer sk-...", "Basic dXNl...".
+    re.compile(r"(?i)\b(bearer|basic)(\s+)[\w.~+/=-]{8,}"),
+    # A header or query parameter that holds a key: "X-Api-Key: sk-...", "?api_key=...".
+    re.compile(
+        r"(?i)\b(authorization|proxy-authorization|cookie|[\w-]*api[-_]?key|[\w-]*token)"
+        r"(['\"]?\s*[:=]\s*['\"]?)[^\s'\",;&}\]]+"
+    ),
+    # user:password@ in a URL.
+    re.compile(r"(://)()[^/\s@'\"]+(?=@)"),
+)
+
+
+def _scrub(text: str) -> str:
+    for pattern in _CREDENTIALS:
+        text = pattern.sub(r"\1\2<redacted>", text)
+    return text
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeName: what happened``, with nothing of our request's headers in it."""
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # Raised by aiohttp itself (redirect loops, bad content) rather than an answer we
+        # read: its repr holds our request's headers, Authorization included, so only
+        # the status goes.
+        return f"{name}: HTTP {exc.status}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError) and not isinstance(exc.message, str):
+        # The half-read response it carries is the server's, and long.
+        return f"{name}: the server closed the connection mid-response"
+    try:
+        if isinstance(exc, aiohttp.InvalidURL):
+            # Its text starts with the URL, which may carry a password or a key.
+            description = getattr(exc, "description", None)
+            text = description if isinstance(description, str) else ""
+        else:
+            text = str(exc)
+    except Exception:
+        # An exception whose own str() fails still gets a message.
+        text = ""
+    text = _clip(_scrub(text), _MAX_MESSAGE)
+    return f"{name}: {text}" if text else name
+
+
 def translate_aiohttp_error(exc: BaseException, *, url: str, attempts: int = 1) -> APIError:
     """Turn an aiohttp/OS/timeout exception raised by one attempt into our error.
 
-    ``url`` must already be stripped of credentials; the message never contains headers.
+    ``url`` must already be stripped of credentials. The message is complete on its
+    own (the URL, the exception's type and what it said) and never contains header
+    values or credentials, so it can be raised ``from None``.
 
     Example::
 
         try:
             ...
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise translate_aiohttp_error(exc, url=url) from exc
+            raise translate_aiohttp_error(exc, url=url) from None
     """
-    cls = _aiohttp_error_class(type(exc))
-    if cls is APITimeoutError:
-        return APITimeoutError(f"Request to {url} timed out", attempts=attempts)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        # Raised by aiohttp itself (redirect loops, bad content) rather than an answer we
-        # read: its own str() can include the request's headers, so only the status goes.
-        detail = f"HTTP {exc.status} ({type(exc).__name__})"
-    else:
-        detail = str(exc) or type(exc).__name__
+    detail = _describe(exc)
+    if _aiohttp_error_class(type(exc)) is APITimeoutError:
+        return APITimeoutError(f"Request to {url} timed out ({detail})", attempts=attempts)
     return APIConnectionError(f"Connection error talking to {url}: {detail}", attempts=attempts)

@@ -1,6 +1,6 @@
 """Request and response models: frozen, validated before anything is sent.
 
-How the contract's garbled prose is read is in ``shared/spec/NOTES.md``; in short:
+The contract's prose is garbled in places; it is read this way:
 ``prompt`` 1-1000 characters, ``aspect_ratio`` one of nine ratios (sent as ``1:1`` when
 the caller gives none, omitted when the caller passes ``None``), ``n`` 1-10 per HTTP
 request (a larger ``n`` is split into several requests), ``size`` any ``WxH``,
@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -19,7 +20,14 @@ from typing import Any
 
 import attrs
 
-from ._exceptions import APIResponseValidationError, ValidationError
+from ._exceptions import (
+    MAX_PARSED_BODY,
+    APIResponseValidationError,
+    ValidationError,
+    _short_repr,
+    error_body,
+    parse_json,
+)
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -52,6 +60,21 @@ _SIZE = re.compile(r"[1-9][0-9]{1,4}x[1-9][0-9]{1,4}")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+def _check_text(field: str, value: str) -> None:
+    """Refuse a string that cannot be sent: one holding a lone surrogate such as '\\ud800'."""
+    if value.isascii():
+        return
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValidationError(
+            field,
+            value,
+            f"text that can be sent as UTF-8 (character {exc.start} is a lone surrogate "
+            f"{value[exc.start]!r}, often left by decoding bytes with errors='surrogateescape')",
+        ) from None
+
+
 def _check_prompt(_: object, __: attrs.Attribute[str], value: object) -> None:
     if not isinstance(value, str):
         raise ValidationError("prompt", value, "a string of 1 to 1000 characters")
@@ -63,6 +86,7 @@ def _check_prompt(_: object, __: attrs.Attribute[str], value: object) -> None:
             value,
             f"at most {MAX_PROMPT_LENGTH} characters (this one has {len(value)})",
         )
+    _check_text("prompt", value)
 
 
 def _check_n(_: object, __: attrs.Attribute[int], value: object) -> None:
@@ -88,8 +112,11 @@ def _one_of(field: str, choices: tuple[str, ...]) -> Any:
 
 def _optional_str(field: str) -> Any:
     def check(_: object, __: attrs.Attribute[str | None], value: object) -> None:
-        if value is not None and not isinstance(value, str):
+        if value is None:
+            return
+        if not isinstance(value, str):
             raise ValidationError(field, value, "a string, or None to omit it")
+        _check_text(field, value)
 
     return check
 
@@ -97,6 +124,7 @@ def _optional_str(field: str) -> Any:
 def _check_model(_: object, __: attrs.Attribute[str], value: object) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ValidationError("model", value, "a non-empty string such as 'flux-kontext-pro'")
+    _check_text("model", value)
 
 
 def _check_size(_: object, __: attrs.Attribute[str | None], value: object) -> None:
@@ -114,7 +142,56 @@ def _freeze_extra(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
         return _EMPTY
     if not isinstance(value, Mapping):
         raise ValidationError("extra_body", value, "a mapping of extra JSON fields")
-    return MappingProxyType(dict(value))
+    copy = dict(value)
+    for key in copy:
+        if type(key) is not str:
+            raise ValidationError("extra_body", copy, f"string keys ({key!r} is not a string)")
+    return MappingProxyType(copy)
+
+
+#: Like `encode_json`, but refusing NaN and Infinity, which are not JSON.
+_encode_strict = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def _why_not_json(key: str, value: object) -> str:
+    try:
+        _encode_strict({key: value}).encode()
+    except UnicodeEncodeError:
+        return "it holds text with a lone surrogate such as '\\ud800', which is not UTF-8"
+    except RecursionError:
+        return "it is nested too deeply to encode"
+    except ValueError as exc:
+        if "Out of range float" in str(exc):
+            return "it holds NaN or Infinity, which JSON cannot carry"
+        return str(exc)
+    except TypeError as exc:
+        return str(exc)
+    return ""
+
+
+def _encode_extra(request: ImageRequest) -> bytes:
+    """``extra_body`` as sent: ``,"key":value...}``, the end of the body.
+
+    Encoded once, when the request is built, so that a value JSON cannot carry is a
+    `ValidationError` before anything is sent, and every attempt sends exactly what was
+    checked.
+    """
+    extra = request.extra_body
+    if not extra:
+        return b""
+    try:
+        return b"," + _encode_strict(dict(extra)).encode()[1:]
+    except (TypeError, ValueError, RecursionError):
+        pass
+    for key, value in extra.items():
+        why = _why_not_json(key, value)
+        if why:
+            raise ValidationError(
+                "extra_body",
+                {key: value},
+                f"JSON values with finite numbers; {key!r} cannot be sent: {why}",
+            )
+    raise ValidationError("extra_body", dict(extra), "JSON values with finite numbers")
 
 
 @attrs.frozen(kw_only=True)
@@ -122,10 +199,12 @@ class ImageRequest:
     """One image-generation request, validated when it is built.
 
     Every field of the contract is here; ``extra_body`` carries provider-specific fields
-    (``seed``, ``safety_tolerance`` ...) that are sent as they are. A field left ``None``
-    is not sent. ``aspect_ratio`` is required by this API, so it defaults to ``"1:1"``;
-    pass ``None`` to omit it for servers that reject it. ``n`` above 10 is split into
-    several HTTP requests whose images come back joined in order.
+    (``seed``, ``safety_tolerance`` ...) that are sent as they are: they must be JSON
+    values (string keys, finite numbers, UTF-8 text) and are encoded when the request is
+    built. A field left ``None`` is not sent. ``aspect_ratio`` is required by this API,
+    so it defaults to ``"1:1"``; pass ``None`` to omit it for servers that reject it.
+    ``n`` above 10 is split into several HTTP requests whose images come back joined in
+    order. Every string must be valid Unicode (no lone surrogates such as ``"\\ud800"``).
 
     Example::
 
@@ -147,6 +226,9 @@ class ImageRequest:
     style: str | None = attrs.field(default=None, validator=_one_of("style", STYLES))
     user: str | None = attrs.field(default=None, validator=_optional_str("user"))
     extra_body: Mapping[str, Any] = attrs.field(default=None, converter=_freeze_extra)
+    _extra_json: bytes = attrs.field(
+        init=False, repr=False, eq=False, default=attrs.Factory(_encode_extra, takes_self=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         # A contract field hidden in extra_body would silently override the checked one.
@@ -195,8 +277,6 @@ class ImageRequest:
             ImageRequest(prompt="a cat").to_bytes()
             # b'{"prompt":"a cat","model":"flux-kontext-pro","n":1,"aspect_ratio":"1:1"}'
         """
-        if self.extra_body:
-            return encode_json(self.to_json(n)).encode()
         # Everything after the prompt is the same for every prompt of a batch: encode it
         # once and splice each prompt in front, a third of the cost of a full encode.
         tail = _body_tail(
@@ -209,6 +289,8 @@ class ImageRequest:
             self.style,
             self.user,
         )
+        if self._extra_json:
+            return b'{"prompt":' + encode_json(self.prompt).encode() + tail[:-1] + self._extra_json
         return b'{"prompt":' + encode_json(self.prompt).encode() + tail
 
     def chunks(self) -> list[int]:
@@ -222,7 +304,7 @@ class ImageRequest:
         return [MAX_N_PER_REQUEST] * full + ([rest] if rest else [])
 
 
-_FIELD_NAMES = frozenset(a.name for a in attrs.fields(ImageRequest)) - {"extra_body"}
+_FIELD_NAMES = frozenset(a.name for a in attrs.fields(ImageRequest) if a.init) - {"extra_body"}
 
 #: Compact, UTF-8 as is: one encoder for every body (json.dumps with options builds a
 #: new one per call). Immutable once made, so sharing it is not shared state.
@@ -336,19 +418,28 @@ class ImagesResponse:
     def from_bytes(cls, raw: bytes, *, request_id: str | None = None) -> ImagesResponse:
         """Parse a 2xx body, raising `APIResponseValidationError` when it is unusable.
 
+        Every malformed body is that error, never another exception: not UTF-8, not
+        JSON, truncated, ``NaN`` or ``1e400`` numbers, nesting too deep, wrong types.
+
         Example::
 
             ImagesResponse.from_bytes(b'{"created": 1, "data": [{"url": "https://x"}]}')
         """
         try:
-            payload = json.loads(raw)
-        except ValueError:
+            payload = parse_json(raw)
+        except ValueError as exc:
             raise APIResponseValidationError(
-                f"The server answered 2xx with a body that is not JSON: {raw[:200]!r}",
-                body=raw.decode("utf-8", "replace")[:2000],
+                f"The server answered 2xx with a body that is not JSON ({exc}): {raw[:200]!r}",
+                body=error_body(raw, expect_json=False),
                 request_id=request_id,
             ) from None
-        return cls.from_json(payload, request_id=request_id)
+        try:
+            return cls.from_json(payload, request_id=request_id)
+        except APIResponseValidationError as exc:
+            if len(raw) > MAX_PARSED_BODY:
+                # A batch keeps every failed prompt's error: not a multi-megabyte body each.
+                exc.body = error_body(raw, expect_json=False)
+            raise
 
     @classmethod
     def from_json(cls, payload: object, *, request_id: str | None = None) -> ImagesResponse:
@@ -368,8 +459,14 @@ class ImagesResponse:
             raise _bad("'data' is empty: no image came back", payload, request_id)
         created = payload.get("created")
         # bool is an int; JSON true is not a timestamp.
-        if type(created) is not int and type(created) is not float:
-            raise _bad(f"'created' is {created!r}, not a unix timestamp", payload, request_id)
+        if type(created) is not int:
+            if type(created) is not float or not math.isfinite(created):
+                raise _bad(
+                    f"'created' is {_short_repr(created)}, not a unix timestamp",
+                    payload,
+                    request_id,
+                )
+            created = int(created)
         # This runs once per image of a million-prompt batch: exact type checks and no
         # copies unless the server sent keys we do not model.
         images = []
@@ -406,7 +503,7 @@ class ImagesResponse:
         else:
             extra = MappingProxyType({k: v for k, v in payload.items() if k not in _RESPONSE_KEYS})
         return cls(
-            created=int(created),
+            created=created,
             data=tuple(images),
             extra=extra,
             request_id=request_id,

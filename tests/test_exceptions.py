@@ -116,3 +116,103 @@ def test_tree_has_one_root() -> None:
             assert issubclass(obj, flux_async.FluxError), name
     assert issubclass(flux_async.ValidationError, ValueError)
     assert issubclass(flux_async.ClientClosedError, RuntimeError)
+
+
+FAKE_KEY = "sk-fake-5f4dcc3b5aa765d61d8327deb882cf99"
+_URL = f"https://user:{FAKE_KEY}@api.example/v1/images/generations?api_key={FAKE_KEY}"
+
+
+def _leaky(cls: type[BaseException]) -> BaseException:
+    """An instance of ``cls`` carrying the fake key everywhere aiohttp could put it."""
+    from aiohttp.client_reqrep import ConnectionKey
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    headers = CIMultiDictProxy(
+        CIMultiDict({"Authorization": f"Bearer {FAKE_KEY}", "X-Api-Key": FAKE_KEY})
+    )
+    text = f"failed: headers={dict(headers)!r} url={_URL}"
+    if issubclass(cls, aiohttp.ClientResponseError):
+        info = aiohttp.RequestInfo(URL(_URL), "POST", headers, URL(_URL))
+        return cls(info, (), status=500, message=text, headers=headers)
+    if issubclass(cls, aiohttp.ClientConnectorError):
+        key = ConnectionKey(
+            host="api.example",
+            port=443,
+            is_ssl=True,
+            ssl=True,
+            proxy=URL(f"http://proxy-user:{FAKE_KEY}@proxy:3128"),
+            proxy_auth=None,
+            proxy_headers_hash=hash(FAKE_KEY),
+        )
+        error = OSError(111, "Connection refused")
+        if cls.__name__ == "UnixClientConnectorError":
+            return cls("/tmp/socket", key, error)  # type: ignore[call-arg]
+        return cls(key, error)
+    if issubclass(cls, aiohttp.InvalidURL):
+        return cls(URL(_URL), text)
+    if issubclass(cls, aiohttp.ServerFingerprintMismatch):
+        return cls(b"\x00" * 32, b"\x01" * 32, "api.example", 443)
+    if issubclass(cls, aiohttp.ServerDisconnectedError):
+        return cls(text)
+    return cls(text)
+
+
+def test_no_aiohttp_error_leaks_a_key_into_ours() -> None:
+    """Walk every aiohttp.ClientError subclass: our error never shows header values."""
+    classes = _subclasses(aiohttp.ClientError) | {aiohttp.ClientError}
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        original = _leaky(cls)
+        assert type(original) is cls
+        ours = translate_aiohttp_error(original, url="https://api.example/v1/images/generations")
+        shown = str(ours) + repr(ours) + ours.message + "".join(getattr(ours, "__notes__", []))
+        assert FAKE_KEY not in shown, cls
+        assert cls.__name__ in str(ours), cls
+        assert "https://api.example/v1/images/generations" in str(ours), cls
+        assert ours.__cause__ is None
+        assert ours.__context__ is None
+
+
+def test_disconnect_with_a_half_read_response_is_short() -> None:
+    """ServerDisconnectedError carrying a parsed response is described, not dumped."""
+
+    class HalfRead:
+        """Stands in for aiohttp's RawResponseMessage (its signature varies by version)."""
+
+        def __repr__(self) -> str:
+            return f"RawResponseMessage(headers={{'Set-Cookie': 'session={FAKE_KEY}'}})"
+
+    exc = aiohttp.ServerDisconnectedError(HalfRead())  # type: ignore[arg-type]
+    ours = translate_aiohttp_error(exc, url="https://x")
+    assert FAKE_KEY not in str(ours)
+    assert "mid-response" in str(ours)
+
+
+def test_connection_error_message_is_complete() -> None:
+    """The message alone says where, what kind and what happened: it can be raised from None."""
+    ours = translate_aiohttp_error(
+        aiohttp.ClientOSError(104, "Connection reset by peer"), url="https://x/v1", attempts=3
+    )
+    assert str(ours) == (
+        "Connection error talking to https://x/v1: ClientOSError: [Errno 104] "
+        "Connection reset by peer"
+    )
+    assert ours.attempts == 3
+    timeout = translate_aiohttp_error(aiohttp.ConnectionTimeoutError("slow"), url="https://x")
+    assert str(timeout) == "Request to https://x timed out (ConnectionTimeoutError: slow)"
+
+
+def test_validation_error_repr_is_short_and_safe() -> None:
+    """ValidationError shows a short repr of any value, however deep or broken."""
+
+    class Broken:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    for value in (deep, Broken(), "x" * 10_000_000):
+        exc = flux_async.ValidationError("field", value, "something else")
+        assert len(str(exc)) < 150
+        assert str(exc).startswith("field=")
