@@ -52,6 +52,7 @@ from ._models import (
     ImageRequest,
     ImagesResponse,
 )
+from ._outage import OutageGuard, OutageStatistics
 from ._retry import RetryBudget, RetryBudgetStatistics, RetryPolicy
 from ._version import __version__
 
@@ -88,6 +89,8 @@ __all__ = [
     "Limiter",
     "LimiterStatistics",
     "NotFoundError",
+    "OutageGuard",
+    "OutageStatistics",
     "PermissionDeniedError",
     "PromptInput",
     "RateLimitError",

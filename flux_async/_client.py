@@ -1,19 +1,22 @@
-"""`FluxClient`: owns the connection pool and turns one prompt into one validated,
-retried, rate-limited call.
+"""`FluxClient`: owns the connection pool and the client-wide state (limiter, retry
+budget, outage guard), validates requests, and hands each call to ``_attempt.py``.
 
-The path of one attempt (see DESIGN.md): concurrency slot (fan-out only) → the
-limiter's pause gate and pacing permit → POST with the attempt's timeout → release the
-slot → tell the limiter and the retry budget what happened → return, retry or raise.
-Nothing is held across a backoff sleep.
+The path of one attempt is in ``_attempt.py`` and ``docs/design.md``: outage guard →
+concurrency slot (fan-out only) → the limiter's pause gate and pacing permit → POST with
+the attempt's timeout and a capped read → release the slot → tell the limiter, the
+outage guard and the retry budget what happened → return, retry or raise. Nothing is
+held across a backoff sleep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
-import json
+import math
 import os
 import sys
+import warnings
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
@@ -22,14 +25,15 @@ import aiohttp
 import attrs
 import yarl
 
+from ._attempt import CallContext, run_request
 from ._exceptions import (
     APIError,
     ClientClosedError,
     DeadlineExceededError,
     FluxError,
     ValidationError,
+    error_body,
     error_for_status,
-    translate_aiohttp_error,
 )
 from ._fanout import (
     DEFAULT_CONCURRENCY,
@@ -37,12 +41,12 @@ from ._fanout import (
     FanoutStatistics,
     GenerationResult,
     PromptInput,
-    _Counters,
     to_request,
 )
-from ._limits import ConcurrencyLimit, Limiter, RateLimiter
+from ._limits import Limiter, RateLimiter
 from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
-from ._retry import RetryBudget, RetryPolicy, _Retrier, parse_retry_after
+from ._outage import OutageGuard
+from ._retry import RetryBudget, RetryPolicy, parse_retry_after
 from ._version import __version__
 
 __all__ = [
@@ -66,12 +70,36 @@ _ENDPOINT = "images/generations"
 _JSON_TYPES = ("application/json", "application/problem+json")
 
 
+def _is_finite_positive(value: object) -> bool:
+    """A finite number > 0 (seconds, a rate); a bool is not a number here."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:
+        # An int too large for a float: no clock can time it.
+        return False
+
+
+def _check_seconds(field: str, value: object) -> None:
+    if value is not None and not _is_finite_positive(value):
+        raise ValidationError(field, value, "a finite number of seconds > 0, or None for none")
+
+
 def _optional_positive(name: str) -> Any:
-    def check(_: object, __: object, value: float | None) -> None:
-        if value is not None and not value > 0:
-            raise ValueError(f"{name}={value!r} is not allowed: seconds > 0, or None for none")
+    def check(_: object, __: object, value: object) -> None:
+        _check_seconds(name, value)
 
     return check
+
+
+def _check_timeout(value: object, *, optional: bool = True) -> None:
+    """``timeout`` is a `Timeout` (or None per call); a bare number is the usual slip."""
+    if isinstance(value, Timeout) or (optional and value is None):
+        return
+    example = f"Timeout(total={value!r})" if _is_finite_positive(value) else "Timeout(total=60)"
+    allowed = "a flux_async.Timeout or None" if optional else "a flux_async.Timeout"
+    raise ValidationError("timeout", value, f"{allowed}; pass {example}")
 
 
 @attrs.frozen(kw_only=True)
@@ -80,7 +108,8 @@ class Timeout:
 
     ``connect`` (10 s) bounds getting a connection; ``total`` (300 s) bounds one attempt
     from send to the last byte: image models take seconds to minutes, so it is generous.
-    ``None`` disables a limit.
+    ``None`` disables a limit. Each must be a finite number of seconds > 0 or ``None``;
+    anything else raises `ValidationError`.
 
     Example::
 
@@ -152,6 +181,42 @@ def _check_base_url(value: str) -> yarl.URL:
     return url
 
 
+def _is_loopback(host: str) -> bool:
+    """True for a host whose traffic never leaves the machine: 127.0.0.0/8, ::1, localhost."""
+    host = host.rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _header_safe(text: str) -> bool:
+    # A CR or LF would end the header line (aiohttp refuses it at send time, per prompt).
+    return "\r" not in text and "\n" not in text and "\x00" not in text
+
+
+def _check_default_headers(headers: object) -> None:
+    if headers is None:
+        return
+    if not isinstance(headers, Mapping):
+        raise ValidationError("default_headers", headers, "a mapping of header names to values")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name.strip() or not _header_safe(name):
+            raise ValidationError("default_headers", name, "header names: non-empty strings")
+        if not isinstance(value, str) or not _header_safe(value):
+            # Header values are often keys: never shown.
+            raise ValidationError(
+                f"default_headers[{name!r}]",
+                "<redacted>",
+                "a string without CR, LF or NUL characters",
+            )
+
+
 class FluxClient:
     """Async client for an OpenAI-format ``/v1/images/generations`` endpoint.
 
@@ -164,7 +229,12 @@ class FluxClient:
     * ``limiter``: the `Limiter` every attempt passes (default: an adaptive `RateLimiter`
       with no ceiling, so a 429 pauses every call on this client). Share one between
       clients to share a quota.
+    * ``outage``: the `OutageGuard` that holds attempts while the server is down (one
+      per client by default; share one between clients of the same server).
     * ``timeout``: per-attempt `Timeout`; ``max_connections``: the pool's size (100).
+    * ``max_response_bytes``: the most bytes read from one answer (default 4 MiB, plus
+      24 MiB per image with ``response_format="b64_json"``); a larger 2xx body is an
+      `APIResponseValidationError`, a larger error body is cut to an excerpt.
     * ``session``: an ``aiohttp.ClientSession`` of yours, used as is and never closed by
       us; otherwise the client makes one lazily, in the running loop, and closes it in
       `aclose` / ``async with``.
@@ -189,22 +259,59 @@ class FluxClient:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         session: aiohttp.ClientSession | None = None,
         default_headers: Mapping[str, str] | None = None,
+        outage: OutageGuard | None = None,
+        max_response_bytes: int | None = None,
     ) -> None:
         if api_key is None:
             api_key = os.environ.get(ENV_API_KEY) or None
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise ValidationError("api_key", "<redacted>", "a non-empty string, or None")
+        if api_key is not None and (api_key != api_key.strip() or not _header_safe(api_key)):
+            # Typically a key read from a file with its newline: it would fail every call.
+            raise ValidationError(
+                "api_key",
+                "<redacted>",
+                "a key without surrounding whitespace or line breaks (strip the key you read)",
+            )
         if base_url is None:
             base_url = os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
         if type(max_connections) is not int or max_connections < 0:
             raise ValidationError(
                 "max_connections", max_connections, "an integer >= 0 (0 means no limit)"
             )
-        if not isinstance(timeout, Timeout):
-            raise ValidationError("timeout", timeout, "a flux_async.Timeout")
+        _check_timeout(timeout, optional=False)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ValidationError("retry", retry, "a flux_async.RetryPolicy, or None")
+        if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
+            raise ValidationError("retry_budget", retry_budget, "a flux_async.RetryBudget, or None")
+        if limiter is not None and not isinstance(limiter, Limiter):
+            raise ValidationError("limiter", limiter, "a flux_async.Limiter, or None")
+        if session is not None and not isinstance(session, aiohttp.ClientSession):
+            raise ValidationError("session", session, "an aiohttp.ClientSession, or None")
+        _check_default_headers(default_headers)
+        if outage is not None and not isinstance(outage, OutageGuard):
+            raise ValidationError("outage", outage, "a flux_async.OutageGuard, or None")
+        if max_response_bytes is not None and (
+            type(max_response_bytes) is not int or max_response_bytes < 1024
+        ):
+            raise ValidationError(
+                "max_response_bytes", max_response_bytes, "an integer >= 1024, or None"
+            )
         # Validate the default model the same way a request would, before any I/O.
         ImageRequest(prompt="x", model=model)
         url = _check_base_url(base_url)
+        if (
+            (api_key is not None or url.user)
+            and url.scheme == "http"
+            and not _is_loopback(url.host or "")
+        ):
+            warnings.warn(
+                f"FluxClient sends credentials to {url.host} over plain http://: the API key "
+                "would cross the network in clear text. Use an https:// base_url (plain "
+                "http is fine for a server on this machine: localhost, 127.0.0.1, ::1).",
+                UserWarning,
+                stacklevel=2,
+            )
         self._base_url = url
         self._url = url.joinpath(_ENDPOINT) if url.path != "/" else url.with_path("/" + _ENDPOINT)
         # Logged and put in errors: never with user:password@ in it.
@@ -234,6 +341,38 @@ class FluxClient:
         self._label = f"POST {self._safe_url}"
         self._key_prefix = f"flux-async-{os.urandom(8).hex()}-"
         self._keys = itertools.count(1)
+        self.outage = outage if outage is not None else OutageGuard()
+        self._max_response_bytes = max_response_bytes
+        self._context = self._make_context()
+
+    def _make_context(self) -> CallContext:
+        """Everything a call needs from this client, in one frozen object."""
+        prefix = self._key_prefix
+        keys = self._keys
+
+        def new_key() -> str:
+            # A random per-client prefix and a counter: unique across processes like a
+            # UUID, at a tenth of the cost on a path a batch runs a million times.
+            return f"{prefix}{next(keys)}"
+
+        def status_error(
+            status: int, raw: bytes, headers: Mapping[str, str], request_id: str | None
+        ) -> APIError:
+            return self._status_error(status, raw, headers, request_id, self.limiter, False)
+
+        return CallContext(
+            url=self._url,
+            safe_url=self._safe_url,
+            label=self._label,
+            session=self._get_session,
+            headers=None if self._owns_session else self._headers,
+            new_key=new_key,
+            limiter=self.limiter,
+            budget=self.retry_budget,
+            outage=self.outage,
+            status_error=status_error,
+            max_response_bytes=self._max_response_bytes,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -376,10 +515,21 @@ class FluxClient:
             response = await client.generate("a red fox", aspect_ratio="16:9", n=2)
             print(response.urls)
         """
+        _check_timeout(timeout)
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str)
+            or not idempotency_key.strip()
+            or not _header_safe(idempotency_key)
+        ):
+            raise ValidationError(
+                "idempotency_key", idempotency_key, "a non-empty string without line breaks"
+            )
         request = self.build_request(prompt, fields)
         policy = self._policy(retry, deadline)
         client_timeout = self._client_timeout if timeout is None else timeout._aiohttp()
-        response, _ = await self._run(request, policy, client_timeout, idempotency_key)
+        response, _ = await run_request(
+            self._context, request, policy, client_timeout, idempotency_key
+        )
         return response
 
     def iter_generate(
@@ -430,8 +580,27 @@ class FluxClient:
         """
         if type(concurrency) is not int or concurrency < 1:
             raise ValidationError("concurrency", concurrency, "an integer >= 1")
-        if batch_deadline is not None and not batch_deadline > 0:
-            raise ValidationError("batch_deadline", batch_deadline, "seconds > 0, or None")
+        _check_seconds("deadline", deadline)
+        _check_seconds("batch_deadline", batch_deadline)
+        _check_timeout(timeout)
+        if type(fail_fast) is not bool:
+            raise ValidationError("fail_fast", fail_fast, "True or False")
+        if on_progress is not None and not callable(on_progress):
+            raise ValidationError(
+                "on_progress", on_progress, "a function taking a FanoutStatistics, or None"
+            )
+        if limiter is not None and not isinstance(limiter, Limiter):
+            raise ValidationError("limiter", limiter, "a flux_async.Limiter, or None")
+        if rate_limit is None:
+            # Without a rate they would silently do nothing.
+            for name, value, default in (("per", per, 1.0), ("burst", burst, 1)):
+                if value != default:
+                    raise ValidationError(
+                        name,
+                        value,
+                        f"the default ({default}) unless rate_limit is given: per and burst "
+                        "need rate_limit (a limiter of your own sets its own)",
+                    )
         if self._owns_session and 0 < self._max_connections < concurrency:
             # Attempts beyond the pool would queue for a connection inside aiohttp, where
             # the wait counts against Timeout.connect and fails as a timeout.
@@ -446,19 +615,22 @@ class FluxClient:
                 "rate_limit", rate_limit, "None when a limiter is given (set its rate instead)"
             )
         if rate_limit is not None:
-            if not isinstance(rate_limit, int | float) or not rate_limit > 0:
-                raise ValidationError("rate_limit", rate_limit, "requests per `per` seconds, > 0")
+            if not _is_finite_positive(rate_limit):
+                raise ValidationError(
+                    "rate_limit", rate_limit, "a finite number of requests per `per` seconds, > 0"
+                )
             limiter = RateLimiter(rate_limit, per=per, burst=burst)
         # Batch-wide fields are checked once, now, not once per prompt later.
         self.build_request("check", fields)
         return Fanout(
-            self,
+            self._context,
+            self.build_request,
             prompts,
             concurrency=concurrency,
             limiter=self.limiter if limiter is None else limiter,
             policy=self._policy(retry, deadline),
             client_timeout=self._client_timeout if timeout is None else timeout._aiohttp(),
-            fields=fields,
+            fields={"model": self.model, **fields},
             fail_fast=fail_fast,
             batch_deadline=batch_deadline,
             on_progress=on_progress,
@@ -505,7 +677,7 @@ class FluxClient:
         requests: list[ImageRequest] = []
         for index, item in enumerate(items):
             try:
-                requests.append(to_request(self, item, fields))
+                requests.append(to_request(self.build_request, item, fields))
             except ValidationError as exc:
                 exc.add_note(f"in prompt #{index} of {len(items)}; nothing was sent")
                 raise
@@ -550,67 +722,6 @@ class FluxClient:
             policy = attrs.evolve(policy, deadline=deadline)
         return policy
 
-    async def _run(
-        self,
-        request: ImageRequest,
-        policy: RetryPolicy,
-        client_timeout: aiohttp.ClientTimeout,
-        idempotency_key: str | None,
-        slot: ConcurrencyLimit | None = None,
-        limiter: Limiter | None = None,
-        counters: _Counters | None = None,
-    ) -> tuple[ImagesResponse, int]:
-        """One request, split into calls of at most 10 images; (response, attempts)."""
-        chunks = request.chunks()
-        if len(chunks) == 1:
-            return await self._call(
-                request, None, policy, client_timeout, idempotency_key, slot, limiter, counters
-            )
-        loop = asyncio.get_running_loop()
-        tasks = [
-            loop.create_task(
-                self._call(
-                    request,
-                    size,
-                    policy,
-                    client_timeout,
-                    None if idempotency_key is None else f"{idempotency_key}-{i}",
-                    slot,
-                    limiter,
-                    counters,
-                )
-            )
-            for i, size in enumerate(chunks)
-        ]
-        try:
-            # Not a TaskGroup: its ExceptionGroup would hide the typed error a caller
-            # catches. The first chunk to fail for good fails the request; the others
-            # are cancelled and awaited, so nothing outlives the call.
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        return ImagesResponse.join([p[0] for p in parts]), sum(p[1] for p in parts)
-
-    async def _call(
-        self,
-        request: ImageRequest,
-        n: int | None,
-        policy: RetryPolicy,
-        client_timeout: aiohttp.ClientTimeout,
-        idempotency_key: str | None,
-        slot: ConcurrencyLimit | None = None,
-        limiter: Limiter | None = None,
-        counters: _Counters | None = None,
-    ) -> tuple[ImagesResponse, int]:
-        """One logical call (one chunk): attempts under ``policy``; (response, attempts)."""
-        call = _Call(
-            self, request, n, policy, client_timeout, idempotency_key, slot, limiter, counters
-        )
-        return await call.run()
-
     def _status_error(
         self,
         status: int,
@@ -623,17 +734,9 @@ class FluxClient:
         retry_after = parse_retry_after(headers)
         if status == 429 and pause:
             limiter.on_rate_limited(retry_after)
-        content_type = headers.get("Content-Type", "")
-        body: object
-        try:
-            text = raw.decode("utf-8", "replace")
-            body = (
-                json.loads(text)
-                if content_type.startswith(_JSON_TYPES) or text[:1] == "{"
-                else text
-            )
-        except ValueError:
-            body = text
+        content_type = headers.get("Content-Type", "").lower()
+        # Bounded and never raising, whatever the server sent (see APIStatusError.body).
+        body = error_body(raw, expect_json=content_type.startswith(_JSON_TYPES) or raw[:1] == b"{")
         error = error_for_status(
             status, body, headers=headers, request_id=request_id, retry_after=retry_after
         )
@@ -646,119 +749,3 @@ class FluxClient:
                 f"Check base_url: calls go to {self._safe_url}; OpenAI-style base URLs end in /v1."
             )
         return error
-
-
-class _Call:
-    """One logical call: its body and headers, built once, and the attempts that send it.
-
-    The fan-out awaits `attempt` directly and reaches for `retry` only when it fails, so
-    the common case costs one coroutine frame per request.
-    """
-
-    __slots__ = (
-        "body",
-        "budget",
-        "client",
-        "client_timeout",
-        "counters",
-        "headers",
-        "limiter",
-        "policy",
-        "session",
-        "slot",
-    )
-
-    def __init__(
-        self,
-        client: FluxClient,
-        request: ImageRequest,
-        n: int | None,
-        policy: RetryPolicy,
-        client_timeout: aiohttp.ClientTimeout,
-        idempotency_key: str | None,
-        slot: ConcurrencyLimit | None,
-        limiter: Limiter | None,
-        counters: _Counters | None,
-    ) -> None:
-        self.client = client
-        self.body = request.to_bytes(n)
-        self.session = client._get_session()
-        # A random per-client prefix and a counter: unique across processes like a UUID,
-        # at a tenth of the cost on a path a batch runs a million times.
-        key = idempotency_key or f"{client._key_prefix}{next(client._keys)}"
-        if client._owns_session:
-            self.headers = {"Idempotency-Key": key}
-        else:
-            self.headers = dict(client._headers)
-            self.headers["Idempotency-Key"] = key
-        self.limiter = client.limiter if limiter is None else limiter
-        self.budget = client.retry_budget
-        self.policy = policy
-        self.client_timeout = client_timeout
-        self.slot = slot
-        self.counters = counters
-
-    async def run(self) -> tuple[ImagesResponse, int]:
-        """Attempts until success or the policy gives up: (response, attempts)."""
-        if self.policy.deadline is None:
-            # The first attempt runs bare; the retry machinery is built only on failure.
-            try:
-                return await self.attempt(), 1
-            except APIError as exc:
-                return await self.retry(exc)
-        retrier = self._retrier()
-        return await retrier.run(self.attempt), retrier.attempts
-
-    async def retry(self, first: APIError) -> tuple[ImagesResponse, int]:
-        """Carry on after a first attempt that failed with ``first`` (no deadline set)."""
-        retrier = self._retrier()
-        return await retrier.resume(first, self.attempt), retrier.attempts
-
-    def _retrier(self) -> _Retrier:
-        counters = self.counters
-        on_backoff = None if counters is None else counters.on_backoff
-        return _Retrier(self.policy, self.budget, self.client._label, on_backoff)
-
-    async def attempt(self) -> ImagesResponse:
-        """One HTTP attempt: slot, permit, POST, then the answer or a typed error."""
-        client = self.client
-        if client._closed:
-            raise ClientClosedError("this FluxClient was closed while a call was running")
-        slot = self.slot
-        limiter = self.limiter
-        counters = self.counters
-        if slot is not None and not slot.try_acquire():
-            await slot.acquire()
-        try:
-            if not limiter.try_acquire():
-                await limiter.acquire()
-            if counters is not None:
-                counters.in_flight += 1
-            try:
-                async with self.session.post(
-                    client._url, data=self.body, headers=self.headers, timeout=self.client_timeout
-                ) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-                    resp_headers = resp.headers
-            except aiohttp.ClientResponseError as exc:
-                # Its request_info holds our headers, Authorization included.
-                error = translate_aiohttp_error(exc, url=client._safe_url)
-                raise error from None
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise translate_aiohttp_error(exc, url=client._safe_url) from exc
-            finally:
-                if counters is not None:
-                    counters.in_flight -= 1
-        finally:
-            if slot is not None:
-                slot.release()
-        request_id = resp_headers.get("x-request-id")
-        if status < 300:
-            limiter.on_success()
-            self.budget.on_success()
-            return ImagesResponse.from_bytes(raw, request_id=request_id)
-        if status == 429 and counters is not None:
-            counters.rate_limited += 1
-        # A test-mode policy never waits, so the limiter is not told to pause or slow down.
-        raise client._status_error(status, raw, resp_headers, request_id, limiter, self.policy.wait)

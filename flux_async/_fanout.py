@@ -8,19 +8,25 @@ holds no slot, and the pool has more workers than slots so that sleepers do not 
 the wire. Results go to a bounded queue, which is the back-pressure on a slow consumer.
 
 Nothing is dropped: every prompt taken from the input yields exactly one
-`GenerationResult`, a response or the error that ended it.
+`GenerationResult`, a response or the error that ended it. Nothing outlives the
+fan-out either: the public `Fanout` is a thin handle on a private engine whose workers
+do not refer back to the handle, so a handle that is dropped (a ``break`` out of
+``async for`` without ``async with``) is collected and its workers cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
 
+from ._attempt import Call, CallContext, run_request
+from ._counters import Counters
 from ._exceptions import DeadlineExceededError, FluxError, ValidationError
 from ._limits import ConcurrencyLimit, Limiter
 from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
@@ -28,7 +34,6 @@ from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
 if TYPE_CHECKING:
     import aiohttp
 
-    from ._client import FluxClient
     from ._retry import RetryPolicy
 
 __all__ = [
@@ -43,6 +48,9 @@ logger = logging.getLogger("flux_async")
 
 #: Attempts on the wire at once when the caller does not say.
 DEFAULT_CONCURRENCY = 16
+
+#: Builds a request from a prompt (or request) and fields: `FluxClient.build_request`.
+BuildRequest: TypeAlias = Callable[[Any, Mapping[str, Any] | None], ImageRequest]
 
 #: One item of a fan-out's input: a prompt, a full request, or a mapping of request
 #: fields (``{"prompt": ..., "n": 2}``) applied over the call's fields.
@@ -124,33 +132,6 @@ class FanoutStatistics:
     elapsed: float
 
 
-class _Counters:
-    """Live counts a fan-out shares with the attempts it makes (cheap attribute bumps).
-
-    ``on_backoff(+1 / -1)`` is called by the retry loop around each backoff sleep, so the
-    fan-out can put another worker on the wire while one sleeps.
-    """
-
-    __slots__ = (
-        "done",
-        "failed",
-        "in_flight",
-        "on_backoff",
-        "rate_limited",
-        "retries",
-        "submitted",
-    )
-
-    def __init__(self, on_backoff: Callable[[int], None] | None = None) -> None:
-        self.submitted = 0
-        self.in_flight = 0
-        self.done = 0
-        self.failed = 0
-        self.retries = 0
-        self.rate_limited = 0
-        self.on_backoff = on_backoff
-
-
 _END = object()
 
 
@@ -165,15 +146,20 @@ def _prompt_text(item: object) -> str | None:
     return None
 
 
-def to_request(client: FluxClient, item: object, fields: Mapping[str, Any]) -> ImageRequest:
-    """One input item as a validated request; ``fields`` are the batch's own fields."""
+def to_request(build: BuildRequest, item: object, fields: Mapping[str, Any]) -> ImageRequest:
+    """One input item as a validated request; ``fields`` are the batch's own fields.
+
+    Example::
+
+        to_request(client.build_request, {"prompt": "a fox", "n": 2}, {})
+    """
     if isinstance(item, ImageRequest):
         return item
     if isinstance(item, str):
-        return client.build_request(item, fields)
+        return build(item, fields)
     if isinstance(item, Mapping):
         own = {k: v for k, v in item.items() if k != "prompt"}
-        return client.build_request(item.get("prompt"), {**fields, **own})  # type: ignore[arg-type]
+        return build(item.get("prompt"), {**fields, **own})
     raise ValidationError(
         "prompt", item, "a string, an ImageRequest, or a mapping with a 'prompt' key"
     )
@@ -194,7 +180,8 @@ class Fanout:
 
     Made by `FluxClient.iter_generate`. Use it with ``async with`` when you may stop
     early: leaving the block cancels whatever is still running and returns every
-    connection. Running to the end, or being cancelled, cleans up too.
+    connection. Running to the end, being cancelled, or being dropped (a ``break`` out of
+    ``async for``, after which nothing refers to it) cleans up too.
 
     Example::
 
@@ -204,9 +191,12 @@ class Fanout:
                 print(results.statistics())
     """
 
+    __slots__ = ("__weakref__", "_engine")
+
     def __init__(
         self,
-        client: FluxClient,
+        ctx: CallContext,
+        build: BuildRequest,
         items: Iterable[PromptInput] | AsyncIterable[PromptInput],
         *,
         concurrency: int,
@@ -218,7 +208,100 @@ class Fanout:
         batch_deadline: float | None,
         on_progress: Callable[[FanoutStatistics], None] | None,
     ) -> None:
-        self._client = client
+        engine = _Engine(
+            ctx,
+            build,
+            items,
+            concurrency=concurrency,
+            limiter=limiter,
+            policy=policy,
+            client_timeout=client_timeout,
+            fields=fields,
+            fail_fast=fail_fast,
+            batch_deadline=batch_deadline,
+            on_progress=on_progress,
+        )
+        self._engine = engine
+        # The workers refer to the engine, never to this handle: once the caller drops
+        # the handle it is collected, and the workers stop instead of billing prompts
+        # nobody will read.
+        weakref.finalize(self, engine.abandon)
+
+    def statistics(self) -> FanoutStatistics:
+        """A frozen snapshot of the counts so far.
+
+        Example::
+
+            stats = results.statistics()
+            print(stats.done, stats.failed, stats.rate)
+        """
+        return self._engine.statistics()
+
+    def __aiter__(self) -> Fanout:
+        return self
+
+    async def __aenter__(self) -> Fanout:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> GenerationResult:
+        return await self._engine.next_result()
+
+    async def aclose(self) -> None:
+        """Cancel what is still running and wait until every task has ended.
+
+        Example::
+
+            results = client.iter_generate(prompts)
+            try:
+                first = await anext(results)
+            finally:
+                await results.aclose()
+        """
+        await self._engine.aclose()
+
+    async def drain(self, sink: Callable[[GenerationResult], None]) -> None:
+        """Run to the end handing each result to ``sink``: no queue, no iterator.
+
+        What `FluxClient.gather_generate` uses: with nobody consuming in between, results
+        skip the queue and the hand-over to the consumer task. Raises what iterating would
+        (the caller's input error, or the first failure with ``fail_fast``); cancelling
+        it cancels everything still running.
+
+        Example::
+
+            await client.iter_generate(prompts).drain(lambda r: print(r.index, r.ok))
+        """
+        await self._engine.drain(sink)
+
+
+class _Engine:
+    """The workers and the state they share; see the module docstring for the shape."""
+
+    def __init__(
+        self,
+        ctx: CallContext,
+        build: BuildRequest,
+        items: Iterable[PromptInput] | AsyncIterable[PromptInput],
+        *,
+        concurrency: int,
+        limiter: Limiter,
+        policy: RetryPolicy,
+        client_timeout: aiohttp.ClientTimeout,
+        fields: Mapping[str, Any],
+        fail_fast: bool,
+        batch_deadline: float | None,
+        on_progress: Callable[[FanoutStatistics], None] | None,
+    ) -> None:
+        self._ctx = ctx
+        self._build = build
         self._sync_items: Iterator[PromptInput] | None = None
         self._async_items: Any = None
         if isinstance(items, AsyncIterable):
@@ -237,17 +320,12 @@ class Fanout:
         self._limiter = limiter
         self._policy = policy
         self._client_timeout = client_timeout
+        # Carries the model: the caller fills it in from its client.
         self._fields = dict(fields)
-        if "model" not in self._fields:
-            self._fields["model"] = client.model
         self._fail_fast = fail_fast
         self._batch_deadline = batch_deadline
-        # _client imports this module; by the time a fan-out exists, it is loaded.
-        from ._client import _Call
-
-        self._call = _Call
         self._on_progress = on_progress
-        self._counters = _Counters(self._on_backoff)
+        self._counters = Counters(self._on_backoff)
         self._queue: asyncio.Queue[GenerationResult | object] | None = None
         self._workers: set[asyncio.Task[None]] = set()
         self._sleeping = 0  # workers in a backoff sleep
@@ -265,16 +343,7 @@ class Fanout:
         self._failure: GenerationResult | None = None
         self._closed = False
 
-    # -- public ------------------------------------------------------------------------
-
     def statistics(self) -> FanoutStatistics:
-        """A frozen snapshot of the counts so far.
-
-        Example::
-
-            stats = results.statistics()
-            print(stats.done, stats.failed, stats.rate)
-        """
         c = self._counters
         elapsed = 0.0 if self._loop is None else self._loop.time() - self._started_at
         return FanoutStatistics(
@@ -289,21 +358,7 @@ class Fanout:
             elapsed=elapsed,
         )
 
-    def __aiter__(self) -> Fanout:
-        return self
-
-    async def __aenter__(self) -> Fanout:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def __anext__(self) -> GenerationResult:
+    async def next_result(self) -> GenerationResult:
         if self._queue is None:
             if self._closed:
                 raise StopAsyncIteration
@@ -334,16 +389,6 @@ class Fanout:
             raise
 
     async def aclose(self) -> None:
-        """Cancel what is still running and wait until every task has ended.
-
-        Example::
-
-            results = client.iter_generate(prompts)
-            try:
-                first = await anext(results)
-            finally:
-                await results.aclose()
-        """
         self._closed = True
         workers, self._workers = self._workers, set()
         for task in workers:
@@ -353,16 +398,17 @@ class Fanout:
         self._running_workers = 0
         self._queue = None
 
-    # -- engine ------------------------------------------------------------------------
+    def abandon(self) -> None:
+        """The handle was collected: cancel the workers (nobody can await them now)."""
+        self._closed = True
+        self._exhausted = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        for task in self._workers:
+            task.cancel()
 
     async def drain(self, sink: Callable[[GenerationResult], None]) -> None:
-        """Run to the end handing each result to ``sink``: no queue, no iterator.
-
-        What `FluxClient.gather_generate` uses: with nobody consuming in between, results
-        skip the queue and the hand-over to the consumer task. Raises what iterating would
-        (the caller's input error, or the first failure with ``fail_fast``); cancelling
-        it cancels everything still running.
-        """
         if self._queue is not None or self._closed:
             raise RuntimeError("this fan-out has already been started")
         self._sink = sink
@@ -475,7 +521,7 @@ class Fanout:
             # The hot path of a big batch: skip build_request's field checks, which
             # iter_generate already did once for the whole batch.
             return ImageRequest(prompt=item, **self._fields)
-        return to_request(self._client, item, self._fields)
+        return to_request(self._build, item, self._fields)
 
     async def _process(self, index: int, item: object) -> GenerationResult:
         loop = self._loop
@@ -485,9 +531,9 @@ class Fanout:
         request: ImageRequest | None = None
         try:
             request = self._to_request(item)
-            client = self._client
             if request.n > MAX_N_PER_REQUEST:
-                call = client._run(
+                call = run_request(
+                    self._ctx,
                     request,
                     self._policy,
                     self._client_timeout,
@@ -497,8 +543,8 @@ class Fanout:
                     counters,
                 )
             else:
-                call = self._call(
-                    client,
+                call = Call(
+                    self._ctx,
                     request,
                     None,
                     self._policy,

@@ -1,6 +1,6 @@
 """Rate control: the pause gate, GCRA pacing, the adaptive throttle, and a concurrency cap.
 
-Every attempt passes through here (DESIGN.md, "The path of one prompt")::
+Every attempt passes through here (``docs/design.md``, "The path of one prompt")::
 
     ConcurrencyLimit            take an in-flight slot
     Limiter.acquire()           wait while the pause gate is shut (a 429's Retry-After),
@@ -56,8 +56,8 @@ __all__ = [
 DEFAULT_PER = 1.0
 #: Permits that may go back to back after an idle spell (1: strictly paced).
 DEFAULT_BURST = 1
-#: A cut sets the rate to this share of min(current rate, measured send rate). DESIGN.md
-#: proposed 0.7; against a 40 rps server that spent most of the run climbing back
+#: A cut sets the rate to this share of min(current rate, measured send rate). The first
+#: design proposed 0.7; against a 40 rps server that spent most of the run climbing back
 #: (goodput 0.82 of capacity, benchmarks/bench_storm.py) where 0.9 keeps 0.95 for a few
 #: more 429s, which cost the server nothing.
 DEFAULT_DECREASE_FACTOR = 0.9
@@ -67,7 +67,7 @@ DEFAULT_WINDOW = 1.0
 #: Requests per second: no cut goes below this (nor above the ceiling, if that is lower).
 DEFAULT_MIN_RATE = 0.1
 #: Seconds: no permit is booked further ahead than this, so cuts reach queued waiters.
-#: DESIGN.md said ~1 s; permits booked before a cut keep the old pace for up to this
+#: The first design said ~1 s; permits booked before a cut keep the old pace for up to this
 #: long, which at 1 s drew a second of 429s after every cut in the storm benchmark.
 DEFAULT_HORIZON = 0.25
 #: Default growth per window with a ceiling: this share of the ceiling...
@@ -93,6 +93,11 @@ DEFAULT_TOLERANCE = 0.05
 # and sleep again for 1e-17 s, and a window would not count as over when it is.
 _SLACK = max(1e-9, time.get_clock_info("monotonic").resolution)
 _NEVER = -math.inf
+# A send rate is measured only over at least this share of a window of open gate.
+_MIN_SPAN = 0.25
+# Cuts are futile when the rate fell to this share of the reference and the share of
+# attempts the server accepts did not grow.
+_FUTILE_DROP = 0.75
 
 
 @attrs.frozen(kw_only=True)
@@ -279,6 +284,14 @@ class RateLimiter(Limiter):
         self._calm_since = _NEVER  # the last 429 or growth step
         self._recovering = False  # below the ceiling after a cut (always, with no ceiling)
         self._probing = False  # after the first cut from unpaced: grow multiplicatively
+        # Successes per window, for the floor under a cut and the futility test.
+        self._successes = 0
+        self._success_mark = (_NEVER, 0)  # (start of the current count, count then)
+        self._success_rate = 0.0  # successes/s over the last full window
+        self._first_grant = _NEVER
+        # Futility: the rate and accepted share when cuts were last seen to work.
+        self._reference: tuple[float, float] | None = None
+        self._futile = False  # 429s do not fall with the rate: the server's own reasons
         self._step = 0.0
         if ceiling is not None:
             self._step = self._increase or max(
@@ -411,10 +424,17 @@ class RateLimiter(Limiter):
         # Grant times of the last window, oldest first: each is appended once and popped
         # once, so keeping the measured send rate costs O(1) amortised.
         grants = self._grants
+        if not grants and self._first_grant == _NEVER:
+            self._first_grant = now
         grants.append(now)
         cutoff = now - self._window
         while grants[0] <= cutoff:
             grants.popleft()
+        started, count = self._success_mark
+        if now - started >= self._window:
+            if started != _NEVER:
+                self._success_rate = (self._successes - count) / (now - started)
+            self._success_mark = (now, self._successes)
 
     # -- feedback ----------------------------------------------------------------------
 
@@ -423,6 +443,7 @@ class RateLimiter(Limiter):
 
         Each call grows the rate by at most one step, so an idle spell is no credit.
         """
+        self._successes += 1
         if not self._recovering:
             return
         now = self._now()
@@ -452,6 +473,11 @@ class RateLimiter(Limiter):
         now = self._now()
         self._rate_limited += 1
         overloaded = not self._adaptive or self._overloaded(now)
+        if self._adaptive and overloaded and self._is_futile(now):
+            # Cutting has not made the server accept a larger share: it refuses for reasons
+            # of its own (per-request quotas, a fixed share of 429s). Further cuts and
+            # pauses would only collapse the rate; the 429 just delays its own retry.
+            overloaded = False
         if self._adaptive and overloaded:
             # Only a 429 that counts as overload stops recovery; a tolerated one is just
             # retried, and the rate keeps probing upwards.
@@ -474,8 +500,12 @@ class RateLimiter(Limiter):
     def _overloaded(self, now: float) -> bool:
         """Record a 429; True when 429s are more than ``tolerance`` of the window's sends."""
         limited = self._limited
-        limited.append(now)
         cutoff = now - self._window
+        if not limited or limited[-1] <= cutoff:
+            # A window without a 429: whatever storm taught us about futility is over.
+            self._reference = None
+            self._futile = False
+        limited.append(now)
         while limited[0] <= cutoff:
             limited.popleft()
         grants = self._grants
@@ -483,14 +513,39 @@ class RateLimiter(Limiter):
             grants.popleft()
         return len(limited) > self._tolerance * max(len(grants), 1)
 
-    def _cut(self, now: float) -> None:
+    def _sent_rate(self, now: float) -> float | None:
+        """Permits per second over the last window, or the part of it the gate was open.
+
+        None when that part is too short to measure (just after a pause): a near-empty
+        window after a pause would read as a tiny send rate and cut the rate to nothing.
+        """
         grants = self._grants
         cutoff = now - self._window
         while grants and grants[0] <= cutoff:
             grants.popleft()
-        sent = len(grants) / self._window
+        # Measure from the latest of: a window ago, the gate's last opening, the first
+        # permit ever (a window in which traffic just began is not a send rate either).
+        began = max(cutoff, self._pause_until, self._first_grant)
+        span = now - began
+        if span < _MIN_SPAN * self._window:
+            return None
+        if span >= self._window:
+            return len(grants) / self._window
+        start = now - span
+        return sum(1 for t in grants if t > start) / span
+
+    def _cut(self, now: float) -> None:
+        sent = self._sent_rate(now)
+        if self._rate is None and sent is None:
+            # The first 429 of an unpaced limiter, a moment after traffic began: the
+            # window's sends are the only estimate there is; probing corrects it.
+            sent = len(self._grants) / self._window
         current = math.inf if self._rate is None else self._rate
-        rate = max(self._min_rate, self._decrease_factor * min(current, sent))
+        measured = current if sent is None else min(current, sent)
+        # The rate the server has just been serving is no overload: never cut below half
+        # of it, so a cut cannot collapse the rate while successes keep coming.
+        floor = max(self._min_rate, 0.5 * self._success_rate)
+        rate = max(floor, self._decrease_factor * measured)
         if self._ceiling is not None and rate > self._ceiling:
             rate = self._ceiling  # min_rate may exceed a per-minute ceiling: the ceiling wins
         self._last_cut = now
@@ -507,9 +562,43 @@ class RateLimiter(Limiter):
             # interval after it, with the bucket full (`+ tau`), so a bigger `tau` cannot
             # turn into an instant burst. Permits already booked keep their slots; the
             # horizon bounds how many there are.
-            floor = self._last_slot + self._interval + self._tau
-            if self._tat is None or self._tat < floor:
-                self._tat = floor
+            floor_tat = self._last_slot + self._interval + self._tau
+            if self._tat is None or self._tat < floor_tat:
+                self._tat = floor_tat
+
+    def _is_futile(self, now: float) -> bool:
+        """Whether cutting has stopped helping: since the reference point the rate fell by
+        a quarter, yet the share of attempts the server accepted did not grow.
+
+        A server at its capacity accepts a larger share as the rate falls towards it; one
+        that refuses a fixed share (or every first attempt) accepts the same share at any
+        rate. Once futile, cuts stay off until the server accepts nearly everything again
+        or refuses a clearly larger share (a real overload on top).
+        """
+        if now - self._last_cut + _SLACK < self._window or self._rate is None:
+            return self._futile
+        limited = len(self._limited)
+        successes = self._success_rate * self._window
+        share = successes / (successes + limited) if successes + limited else 0.0
+        reference = self._reference
+        if reference is None:
+            self._reference = (self._rate, share)
+        elif self._futile:
+            if share < 0.5 * reference[1]:
+                # A clearly larger share refused: a real overload on top. Cut again.
+                self._reference = (self._rate, share)
+                self._futile = False
+        elif share > 1.1 * reference[1] + 0.02:
+            # Cuts are working: measure the next ones from here.
+            self._reference = (self._rate, share)
+        elif self._rate <= _FUTILE_DROP * reference[0]:
+            self._futile = True
+            # Give back what the futile cuts took and find the server's pace again fast.
+            rate = reference[0] if self._ceiling is None else min(reference[0], self._ceiling)
+            self._set_rate(rate)
+            self._probing = True
+            self._recovering = self._ceiling is None or rate < self._ceiling
+        return self._futile
 
     def _set_rate(self, rate: float) -> None:
         self._rate = rate
@@ -535,6 +624,8 @@ class RateLimiter(Limiter):
         self._line = None
         self._tat = None
         self._last_slot = self._pause_until = self._last_cut = self._calm_since = _NEVER
+        self._first_grant = _NEVER
+        self._success_mark = (_NEVER, self._successes)
         self._grants.clear()
 
     # -- state -------------------------------------------------------------------------

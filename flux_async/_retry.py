@@ -1,7 +1,10 @@
 """The retry policy: what is retried, how long to wait, and when to give up.
 
-Users configure a frozen `RetryPolicy`; tenacity drives the loop behind it and never
-appears in a public signature. The rules (all defaults are the ``DEFAULT_*`` constants):
+Users configure a frozen `RetryPolicy`. Whether one failed attempt is retried, and after
+how long, is decided by `decide_retry`, a pure function of the policy, the error, the
+call's counts so far and the time left (``docs/design.md`` walks through it); the loop
+that acts on the decision lives with the attempt (``_attempt.py``). The rules (all
+defaults are the ``DEFAULT_*`` constants):
 
 * Retried: 408, 409, 429, 500, 502, 503, 504, connection errors and timeouts.
   Never: 400, 401, 403, 404, 413, 422, a malformed 2xx body, cancellation.
@@ -9,30 +12,33 @@ appears in a public signature. The rules (all defaults are the ``DEFAULT_*`` con
   meet up to ``max_rate_limited_attempts`` of them, while other failures stop the call
   after ``max_attempts`` attempts in all.
 * Wait before a retry: the server's ``retry-after-ms`` or ``Retry-After`` (seconds or an
-  HTTP date; a past date means 0) when it sent one, capped at ``retry_after_max`` plus up
-  to 10 % positive jitter; otherwise full-jitter exponential backoff
+  HTTP date; a past date means 0; garbage, negative and overflowing values count as
+  absent) plus up to 10 % positive jitter; otherwise full-jitter exponential backoff
   ``uniform(0, min(backoff_max, backoff_initial * 2 ** (failures - 1)))``.
+* A 429 whose ``Retry-After`` is longer than ``retry_after_max`` ends the call with
+  `RateLimitError` (its ``retry_after`` is the server's value): the client will not wait
+  that long, and the limiter's pause gate shuts for ``retry_after_max`` at most.
 * ``deadline`` bounds the whole call, waits included. A ``Retry-After`` longer than the
-  time left fails at once with `RateLimitError` (its ``retry_after`` says how long).
-* A client-wide `RetryBudget` (the AWS SDKs' "retry quota") stops retry storms: each
-  non-429 retry spends tokens, each success refunds one; when it is empty failures
-  surface instead of multiplying load. 429s spend nothing: the rate limiter's pause gate
-  is what slows them down, and a prompt must never be lost to a 429 storm.
+  time left fails at once with `RateLimitError`.
+* A client-wide `RetryBudget` (the AWS SDKs' "retry quota") stops retry storms: a non-429
+  retry spends tokens, a first-try success refunds one, a call that succeeds after
+  retries refunds what its retries cost. A lone `generate` whose retry the budget cannot
+  pay for raises at once; in a fan-out the retry waits for tokens instead (with one
+  unpaid probe at a time), so an empty budget slows a batch down but fails no prompt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
-import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
-import tenacity as _t
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ._exceptions import (
     APIConnectionError,
@@ -41,6 +47,7 @@ from ._exceptions import (
     APITimeoutError,
     DeadlineExceededError,
     RateLimitError,
+    ValidationError,
 )
 
 __all__ = [
@@ -52,13 +59,11 @@ __all__ = [
     "DEFAULT_RETRY_STATUSES",
     "RetryBudget",
     "RetryBudgetStatistics",
+    "RetryDecision",
     "RetryPolicy",
+    "decide_retry",
     "parse_retry_after",
 ]
-
-logger = logging.getLogger("flux_async")
-
-T = TypeVar("T")
 
 DEFAULT_RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 DEFAULT_MAX_ATTEMPTS = 4
@@ -69,10 +74,12 @@ DEFAULT_RETRY_AFTER_MAX = 60.0
 _RETRY_AFTER_JITTER = 0.1
 
 
-def _positive(name: str) -> Callable[[object, object, float], None]:
+def _finite_positive(name: str) -> Callable[[object, object, float], None]:
     def check(_: object, __: object, value: float) -> None:
-        if not value > 0:
-            raise ValueError(f"{name}={value!r} is not allowed: it must be > 0")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValidationError(name, value, "a finite number of seconds > 0")
+        if not 0 < value < math.inf:
+            raise ValidationError(name, value, "a finite number of seconds > 0")
 
     return check
 
@@ -80,14 +87,36 @@ def _positive(name: str) -> Callable[[object, object, float], None]:
 def _at_least_one(name: str) -> Callable[[object, object, int], None]:
     def check(_: object, __: object, value: int) -> None:
         if type(value) is not int or value < 1:
-            raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1")
+            raise ValidationError(name, value, "an integer >= 1")
 
     return check
 
 
 def _check_deadline(_: object, __: object, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"deadline={value!r} is not allowed: seconds > 0, or None for none")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValidationError("deadline", value, "a finite number of seconds > 0, or None")
+
+
+def _statuses(value: object) -> frozenset[int]:
+    # A string is iterable: frozenset("500") would silently become {"5", "0"}.
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValidationError(
+            "retry_statuses", value, "a set of HTTP status codes such as {429, 500, 503}"
+        )
+    statuses = frozenset(value)
+    for status in statuses:
+        if type(status) is not int or not 100 <= status <= 599:
+            raise ValidationError(
+                "retry_statuses", value, "a set of integer HTTP status codes from 100 to 599"
+            )
+    return statuses
+
+
+def _check_wait(_: object, __: object, value: bool) -> None:
+    if type(value) is not bool:
+        raise ValidationError("wait", value, "True or False")
 
 
 @attrs.frozen(kw_only=True)
@@ -101,9 +130,13 @@ class RetryPolicy:
     * ``backoff_initial`` (0.5 s) and ``backoff_max`` (8 s): full-jitter exponential
       backoff, ``uniform(0, min(backoff_max, backoff_initial * 2 ** (failures - 1)))``,
       used when the server sends no ``Retry-After``.
-    * ``retry_after_max`` (60 s): the longest server-requested wait honoured as such.
+    * ``retry_after_max`` (60 s): the longest server-requested wait honoured. A 429 asking
+      for longer ends its call with `RateLimitError`, and shuts the pause gate for
+      ``retry_after_max`` only, so no header can freeze the client.
     * ``deadline`` (None): seconds for the whole call, waits included.
     * ``wait`` (True): False makes every wait zero, for test suites (see `for_tests`).
+
+    Every bad value raises `ValidationError` naming the field.
 
     Example::
 
@@ -120,19 +153,19 @@ class RetryPolicy:
         validator=_at_least_one("max_rate_limited_attempts"),
     )
     retry_statuses: frozenset[int] = attrs.field(
-        default=DEFAULT_RETRY_STATUSES, converter=frozenset
+        default=DEFAULT_RETRY_STATUSES, converter=_statuses
     )
     backoff_initial: float = attrs.field(
-        default=DEFAULT_BACKOFF_INITIAL, validator=_positive("backoff_initial")
+        default=DEFAULT_BACKOFF_INITIAL, validator=_finite_positive("backoff_initial")
     )
     backoff_max: float = attrs.field(
-        default=DEFAULT_BACKOFF_MAX, validator=_positive("backoff_max")
+        default=DEFAULT_BACKOFF_MAX, validator=_finite_positive("backoff_max")
     )
     retry_after_max: float = attrs.field(
-        default=DEFAULT_RETRY_AFTER_MAX, validator=_positive("retry_after_max")
+        default=DEFAULT_RETRY_AFTER_MAX, validator=_finite_positive("retry_after_max")
     )
     deadline: float | None = attrs.field(default=None, validator=_check_deadline)
-    wait: bool = True
+    wait: bool = attrs.field(default=True, validator=_check_wait)
 
     @classmethod
     def for_tests(cls, **changes: object) -> RetryPolicy:
@@ -157,6 +190,18 @@ class RetryPolicy:
         """
         return cls(max_attempts=1, max_rate_limited_attempts=1)
 
+    def backoff_ceiling(self, failures: int) -> float:
+        """The upper end of the backoff range before retry number ``failures`` (1-based).
+
+        Example::
+
+            RetryPolicy().backoff_ceiling(3)  # min(8.0, 0.5 * 4) == 2.0
+        """
+        # min() first: 2.0 ** 2000 overflows a float.
+        if failures > 64:
+            return self.backoff_max
+        return min(self.backoff_max, self.backoff_initial * 2.0 ** (failures - 1))
+
     def backoff(self, failures: int) -> float:
         """Full-jitter exponential backoff before retry number ``failures`` (1-based).
 
@@ -164,8 +209,7 @@ class RetryPolicy:
 
             RetryPolicy().backoff(3)  # uniform(0, min(8.0, 0.5 * 4))
         """
-        ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** (failures - 1))
-        return random.uniform(0.0, ceiling)
+        return random.uniform(0.0, self.backoff_ceiling(failures))
 
     def is_retryable(self, exc: APIError) -> bool:
         """Whether this error is worth another attempt (before counts and time are checked).
@@ -181,8 +225,108 @@ class RetryPolicy:
 
 
 @attrs.frozen(kw_only=True)
+class RetryDecision:
+    """What `decide_retry` concluded about one failed attempt.
+
+    * ``retry``: make another attempt after ``wait`` seconds;
+    * ``reason``: why, in words (it ends up in logs and in the error's notes);
+    * ``deadline``: the call stops because its deadline leaves no time for the wait.
+
+    Example::
+
+        decision = decide_retry(RetryPolicy(), exc, failures=1, rate_limited=0)
+        if decision.retry:
+            await asyncio.sleep(decision.wait)
+    """
+
+    retry: bool
+    wait: float = 0.0
+    reason: str = ""
+    deadline: bool = False
+
+
+def decide_retry(
+    policy: RetryPolicy,
+    exc: APIError,
+    *,
+    failures: int,
+    rate_limited: int,
+    remaining: float | None = None,
+    jitter: float | None = None,
+) -> RetryDecision:
+    """Decide whether to retry after ``exc``, and how long to wait first. A pure function.
+
+    ``failures`` and ``rate_limited`` count the call's failed attempts so far, ``exc``
+    included (non-429 failures and 429s apart); ``remaining`` is the seconds left before
+    the call's deadline (None: no deadline); ``jitter`` is a number in [0, 1) that picks
+    the point in the wait's range (drawn at random when None; tests pass their own).
+    The retry budget is not consulted here: it is client-wide state, paid afterwards.
+
+    Example::
+
+        exc = RateLimitError("slow down", retry_after=2.0)
+        decide_retry(RetryPolicy(), exc, failures=0, rate_limited=1, jitter=0.0)
+        # RetryDecision(retry=True, wait=2.0, reason='429 with Retry-After 2s', ...)
+    """
+    if not policy.is_retryable(exc):
+        return RetryDecision(retry=False, reason=f"{type(exc).__name__} is not retried")
+    if jitter is None:
+        jitter = random.random()
+    retry_after: float | None = None
+    if isinstance(exc, RateLimitError):
+        if rate_limited >= policy.max_rate_limited_attempts:
+            return RetryDecision(
+                retry=False,
+                reason=f"max_rate_limited_attempts ({policy.max_rate_limited_attempts}) reached",
+            )
+        retry_after = exc.retry_after
+        if retry_after is not None and retry_after > policy.retry_after_max:
+            return RetryDecision(
+                retry=False,
+                reason=(
+                    f"Retry-After {retry_after:g}s is longer than retry_after_max "
+                    f"({policy.retry_after_max:g}s)"
+                ),
+            )
+    else:
+        if failures >= policy.max_attempts:
+            return RetryDecision(
+                retry=False, reason=f"max_attempts ({policy.max_attempts}) reached"
+            )
+        if isinstance(exc, APIStatusError):
+            # A 503 may say when the server expects to be back.
+            retry_after = parse_retry_after(exc.headers)
+            if retry_after is not None:
+                retry_after = min(retry_after, policy.retry_after_max)
+    if retry_after is not None:
+        wait = retry_after * (1.0 + _RETRY_AFTER_JITTER * jitter)
+        reason = f"{_describe(exc)} with Retry-After {retry_after:g}s"
+    else:
+        wait = policy.backoff_ceiling(failures or rate_limited) * jitter
+        reason = f"{_describe(exc)}, backoff"
+    if remaining is not None and wait >= remaining:
+        return RetryDecision(
+            retry=False,
+            wait=wait,
+            deadline=True,
+            reason=f"a wait of {wait:.2f}s would pass the deadline ({max(remaining, 0):.2f}s left)",
+        )
+    return RetryDecision(retry=True, wait=wait, reason=reason)
+
+
+def _describe(exc: APIError) -> str:
+    if isinstance(exc, APIStatusError):
+        return str(exc.status_code)
+    return type(exc).__name__
+
+
+@attrs.frozen(kw_only=True)
 class RetryBudgetStatistics:
     """A snapshot of a `RetryBudget`.
+
+    ``spent`` counts retries paid for, ``refused`` retries it could not pay for (a lone
+    call raised; a fan-out prompt waited), ``probes`` unpaid retries a fan-out sent one at
+    a time while the budget was empty.
 
     Example::
 
@@ -193,16 +337,31 @@ class RetryBudgetStatistics:
     capacity: float
     spent: int
     refused: int
+    probes: int = 0
+
+
+def _budget_number(name: str, value: object, *, zero_ok: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value < math.inf:
+        raise ValidationError(name, value, "a finite number " + (">= 0" if zero_ok else "> 0"))
+    if not (value >= 0 if zero_ok else value > 0):
+        raise ValidationError(name, value, "a finite number " + (">= 0" if zero_ok else "> 0"))
+    return float(value)
 
 
 class RetryBudget:
-    """Client-wide retry quota: retries spend tokens, successes refund them.
+    """Client-wide retry quota: retries spend tokens, successes earn them back.
 
     Defaults follow the AWS SDKs' "standard" retry mode: ``capacity`` 500 tokens, a retry
     costs ``retry_cost`` 5 (``timeout_cost`` 10 after a timeout, which is the costliest
-    failure for a struggling server), a success refunds ``success_refund`` 1. When a
-    retry cannot be paid for, the failure is raised instead: a dying server sees the
-    load fall instead of multiply. 429 retries are free (the pause gate slows them).
+    failure for a struggling server), a first-try success refunds ``success_refund`` 1,
+    and a call that succeeds after retries refunds what its retries cost. So a healthy
+    server that fails the odd attempt keeps the budget full, while a failing one drains it.
+
+    When a retry cannot be paid for, a lone `FluxClient.generate` raises the failure (with
+    a note saying so): a dying server sees the load fall instead of multiply. A fan-out
+    never fails a prompt for it: the retry waits until successes refill the budget, and
+    while it is empty one unpaid retry at a time probes the server. 429 retries are free
+    (the limiter's pause gate slows them).
 
     Example::
 
@@ -211,7 +370,10 @@ class RetryBudget:
     """
 
     __slots__ = (
+        "_probes",
+        "_probing",
         "_tokens",
+        "_waiters",
         "capacity",
         "refused",
         "retry_cost",
@@ -228,22 +390,17 @@ class RetryBudget:
         timeout_cost: float = 10,
         success_refund: float = 1,
     ) -> None:
-        for name, value in (
-            ("capacity", capacity),
-            ("retry_cost", retry_cost),
-            ("timeout_cost", timeout_cost),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name}={value!r} is not allowed: it must be > 0")
-        if not success_refund >= 0:
-            raise ValueError(f"success_refund={success_refund!r} is not allowed: it must be >= 0")
-        self.capacity = float(capacity)
-        self.retry_cost = float(retry_cost)
-        self.timeout_cost = float(timeout_cost)
-        self.success_refund = float(success_refund)
-        self._tokens = float(capacity)
+        self.capacity = _budget_number("capacity", capacity)
+        self.retry_cost = _budget_number("retry_cost", retry_cost)
+        self.timeout_cost = _budget_number("timeout_cost", timeout_cost)
+        self.success_refund = _budget_number("success_refund", success_refund, zero_ok=True)
+        self._tokens = self.capacity
         self.spent = 0
         self.refused = 0
+        self._probes = 0
+        self._probing = False
+        # Fan-out retries waiting for tokens, first come first served.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def tokens(self) -> float:
@@ -255,6 +412,17 @@ class RetryBudget:
         """
         return self._tokens
 
+    def cost(self, exc: APIError) -> float:
+        """What retrying after ``exc`` costs: 0 for a 429, ``timeout_cost`` after a timeout.
+
+        Example::
+
+            RetryBudget().cost(APITimeoutError("slow"))  # 10.0
+        """
+        if isinstance(exc, RateLimitError):
+            return 0.0
+        return self.timeout_cost if isinstance(exc, APITimeoutError) else self.retry_cost
+
     def try_spend(self, exc: APIError) -> bool:
         """Pay for retrying after ``exc``; False (and nothing spent) when it cannot.
 
@@ -262,23 +430,102 @@ class RetryBudget:
 
             if not budget.try_spend(exc): raise exc
         """
-        cost = self.timeout_cost if isinstance(exc, APITimeoutError) else self.retry_cost
-        if self._tokens < cost:
+        return self.try_pay(self.cost(exc))
+
+    def try_pay(self, cost: float) -> bool:
+        """Pay ``cost`` tokens now if the budget has them and nobody waits; else False.
+
+        Example::
+
+            if budget.try_pay(budget.cost(exc)): ...  # retry
+        """
+        if not cost:
+            return True
+        if self._tokens < cost or self._waiters:
             self.refused += 1
             return False
         self._tokens -= cost
         self.spent += 1
         return True
 
-    def on_success(self) -> None:
-        """Refund one success's worth of tokens, up to the capacity.
+    def on_success(self, refund: float = 0.0) -> None:
+        """Refund a success: ``success_refund`` plus ``refund`` (what its retries cost).
 
         Example::
 
-            budget.on_success()
+            budget.on_success()           # a first-try success
+            budget.on_success(refund=10)  # a success after two paid retries
         """
-        if self._tokens < self.capacity:
-            self._tokens = min(self.capacity, self._tokens + self.success_refund)
+        tokens = self._tokens + self.success_refund + refund
+        self._tokens = tokens if tokens < self.capacity else self.capacity
+        if self._waiters:
+            self._wake()
+
+    def _grant(self, cost: float) -> float | None:
+        if self._tokens >= cost:
+            self._tokens -= cost
+            self.spent += 1
+            return cost
+        if not self._probing:
+            self._probing = True
+            self._probes += 1
+            return 0.0
+        return None
+
+    async def pay_or_probe(self, cost: float) -> float:
+        """Wait until ``cost`` tokens can be paid, first come first served.
+
+        Returns ``cost`` once paid, or 0.0 when the retry may go as the one unpaid probe
+        while the budget is empty; the caller then calls `end_probe` after that attempt.
+        This is how a fan-out waits out an empty budget instead of failing prompts.
+
+        Example::
+
+            paid = await budget.pay_or_probe(budget.cost(exc))
+            try:
+                ...  # the retry
+            finally:
+                if not paid:
+                    budget.end_probe()
+        """
+        if not self._waiters:
+            granted = self._grant(cost)
+            if granted is not None:
+                return granted
+        self.refused += 1
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            while True:
+                await waiter
+                # `_wake` wakes only the head of the line, so we are first in line now.
+                granted = self._grant(cost)
+                if granted is not None:
+                    return granted
+                waiter = loop.create_future()
+                self._waiters[0] = waiter
+        finally:
+            self._waiters.remove(waiter)
+            self._wake()
+
+    def end_probe(self) -> None:
+        """The unpaid probe granted by `pay_or_probe` has its answer: let the next go.
+
+        Example::
+
+            budget.end_probe()
+        """
+        self._probing = False
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        # Only the head of the line can go (FIFO); it looks again and leaves the line.
+        if self._waiters:
+            head = self._waiters[0]
+            if not head.done():
+                head.set_result(None)
 
     def statistics(self) -> RetryBudgetStatistics:
         """A frozen snapshot of the budget.
@@ -288,7 +535,11 @@ class RetryBudget:
             print(budget.statistics())
         """
         return RetryBudgetStatistics(
-            tokens=self._tokens, capacity=self.capacity, spent=self.spent, refused=self.refused
+            tokens=self._tokens,
+            capacity=self.capacity,
+            spent=self.spent,
+            refused=self.refused,
+            probes=self._probes,
         )
 
     def __repr__(self) -> str:
@@ -299,223 +550,48 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     """Seconds the server asked us to wait, from ``retry-after-ms`` or ``Retry-After``.
 
     ``Retry-After`` may be seconds or an HTTP date; a date in the past means 0. Returns
-    ``None`` when neither header is present or parseable.
+    ``None`` when neither header is present or usable: garbage, negative, NaN, infinite
+    and overflowing values all count as absent, never as an error.
 
     Example::
 
         parse_retry_after({"Retry-After": "2"})          # 2.0
         parse_retry_after({"retry-after-ms": "250"})     # 0.25
     """
-    value = headers.get("retry-after-ms")
+    value = _header(headers, "retry-after-ms")
     if value is not None:
-        try:
-            ms = float(value)
-        except ValueError:
-            pass
-        else:
-            if math.isfinite(ms) and ms >= 0:
-                return ms / 1000.0
-    value = headers.get("retry-after")
+        ms = _seconds(value)
+        if ms is not None:
+            return ms / 1000.0
+    value = _header(headers, "retry-after")
     if value is None:
         return None
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
     try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
+        when = email.utils.parsedate_to_datetime(value)
         if when.tzinfo is None:
             return None
-        return max(0.0, when.timestamp() - (time.time() if now is None else now))
-    if not math.isfinite(seconds) or seconds < 0:
+        delta = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return seconds
+    return max(0.0, delta) if math.isfinite(delta) else None
 
 
-class _CallState:
-    """What one logical call has been through; shared by its attempts."""
-
-    __slots__ = ("attempts", "final", "last_error", "other_failures", "rate_limited", "wait")
-
-    def __init__(self) -> None:
-        self.attempts = 0
-        self.rate_limited = 0
-        self.other_failures = 0
-        self.wait = 0.0
-        self.final = False
-        self.last_error: APIError | None = None
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """``headers[name]`` whatever its case (aiohttp's headers ignore case; a dict does not)."""
+    value = headers.get(name)
+    if value is None and not isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        for key, item in headers.items():
+            if key.lower() == name:
+                return item
+    return value
 
 
-async def _no_sleep(_: float) -> None:
-    # Still yield to the loop, so a test that never sleeps still lets others run.
-    await asyncio.sleep(0)
-
-
-class _Retrier:
-    """Runs one logical call under a policy; the client makes one per call."""
-
-    __slots__ = ("_budget", "_deadline_at", "_label", "_loop", "_on_backoff", "_policy", "_state")
-
-    def __init__(
-        self,
-        policy: RetryPolicy,
-        budget: RetryBudget | None,
-        label: str,
-        on_backoff: Callable[[int], None] | None = None,
-    ) -> None:
-        self._on_backoff = on_backoff
-        self._policy = policy
-        self._budget = budget
-        self._label = label
-        self._state = _CallState()
-        self._loop = asyncio.get_running_loop()
-        self._deadline_at = None if policy.deadline is None else self._loop.time() + policy.deadline
-
-    @property
-    def attempts(self) -> int:
-        return self._state.attempts
-
-    def remaining(self) -> float | None:
-        """Seconds left before the deadline, or None when there is none."""
-        if self._deadline_at is None:
-            return None
-        return self._deadline_at - self._loop.time()
-
-    def _decide(self, exc: APIError) -> bool:
-        """Whether to retry after ``exc``; sets the wait. False leaves ``exc`` to raise."""
-        state = self._state
-        policy = self._policy
-        state.last_error = exc
-        exc.attempts = state.attempts
-        if not policy.is_retryable(exc):
-            return False
-        retry_after: float | None = None
-        if isinstance(exc, RateLimitError):
-            state.rate_limited += 1
-            if state.rate_limited >= policy.max_rate_limited_attempts:
-                return False
-            retry_after = exc.retry_after
-        else:
-            state.other_failures += 1
-            if state.other_failures >= policy.max_attempts:
-                return False
-            if isinstance(exc, APIStatusError):
-                retry_after = parse_retry_after(exc.headers)
-            if self._budget is not None and not self._budget.try_spend(exc):
-                exc.add_note(
-                    "Not retried: the client's retry budget is empty "
-                    "(too many failures recently); see RetryBudget."
-                )
-                return False
-        if retry_after is not None:
-            wait = min(retry_after, policy.retry_after_max)
-            wait += wait * random.uniform(0.0, _RETRY_AFTER_JITTER)
-        else:
-            failures = state.other_failures or state.rate_limited
-            wait = policy.backoff(failures)
-        remaining = self.remaining()
-        if remaining is not None and wait >= remaining:
-            if isinstance(exc, RateLimitError) and retry_after is not None:
-                # The server told us when to come back and it is past our deadline:
-                # say so now rather than sleep into a certain failure.
-                exc.add_note(
-                    f"Not retried: Retry-After {retry_after}s is past the call's deadline "
-                    f"({max(remaining, 0.0):.2f}s left)."
-                )
-                return False
-            state.final = True
-            return False
-        state.wait = wait if policy.wait else 0.0
-        return True
-
-    async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Call ``attempt`` until it succeeds or the policy gives up, within the deadline."""
-        if self._deadline_at is None:
-            return await self._first_then_retries(attempt)
-        try:
-            async with asyncio.timeout_at(self._deadline_at):
-                return await self._first_then_retries(attempt)
-        except TimeoutError:
-            raise self._deadline_error() from None
-
-    async def _first_then_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        self._state.attempts = 1
-        try:
-            return await attempt()
-        except APIError as exc:
-            return await self.resume(exc, attempt)
-
-    async def resume(self, first: APIError, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Carry on after a first attempt the caller made itself (no deadline set)."""
-        self._state.attempts = 1
-        if not self._decide(first):
-            raise self._final(first) from None
-        return await self._retry_loop(attempt)
-
-    def _final(self, exc: APIError) -> APIError:
-        exc.attempts = self._state.attempts
-        if self._state.final:
-            error = self._deadline_error()
-            error.__cause__ = exc
-            return error
-        return exc
-
-    def _deadline_error(self) -> DeadlineExceededError:
-        state = self._state
-        last = f"; last error: {state.last_error}" if state.last_error is not None else ""
-        return DeadlineExceededError(
-            f"{self._label}: deadline of {self._policy.deadline}s passed after "
-            f"{state.attempts} attempt(s){last}",
-            attempts=state.attempts,
-        )
-
-    async def _retry_loop(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        state = self._state
-        await self._sleep(state.wait)
-        retrying = _t.AsyncRetrying(
-            retry=_t.retry_if_exception(self._retry_predicate),
-            stop=_t.stop_never,  # _decide stops us by declining to retry
-            wait=self._wait,
-            sleep=self._sleep,
-            before=self._before,
-            reraise=True,
-        )
-        try:
-            return await retrying(attempt)
-        except APIError as exc:
-            raise self._final(exc) from None
-
-    def _retry_predicate(self, exc: BaseException) -> bool:
-        return isinstance(exc, APIError) and self._decide(exc)
-
-    def _wait(self, _: _t.RetryCallState) -> float:
-        return self._state.wait
-
-    def _before(self, _: _t.RetryCallState) -> None:
-        state = self._state
-        state.attempts += 1
-        last = state.last_error
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "%s: attempt %d after %s: %s",
-                self._label,
-                state.attempts,
-                type(last).__name__,
-                last,
-            )
-
-    async def _sleep(self, seconds: float) -> None:
-        if not (seconds > 0 and self._policy.wait):
-            await _no_sleep(seconds)
-            return
-        on_backoff = self._on_backoff
-        if on_backoff is None:
-            await asyncio.sleep(seconds)
-            return
-        # Tell the fan-out this worker is off the wire for a while.
-        on_backoff(1)
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            on_backoff(-1)
+def _seconds(value: str) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 0 <= number < math.inf else None

@@ -224,7 +224,6 @@ async def test_cancellation_leaks_nothing() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert _flux_tasks_since(before) == []
-        assert fanout._slot.in_flight == 0
         assert fanout.statistics().in_flight == 0
         assert gate.acquired == 8  # nothing new started after the cancel
         connector = client._session.connector if client._session else None
@@ -243,18 +242,47 @@ async def test_batch_deadline_ends_everything_with_an_error() -> None:
         assert emu.stats.requests <= 3
 
 
-async def test_budget_exhaustion_limits_retries() -> None:
-    """When every request fails, the retry budget caps the extra load at capacity / cost."""
+async def test_empty_budget_slows_a_fanout_without_failing_prompts_early() -> None:
+    """An empty budget makes a fan-out retry one unpaid probe at a time, never fail early.
+
+    Every request fails here, so each prompt still ends by its own max_attempts (4), but
+    once the 20 tokens are spent the retries queue for the budget instead of failing.
+    """
     async with Emulator(faults=FaultRates(error_rate=1.0, error_status=503)) as emu:
+        budget = RetryBudget(capacity=20)
         async with FluxClient(
-            base_url=emu.base_url,
-            retry=RetryPolicy.for_tests(),
-            retry_budget=RetryBudget(capacity=20),
+            base_url=emu.base_url, retry=RetryPolicy.for_tests(), retry_budget=budget
         ) as client:
             results = await client.gather_generate([f"p{i}" for i in range(30)], concurrency=4)
         assert all(isinstance(r.error, InternalServerError) for r in results)
-        # 30 first attempts + 20 / 5 = 4 paid retries, no more.
-        assert emu.stats.requests == 34
+        assert all(r.attempts == 4 for r in results)
+        assert emu.stats.requests == 30 * 4
+        stats = budget.statistics()
+        assert stats.spent == 4  # 20 tokens / 5 per retry
+        assert stats.probes == 30 * 3 - 4  # every other retry went as the lone probe
+        assert stats.tokens == 0
+
+
+async def test_retries_that_succeed_give_their_cost_back() -> None:
+    """30 % 5xx never drains the budget: each retried success refunds what it cost.
+
+    Without the refund 200 prompts would spend ~430 tokens and earn back ~200.
+    """
+    faults = FaultRates(error_rate=0.3, error_status=500)
+    async with Emulator(faults=faults, seed=7) as emu:
+        budget = RetryBudget(capacity=100)
+        async with FluxClient(
+            base_url=emu.base_url,
+            retry=RetryPolicy.for_tests(max_attempts=10),
+            retry_budget=budget,
+        ) as client:
+            results = await client.gather_generate([f"p{i}" for i in range(200)], concurrency=4)
+        assert all(r.ok for r in results)
+        assert emu.stats.faults > 40
+        stats = budget.statistics()
+        assert stats.spent == emu.stats.faults
+        assert (stats.probes, stats.refused) == (0, 0)
+        assert budget.tokens == 100
 
 
 async def test_rate_limit_ceiling_is_respected() -> None:
@@ -357,3 +385,24 @@ async def test_concurrency_beyond_the_pool_is_refused(emulator: Emulator) -> Non
         with pytest.raises(ValidationError, match=r"max_connections=8"):
             client.iter_generate(["x"], concurrency=8)
     assert emulator.stats.requests == 0
+
+
+async def test_breaking_out_without_async_with_stops_every_worker() -> None:
+    """A dropped iterator (break out of async for, no async with) cancels its workers.
+
+    Nothing keeps sending (and billing) prompts nobody will read, and no task is left
+    pending for the loop to destroy.
+    """
+    async with Emulator(latency=0.01) as emu, FluxClient(base_url=emu.base_url) as client:
+        before = asyncio.all_tasks()
+        async for result in client.iter_generate([f"p{i}" for i in range(2000)], concurrency=16):
+            assert result.ok
+            break
+        workers = _flux_tasks_since(before)
+        assert all(task.cancelling() for task in workers)
+        await asyncio.gather(*workers, return_exceptions=True)
+        # At most the first wave and the attempts the queue had room for were sent.
+        assert emu.stats.requests <= 16 * 5
+        connector = client._session.connector if client._session else None
+        assert connector is not None
+        assert not connector._acquired

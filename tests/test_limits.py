@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -466,12 +467,13 @@ async def test_statistics_and_repr_show_live_state() -> None:
     limiter.on_rate_limited(2.5)
     tasks = [asyncio.create_task(limiter.acquire()) for _ in range(3)]
     await asyncio.sleep(0.5)
-    # The cut: sent in the last window, 1 permit -> 1/s; 0.7 * min(10, 1) = 0.7/s.
+    # The cut: traffic began this instant, so there is no send rate to measure yet and the
+    # cut is from the current rate: 0.7 * 10 = 7/s.
     assert limiter.statistics() == LimiterStatistics(
-        rate=0.7, ceiling=10.0, burst=5, paused_for=2.0, permits=1, waiting=3,
+        rate=7.0, ceiling=10.0, burst=5, paused_for=2.0, permits=1, waiting=3,
         rate_limited=1, cuts=1,
     )  # fmt: skip
-    assert repr(limiter) == "<RateLimiter rate=0.7/s ceiling=10/s burst=5 paused_for=2s waiting=3>"
+    assert repr(limiter) == "<RateLimiter rate=7/s ceiling=10/s burst=5 paused_for=2s waiting=3>"
     await asyncio.gather(*tasks)
     unpaced = "<RateLimiter rate=unpaced ceiling=none burst=1 paused_for=0s waiting=0>"
     assert repr(RateLimiter()) == unpaced
@@ -567,3 +569,74 @@ async def test_concurrency_limit_cancelled_waiters_leave_no_trace() -> None:
     limit.release()
     assert limit.in_flight == 0
     assert limit.try_acquire()
+
+
+# -- no rate collapse --------------------------------------------------------------------
+
+
+async def serve(limiter: RateLimiter, seconds: float, accept: Callable[[float], bool]) -> None:
+    """One caller sending as fast as the limiter lets it for ``seconds``; ``accept(now)``
+    says whether the server took the attempt (else it answers 429, no Retry-After)."""
+    end = now() + seconds
+    while now() < end:
+        await limiter.acquire()
+        if accept(now()):
+            limiter.on_success()
+        else:
+            limiter.on_rate_limited(None)
+
+
+@pytest.mark.looptime
+async def test_a_window_after_a_pause_is_not_measured_as_the_send_rate() -> None:
+    """A 429 just after the gate opens cuts from the current rate, not from ~0 sends."""
+    limiter = RateLimiter(10)
+    await send(limiter, 21)  # 10/s for 2 s
+    limiter.on_rate_limited(2.0)  # a real overload: cut to 9/s, gate shut until 4.0
+    assert rate_of(limiter) == pytest.approx(9.0)
+    await limiter.acquire()  # at 4.0, as the gate opens
+    await asyncio.sleep(0.05)
+    limiter.on_rate_limited(None)
+    # Measured over the last window, 1 permit would have cut to 0.9 * 1 = 0.9/s.
+    assert rate_of(limiter) == pytest.approx(9.0 * DEFAULT_DECREASE_FACTOR)
+
+
+@pytest.mark.looptime
+async def test_no_cut_goes_below_half_the_recent_success_rate() -> None:
+    """After 10 successes/s, even a steep cut keeps 5/s: successes are no overload."""
+    limiter = RateLimiter(10, decrease_factor=0.1)
+    await serve(limiter, 3.0, lambda _: True)
+    limiter.on_rate_limited(None)
+    assert rate_of(limiter) == pytest.approx(5.0, rel=0.1)
+
+
+@pytest.mark.looptime
+async def test_429s_that_do_not_fall_with_the_rate_stop_driving_cuts() -> None:
+    """A server that refuses 2 of every 3 attempts whatever the rate does not collapse it.
+
+    Once cuts have taken a quarter off the rate without the accepted share growing, the
+    limiter stops cutting and gives the rate back, instead of falling to min_rate.
+    """
+    limiter = RateLimiter(40)
+    counter = iter(range(10**9))
+    await serve(limiter, 30.0, lambda _: next(counter) % 3 == 2)
+    stats = limiter.statistics()
+    assert stats.cuts <= 4
+    assert rate_of(limiter) >= 0.75 * 40 * DEFAULT_DECREASE_FACTOR
+
+
+@pytest.mark.looptime
+async def test_a_server_at_capacity_is_still_found() -> None:
+    """Against a 10/s server the limiter keeps cutting from 40/s down to about 10/s."""
+    limiter = RateLimiter(40)
+    accepted: list[float] = []
+
+    def capacity(t: float) -> bool:
+        while accepted and accepted[0] <= t - 1.0:
+            accepted.pop(0)
+        if len(accepted) < 10:
+            accepted.append(t)
+            return True
+        return False
+
+    await serve(limiter, 30.0, capacity)
+    assert 7.0 <= rate_of(limiter) <= 13.0
