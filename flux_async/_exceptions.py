@@ -104,7 +104,7 @@ class ValidationError(FluxError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{field}={_short_repr(value)} is not allowed: {allowed}")
+        super().__init__(f"{field}={short_repr(value)} is not allowed: {allowed}")
 
 
 class ClientClosedError(FluxError, RuntimeError):
@@ -413,7 +413,7 @@ _SUMMARY.maxstring = 120
 _SUMMARY.maxother = 60
 
 
-def _short_repr(value: object, limit: int = 80) -> str:
+def short_repr(value: object, limit: int = 80) -> str:
     """A repr of at most ``limit`` characters that cannot fail, however deep ``value`` is."""
     try:
         shown = _SUMMARY.repr(value)

@@ -1,0 +1,90 @@
+"""The package's shape: no import cycle, no module importing another's private name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import flux_async
+
+PACKAGE = Path(flux_async.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) for every import of a flux_async module in ``path``."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("flux_async"):
+                found.append((target, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.startswith("flux_async")]
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        edges = graph.setdefault(module, set())
+        for target, names in _imports(path):
+            # `from . import _x` names a submodule, not an attribute.
+            submodules = [
+                f"{target}.{n}"
+                for n in names
+                if (PACKAGE.parent / (f"{target}.{n}".replace(".", "/") + ".py")).exists()
+            ]
+            edges.update(submodules or [target])
+    return graph
+
+
+def test_no_import_cycle() -> None:
+    """The modules of flux_async import each other in one direction only."""
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if target == module or target not in graph:
+                continue
+            if state.get(target) == 1:
+                cycles.append([*trail[trail.index(target) :], target])
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # A package's __init__ importing its own submodules is how re-exports work.
+    cycles = [c for c in cycles if not any(m == c[0].rpartition(".")[0] for m in c)]
+    assert cycles == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """`from ._x import _y` reaches into another module's internals: never done."""
+    offenders = [
+        f"{_module_name(path)}: from {target} import {name}"
+        for path in PACKAGE.rglob("*.py")
+        for target, names in _imports(path)
+        for name in names
+        if name.startswith("_")
+        and not name.startswith("__")
+        and not (PACKAGE.parent / (f"{target}.{name}".replace(".", "/") + ".py")).exists()
+    ]
+    assert offenders == []
