@@ -24,9 +24,9 @@ from ._exceptions import (
     MAX_PARSED_BODY,
     APIResponseValidationError,
     ValidationError,
-    _short_repr,
     error_body,
     parse_json,
+    short_repr,
 )
 
 __all__ = [
@@ -462,7 +462,7 @@ class ImagesResponse:
         if type(created) is not int:
             if type(created) is not float or not math.isfinite(created):
                 raise _bad(
-                    f"'created' is {_short_repr(created)}, not a unix timestamp",
+                    f"'created' is {short_repr(created)}, not a unix timestamp",
                     payload,
                     request_id,
                 )
