@@ -503,6 +503,33 @@ def test_built_outside_a_loop_and_reused_across_loops() -> None:
     assert limit.in_flight == 0
 
 
+def test_use_from_another_loop_while_waiters_wait_is_refused() -> None:
+    """Another loop has another clock: with waiters in one loop, use from another raises,
+    and the waiters' state is left as it was."""
+    limiter = RateLimiter(20)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        first.run_until_complete(limiter.acquire())
+        waiter = first.create_task(limiter.acquire())  # booked 0.05 s later
+        first.run_until_complete(asyncio.sleep(0))
+        assert limiter.statistics().waiting == 1
+        with pytest.raises(RuntimeError, match="waiters in another event loop"):
+            second.run_until_complete(limiter.acquire())
+        with pytest.raises(RuntimeError, match="waiters in another event loop"):
+            second.run_until_complete(_report_429(limiter))
+        first.run_until_complete(waiter)
+        assert limiter.statistics().permits == 2
+        second.run_until_complete(limiter.acquire())  # idle now: rebinds, fresh clock
+        assert limiter.statistics().permits == 3
+    finally:
+        first.close()
+        second.close()
+
+
+async def _report_429(limiter: RateLimiter) -> None:
+    limiter.on_rate_limited(None)
+
+
 # -- ConcurrencyLimit ------------------------------------------------------------------
 
 

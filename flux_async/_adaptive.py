@@ -1,0 +1,415 @@
+"""The adaptive controller: from 429s and successes, the rate a pacer should send at.
+
+It decides; it does not wait. Every event comes with its time as a plain number, and the
+only thing it touches outside itself is the `RateTarget` it drives (``rate`` and
+``set_rate``), so the in-process `Pacer` and a pacer shared across processes are driven by
+the same controller.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+from ._exceptions import ValidationError
+from ._timing import NEVER, SLACK, check_positive
+
+__all__ = [
+    "DEFAULT_DECREASE_FACTOR",
+    "DEFAULT_INCREASE_SHARE_OF_CEILING",
+    "DEFAULT_INCREASE_SHARE_OF_CUT",
+    "DEFAULT_MIN_INCREASE",
+    "DEFAULT_MIN_RATE",
+    "DEFAULT_PROBE_GROWTH",
+    "DEFAULT_TOLERANCE",
+    "DEFAULT_WINDOW",
+    "AdaptiveController",
+    "RateTarget",
+]
+
+#: A cut sets the rate to this share of min(current rate, measured send rate). The first
+#: design proposed 0.7; against a 40 rps server that spent most of the run climbing back
+#: (goodput 0.82 of capacity, benchmarks/bench_storm.py) where 0.9 keeps 0.95 for a few
+#: more 429s, which cost the server nothing.
+DEFAULT_DECREASE_FACTOR = 0.9
+#: Seconds: at most one cut per window; the send rate is measured over one window; the rate
+#: grows once per window without a 429.
+DEFAULT_WINDOW = 1.0
+#: Requests per second: no cut goes below this (nor above the ceiling, if that is lower).
+DEFAULT_MIN_RATE = 0.1
+#: Default growth per window with a ceiling: this share of the ceiling...
+DEFAULT_INCREASE_SHARE_OF_CEILING = 0.05
+#: ...and without one: this share of the rate the last cut set...
+DEFAULT_INCREASE_SHARE_OF_CUT = 0.10
+#: ...and never less than this many requests per second.
+DEFAULT_MIN_INCREASE = 0.5
+#: After the first cut of an unpaced limiter the measured rate is a guess (one window of
+#: sends that began a moment ago), so until the next 429 the rate grows by this factor
+#: per window instead of by the additive step: it finds the server's capacity in a few
+#: windows, then settles into additive increase like everyone else.
+DEFAULT_PROBE_GROWTH = 1.25
+#: A 429 cuts the rate only when 429s are more than this share of the permits granted in
+#: the last window. Pacing just under a strict server's capacity still draws the odd 429
+#: from network jitter; retrying it costs one attempt, while cutting for it costs a tenth
+#: of the throughput for seconds (goodput 0.80 -> 0.9x in benchmarks/bench_storm.py).
+DEFAULT_TOLERANCE = 0.05
+
+# A send rate is measured only over at least this share of a window of open gate.
+_MIN_SPAN = 0.25
+# Cuts are futile when the rate fell to this share of the reference and the share of
+# attempts the server accepts did not grow.
+_FUTILE_DROP = 0.75
+
+
+class RateTarget(Protocol):
+    """What `AdaptiveController` drives: a pacer's rate. `Pacer` is one.
+
+    Example::
+
+        class SharedPacer:                       # keeps its state in Redis, say
+            rate: float | None = None
+            def set_rate(self, rate: float, *, cut: bool = False) -> None:
+                self.rate = rate                 # and write it where every process reads it
+
+        controller = AdaptiveController(SharedPacer(), ceiling=None)
+    """
+
+    @property
+    def rate(self) -> float | None:
+        """Permits per second now; None while unpaced."""
+
+    def set_rate(self, rate: float, *, cut: bool = False) -> None:
+        """Pace at ``rate`` (> 0) from now on; ``cut=True`` when slowing down for a 429."""
+
+
+class _Futility:
+    """Whether cuts have stopped helping: since the reference point the rate fell by a
+    quarter, yet the share of attempts the server accepted did not grow.
+
+    A server at its capacity accepts a larger share as the rate falls towards it; one that
+    refuses a fixed share (or every first attempt) accepts the same share at any rate.
+    Once futile, cuts stay off until the server accepts nearly everything again (`clear`,
+    after a window without a 429) or refuses a clearly larger share (a real overload on top).
+    """
+
+    __slots__ = ("futile", "reference")
+
+    def __init__(self) -> None:
+        # The rate and accepted share when cuts were last seen to work.
+        self.reference: tuple[float, float] | None = None
+        self.futile = False  # 429s do not fall with the rate: the server's own reasons
+
+    def clear(self) -> None:
+        self.reference = None
+        self.futile = False
+
+    def observe(self, rate: float, share: float) -> float | None:
+        """Weigh a window's accepted ``share`` at ``rate``; return the rate to give back
+        when the cuts have just turned out futile, else None."""
+        reference = self.reference
+        if reference is None:
+            self.reference = (rate, share)
+        elif self.futile:
+            if share < 0.5 * reference[1]:
+                # A clearly larger share refused: a real overload on top. Cut again.
+                self.reference = (rate, share)
+                self.futile = False
+        elif share > 1.1 * reference[1] + 0.02:
+            # Cuts are working: measure the next ones from here.
+            self.reference = (rate, share)
+        elif rate <= _FUTILE_DROP * reference[0]:
+            self.futile = True
+            return reference[0]
+        return None
+
+
+class AdaptiveController:
+    """Cut the rate on overload 429s, grow it back in calm windows; never above a ceiling.
+
+    * On a 429 that makes 429s more than ``tolerance`` of the permits granted in the last
+      ``window`` (overload), at most once per window, cut to ``max(floor, decrease_factor *
+      min(rate, sent))``: ``sent`` is the permits per second over the part of the last
+      window the gate was open and traffic flowing, ``floor`` is ``max(min_rate, half the
+      recent successes per second)``.
+    * A success a full window after the last overload 429 (or the last step) grows the rate
+      by ``increase`` (default: 5 % of the ceiling; with none, 10 % of the rate the last cut
+      set; at least 0.5/s), or by x1.25 while probing after the first cut from unpaced.
+    * Futility: once cuts have taken a quarter off the rate without the server accepting
+      a larger share, its 429s are its own: the rate is given back and 429s stop counting
+      as overload until a window without one.
+
+    Tell it every grant (`on_grant`), success (`on_success`) and 429 (`on_rate_limited`);
+    it sets the rate of ``target``. Times are plain numbers from one clock.
+
+    Example::
+
+        pacer = Pacer(10.0)
+        controller = AdaptiveController(pacer, ceiling=10.0, tolerance=0)
+        for k in range(1, 11):
+            controller.on_grant(k / 10)            # 10/s for a second...
+        controller.on_rate_limited(1.0, gate_opened=-math.inf)  # True: overload, 9/s
+        controller.on_success(lambda: 2.0)         # a calm window later: 9.5/s
+        print(controller)
+        # <AdaptiveController rate=9.5/s ceiling=10/s cuts=1 mode=recovering success_rate=0/s>
+    """
+
+    __slots__ = (
+        "_calm_since",
+        "_ceiling",
+        "_cuts",
+        "_decrease_factor",
+        "_first_grant",
+        "_futility",
+        "_grants",
+        "_increase",
+        "_last_cut",
+        "_limited",
+        "_min_rate",
+        "_probing",
+        "_recovering",
+        "_step",
+        "_success_mark",
+        "_success_rate",
+        "_successes",
+        "_target",
+        "_tolerance",
+        "_window",
+    )
+
+    def __init__(
+        self,
+        target: RateTarget,
+        *,
+        ceiling: float | None,
+        decrease_factor: float = DEFAULT_DECREASE_FACTOR,
+        window: float = DEFAULT_WINDOW,
+        increase: float | None = None,
+        min_rate: float = DEFAULT_MIN_RATE,
+        tolerance: float = DEFAULT_TOLERANCE,
+    ) -> None:
+        if (
+            isinstance(decrease_factor, bool)
+            or not isinstance(decrease_factor, int | float)
+            or not 0 < decrease_factor < 1
+        ):
+            raise ValidationError("decrease_factor", decrease_factor, "a number between 0 and 1")
+        if (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, int | float)
+            or not 0 <= tolerance < 1
+        ):
+            raise ValidationError("tolerance", tolerance, "a number from 0 (inclusive) to 1")
+        self._target = target
+        self._ceiling = None if ceiling is None else check_positive("ceiling", ceiling)
+        self._decrease_factor = float(decrease_factor)
+        self._window = check_positive("window", window)
+        self._increase = None if increase is None else check_positive("increase", increase)
+        self._min_rate = check_positive("min_rate", min_rate)
+        self._tolerance = float(tolerance)
+
+        self._grants: collections.deque[float] = collections.deque()  # times, last window
+        self._limited: collections.deque[float] = collections.deque()  # 429 times, likewise
+        self._first_grant = NEVER
+        self._last_cut = NEVER
+        self._calm_since = NEVER  # the last overload 429 or growth step
+        self._recovering = False  # below the ceiling after a cut (always, with no ceiling)
+        self._probing = False  # after the first cut from unpaced: grow multiplicatively
+        # Successes per window, for the floor under a cut and the futility test.
+        self._successes = 0
+        self._success_mark = (NEVER, 0)  # (start of the current count, count then)
+        self._success_rate = 0.0  # successes/s over the last full window
+        self._futility = _Futility()
+        self._cuts = 0
+        self._step = 0.0
+        if self._ceiling is not None:
+            self._step = self._increase or max(
+                DEFAULT_MIN_INCREASE, DEFAULT_INCREASE_SHARE_OF_CEILING * self._ceiling
+            )
+
+    @property
+    def ceiling(self) -> float | None:
+        """The most permits per second it ever sets; None for no ceiling."""
+        return self._ceiling
+
+    @property
+    def window(self) -> float:
+        """Seconds: one cut at most per window, one growth step at most per calm window."""
+        return self._window
+
+    @property
+    def cuts(self) -> int:
+        """Cuts made so far."""
+        return self._cuts
+
+    @property
+    def futile(self) -> bool:
+        """Whether 429s are taken for the server's own (cuts did not help), not overload."""
+        return self._futility.futile
+
+    # -- events ------------------------------------------------------------------------
+
+    def on_grant(self, now: float) -> None:
+        """Record a permit granted at ``now``: the send rate is measured from these."""
+        # Grant times of the last window, oldest first: each is appended once and popped
+        # once, so keeping the measured send rate costs O(1) amortised.
+        grants = self._grants
+        if not grants and self._first_grant == NEVER:
+            self._first_grant = now
+        grants.append(now)
+        cutoff = now - self._window
+        while grants[0] <= cutoff:
+            grants.popleft()
+        started, count = self._success_mark
+        if now - started >= self._window:
+            if started != NEVER:
+                self._success_rate = (self._successes - count) / (now - started)
+            self._success_mark = (now, self._successes)
+
+    def on_success(self, clock: Callable[[], float]) -> None:
+        """Count a success; after a full window without an overload 429, grow the rate.
+
+        ``clock()`` is read only when a step may be due, so most successes cost one
+        increment. Each call grows the rate by at most one step: an idle spell is no credit.
+        """
+        self._successes += 1
+        if not self._recovering:
+            return
+        now = clock()
+        if now - self._calm_since + SLACK < self._window:
+            return
+        self._calm_since = now
+        rate = self._target.rate
+        assert rate is not None, "recovering only after a cut, which sets a rate"
+        rate = rate * DEFAULT_PROBE_GROWTH if self._probing else rate + self._step
+        if self._ceiling is not None and rate >= self._ceiling:
+            rate = self._ceiling
+            self._recovering = False
+        self._target.set_rate(rate)
+
+    def on_rate_limited(self, now: float, *, gate_opened: float) -> bool:
+        """Record a 429 at ``now``; cut the rate if it is overload; return whether it is.
+
+        ``gate_opened``: when the pause gate last opened (its ``pause_until`` before this
+        429), so the send rate is measured only over time the gate was open. An overload
+        429 should shut the gate for everyone; any other delays only its own retry.
+        """
+        overloaded = self._overloaded(now)
+        if overloaded and self._is_futile(now):
+            # Cutting has not made the server accept a larger share: it refuses for reasons
+            # of its own (per-request quotas, a fixed share of 429s). Further cuts and
+            # pauses would only collapse the rate; the 429 just delays its own retry.
+            overloaded = False
+        if overloaded:
+            # Only a 429 that counts as overload stops recovery; a tolerated one is just
+            # retried, and the rate keeps probing upwards.
+            self._calm_since = now
+            if now - self._last_cut + SLACK >= self._window:
+                self._cut(now, gate_opened)
+        return overloaded
+
+    def forget_times(self) -> None:
+        """Drop every time recorded (a new clock: old times mean nothing); keep the rate."""
+        self._grants.clear()
+        self._limited.clear()
+        self._first_grant = self._last_cut = self._calm_since = NEVER
+        self._success_mark = (NEVER, self._successes)
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def _overloaded(self, now: float) -> bool:
+        """Record a 429; True when 429s are more than ``tolerance`` of the window's sends."""
+        limited = self._limited
+        cutoff = now - self._window
+        if not limited or limited[-1] <= cutoff:
+            # A window without a 429: whatever storm taught us about futility is over.
+            self._futility.clear()
+        limited.append(now)
+        while limited[0] <= cutoff:
+            limited.popleft()
+        grants = self._grants
+        while grants and grants[0] <= cutoff:
+            grants.popleft()
+        return len(limited) > self._tolerance * max(len(grants), 1)
+
+    def _sent_rate(self, now: float, gate_opened: float) -> float | None:
+        """Permits per second over the last window, or the part of it the gate was open.
+
+        None when that part is too short to measure (just after a pause): a near-empty
+        window after a pause would read as a tiny send rate and cut the rate to nothing.
+        """
+        grants = self._grants
+        cutoff = now - self._window
+        while grants and grants[0] <= cutoff:
+            grants.popleft()
+        # Measure from the latest of: a window ago, the gate's last opening, the first
+        # permit ever (a window in which traffic just began is not a send rate either).
+        began = max(cutoff, gate_opened, self._first_grant)
+        span = now - began
+        if span < _MIN_SPAN * self._window:
+            return None
+        if span >= self._window:
+            return len(grants) / self._window
+        start = now - span
+        return sum(1 for t in grants if t > start) / span
+
+    def _cut(self, now: float, gate_opened: float) -> None:
+        sent = self._sent_rate(now, gate_opened)
+        old = self._target.rate
+        if old is None and sent is None:
+            # The first 429 of an unpaced limiter, a moment after traffic began: the
+            # window's sends are the only estimate there is; probing corrects it.
+            sent = len(self._grants) / self._window
+        current = math.inf if old is None else old
+        measured = current if sent is None else min(current, sent)
+        # The rate the server has just been serving is no overload: never cut below half
+        # of it, so a cut cannot collapse the rate while successes keep coming.
+        floor = max(self._min_rate, 0.5 * self._success_rate)
+        rate = max(floor, self._decrease_factor * measured)
+        if self._ceiling is not None and rate > self._ceiling:
+            rate = self._ceiling  # min_rate may exceed a per-minute ceiling: the ceiling wins
+        self._last_cut = now
+        self._cuts += 1
+        self._probing = old is None
+        self._recovering = self._ceiling is None or rate < self._ceiling
+        if self._ceiling is None:
+            self._step = self._increase or max(
+                DEFAULT_MIN_INCREASE, DEFAULT_INCREASE_SHARE_OF_CUT * rate
+            )
+        # The next permit goes one new interval after the last one booked.
+        self._target.set_rate(rate, cut=True)
+
+    def _is_futile(self, now: float) -> bool:
+        """Whether cutting has stopped helping (`_Futility`); weighed a window after a cut."""
+        rate = self._target.rate
+        if now - self._last_cut + SLACK < self._window or rate is None:
+            return self._futility.futile
+        limited = len(self._limited)
+        successes = self._success_rate * self._window
+        share = successes / (successes + limited) if successes + limited else 0.0
+        give_back = self._futility.observe(rate, share)
+        if give_back is not None:
+            # Give back what the futile cuts took and find the server's pace again fast.
+            rate = give_back if self._ceiling is None else min(give_back, self._ceiling)
+            self._target.set_rate(rate)
+            self._probing = True
+            self._recovering = self._ceiling is None or rate < self._ceiling
+        return self._futility.futile
+
+    def __repr__(self) -> str:
+        rate = self._target.rate
+        mode = (
+            "futile"
+            if self._futility.futile
+            else "probing"
+            if self._probing and self._recovering
+            else "recovering"
+            if self._recovering
+            else "steady"
+        )
+        return (
+            f"<{type(self).__name__} rate={'unpaced' if rate is None else f'{rate:g}/s'}"
+            f" ceiling={'none' if self._ceiling is None else f'{self._ceiling:g}/s'}"
+            f" cuts={self._cuts} mode={mode} success_rate={self._success_rate:g}/s>"
+        )

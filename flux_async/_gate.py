@@ -1,0 +1,56 @@
+"""The pause gate: shut until a time (a 429's Retry-After), open after it."""
+
+from __future__ import annotations
+
+from ._timing import NEVER, SLACK
+
+__all__ = ["PauseGate"]
+
+
+class PauseGate:
+    """Shut until ``pause_until``, open from then on; a shorter pause never shortens it.
+
+    Times are plain numbers from the caller's clock. The in-process limiter keeps one per
+    limiter; a limiter shared across processes keeps ``pause_until`` where all of them
+    see it.
+
+    Example::
+
+        gate = PauseGate()
+        gate.shut_until(12.5)
+        gate.shut_until(11.0)      # a shorter Retry-After: still shut until 12.5
+        gate.is_open(12.0)         # False
+        gate.paused_for(12.0)      # 0.5
+        gate.is_open(12.5)         # True
+        print(gate)                # <PauseGate pause_until=12.5>
+    """
+
+    __slots__ = ("_pause_until",)
+
+    def __init__(self) -> None:
+        self._pause_until = NEVER
+
+    @property
+    def pause_until(self) -> float:
+        """The time the gate opens; -inf if it was never shut."""
+        return self._pause_until
+
+    def is_open(self, now: float) -> bool:
+        """Whether a permit may go at ``now`` (within the clock's slack)."""
+        return now + SLACK >= self._pause_until
+
+    def shut_until(self, until: float) -> None:
+        """Keep the gate shut until ``until`` at least."""
+        if until > self._pause_until:
+            self._pause_until = until
+
+    def paused_for(self, now: float) -> float:
+        """Seconds left before the gate opens; 0.0 when it is open."""
+        return max(0.0, self._pause_until - now)
+
+    def forget_times(self) -> None:
+        """Open the gate for good (a new clock: the old ``pause_until`` means nothing)."""
+        self._pause_until = NEVER
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} pause_until={self._pause_until:g}>"
