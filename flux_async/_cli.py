@@ -38,7 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ._client import ENV_API_KEY, ENV_BASE_URL, FluxClient, RequestFields
 from ._exceptions import APIStatusError, ValidationError
 from ._fanout import DEFAULT_CONCURRENCY, Fanout, FanoutStatistics, GenerationResult, PromptInput
-from ._models import ImageRequest
+from ._models import FIELD_SPECS, ImageRequest
 from ._retry import RetryPolicy
 from .emulator import Emulator
 from .emulator.__main__ import main as emulator_main
@@ -377,10 +377,34 @@ def _execute(ctx: click.Context, job: _Job) -> float:
     return time.perf_counter() - started
 
 
-def _request_fields(**options: Any) -> RequestFields:
+def _request_fields(options: dict[str, Any]) -> RequestFields:
     """The request options that were given; the others keep `ImageRequest`'s defaults."""
     fields: RequestFields = {k: v for k, v in options.items() if v is not None}  # type: ignore[assignment]
     return fields
+
+
+def _option_help(name: str) -> str:
+    spec = FIELD_SPECS[name]
+    if spec.choices is None:
+        return spec.help + "."
+    return f"{spec.help}. One of: {', '.join(spec.choices)}."
+
+
+def _request_options(command: Callable[..., None]) -> Callable[..., None]:
+    """One option per `ImageRequest` field (``--aspect-ratio``, ``-n``/``--n``, ...), in
+    the order the fields are sent; the command gets them as keyword arguments named
+    after the fields.
+
+    Example::
+
+        @_request_options
+        def generate(**request_options: Any) -> None: ...
+    """
+    # click lists options in the reverse of the order their decorators are applied.
+    for name, spec in list(FIELD_SPECS.items())[::-1]:
+        flags = (*spec.flags, "--" + name.replace("_", "-"))
+        command = click.option(*flags, name, type=spec.type, help=_option_help(name))(command)
+    return command
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -412,13 +436,7 @@ def cli() -> None:
 )
 @click.option("--api-key", envvar=ENV_API_KEY, help=f"API key (default: ${ENV_API_KEY}).")
 @click.option("--base-url", envvar=ENV_BASE_URL, help=f"Base URL ending in /v1 (${ENV_BASE_URL}).")
-@click.option("--model", help="Model, e.g. flux-kontext-pro (the default).")
-@click.option("--aspect-ratio", help="21:9, 16:9, 4:3, 3:2, 1:1 (default), 2:3, 3:4, 9:16, 9:21.")
-@click.option("--size", help="WIDTHxHEIGHT, e.g. 1024x1024.")
-@click.option("-n", "--n", "n", type=int, help="Images per prompt (default 1).")
-@click.option("--quality", help="standard or hd.")
-@click.option("--response-format", help="url or b64_json.")
-@click.option("--style", help="vivid or natural.")
+@_request_options
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1),
@@ -465,18 +483,13 @@ def cli() -> None:
 @click.pass_context
 def generate(
     ctx: click.Context,
+    # Positional-only: with **request_options, mypy cannot otherwise type pass_context.
+    /,
     prompts: BinaryIO,
     jsonl: bool,
     out: str,
     api_key: str | None,
     base_url: str | None,
-    model: str | None,
-    aspect_ratio: str | None,
-    size: str | None,
-    n: int | None,
-    quality: str | None,
-    response_format: str | None,
-    style: str | None,
     concurrency: int,
     rate_limit: float | None,
     rate_limit_per_minute: float | None,
@@ -488,6 +501,7 @@ def generate(
     emulator_rate_limit: float | None,
     progress: bool | None,
     verbose: bool,
+    **request_options: Any,
 ) -> None:
     """Generate images for every prompt in PROMPTS (a file, or - for stdin: the default).
 
@@ -505,15 +519,7 @@ def generate(
         raise click.UsageError("--burst needs --rate-limit or --rate-limit-per-minute")
     if emulator_rate_limit is not None and not emulator:
         raise click.UsageError("--emulator-rate-limit needs --emulator")
-    fields = _request_fields(
-        model=model,
-        aspect_ratio=aspect_ratio,
-        size=size,
-        n=n,
-        quality=quality,
-        response_format=response_format,
-        style=style,
-    )
+    fields = _request_fields(request_options)
     fanout_options: dict[str, Any] = {
         "concurrency": concurrency,
         "deadline": deadline,

@@ -130,7 +130,9 @@ DEFAULT_TIMEOUT = Timeout()
 class RequestFields(TypedDict, total=False):
     """Keyword fields accepted by `FluxClient.generate` and the fan-out calls.
 
-    Each one is a field of `ImageRequest`, validated the same way.
+    Each one is a field of `ImageRequest`, validated the same way. The fields themselves
+    are declared on `ImageRequest`; this repeats their names and types for type checkers
+    (a test fails when the two differ).
 
     Example::
 
@@ -149,7 +151,8 @@ class RequestFields(TypedDict, total=False):
     extra_body: Mapping[str, Any] | None
 
 
-_REQUEST_FIELDS = frozenset(RequestFields.__annotations__)
+# From ImageRequest itself, not from the TypedDict above, which only mirrors it.
+_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(ImageRequest) if a.init) - {"prompt"}
 
 
 class _Secret:
@@ -484,7 +487,8 @@ class FluxClient:
                     + " (provider-specific fields go in extra_body)",
                 )
         if isinstance(prompt, ImageRequest):
-            return attrs.evolve(prompt, **fields) if fields else prompt
+            # _evolve: a ratio the request only had by default follows a new size.
+            return prompt._evolve(fields) if fields else prompt
         if fields:
             if "model" in fields:
                 return ImageRequest(prompt=prompt, **fields)

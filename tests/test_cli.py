@@ -25,6 +25,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from flux_async._cli import cli, sample_prompts
+from flux_async._models import FIELD_SPECS
 from flux_async.emulator import Emulator
 
 KEY = "sk-cli-secret-0123456789abcdef"
@@ -158,6 +159,65 @@ async def test_bad_aspect_ratio_is_a_clean_usage_error(tmp_path: Path, server: E
         "one of 21:9, 16:9, 4:3, 3:2, 1:1, 2:3, 3:4, 9:16, 9:21"
     ]
     assert not out.exists()
+    assert server.stats.requests == 0
+
+
+async def test_generate_help_has_an_option_per_request_field() -> None:
+    """Every ImageRequest field is an option of `generate`, with its help and choices."""
+    result = await run("generate", "--help")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # undo click's line wrapping
+    for name, spec in FIELD_SPECS.items():
+        option = "--" + name.replace("_", "-")
+        assert f"{option} {'INTEGER' if spec.type is int else 'TEXT'} {spec.help}" in text
+        if spec.choices:
+            assert "One of: " + ", ".join(spec.choices) + "." in text
+    assert "-n, --n INTEGER" in text
+
+
+async def test_request_options_reach_the_body(tmp_path: Path, server: Emulator) -> None:
+    """Request options are sent as given; --size alone sends the ratio that size has."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n", "utf-8")
+    out = tmp_path / "out.jsonl"
+    args = ["--base-url", server.base_url, "--api-key", KEY, "-o", str(out)]
+    result = await run(
+        "generate", str(prompts), *args, "--size", "1792x1024", "-n", "2", "--user", "u-7"
+    )
+    assert result.exit_code == 0, result.output
+    [seen] = server.requests
+    assert seen.body == {
+        "prompt": "a fox",
+        "model": "flux-kontext-pro",
+        "n": 2,
+        "aspect_ratio": "16:9",
+        "size": "1792x1024",
+        "user": "u-7",
+    }
+    assert all("/1792x1024/" in url for url in read_jsonl(out)[0]["urls"])
+
+
+async def test_size_contradicting_aspect_ratio_is_a_usage_error(
+    tmp_path: Path, server: Emulator
+) -> None:
+    """--aspect-ratio 1:1 --size 1792x1024: exit 2, one line, nothing sent."""
+    result = await run(
+        "generate",
+        "--aspect-ratio",
+        "1:1",
+        "--size",
+        "1792x1024",
+        "--base-url",
+        server.base_url,
+        "--api-key",
+        KEY,
+        input="a fox\n",
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: --aspect-ratio '1:1' is not allowed: the ratio of size='1792x1024', '16:9' "
+        "(within 3 %); or leave aspect_ratio out"
+    ]
     assert server.stats.requests == 0
 
 

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import base64
 import json
+import typing
+from typing import Any
 
+import attrs
 import pytest
 
 from flux_async import (
     APIResponseValidationError,
+    FluxClient,
     Image,
     ImageRequest,
     ImagesResponse,
+    RequestFields,
     ValidationError,
 )
+from flux_async._models import FIELD_SPECS
+from flux_async.emulator._validation import Invalid, validate
 
 
 def test_defaults_send_aspect_ratio_and_model() -> None:
@@ -39,7 +46,7 @@ def test_every_field_is_sent() -> None:
         prompt="p",
         model="dall-e-3",
         n=2,
-        aspect_ratio="16:9",
+        aspect_ratio="9:16",
         size="1024x1792",
         quality="hd",
         response_format="b64_json",
@@ -51,7 +58,7 @@ def test_every_field_is_sent() -> None:
         "prompt": "p",
         "model": "dall-e-3",
         "n": 2,
-        "aspect_ratio": "16:9",
+        "aspect_ratio": "9:16",
         "size": "1024x1792",
         "quality": "hd",
         "response_format": "b64_json",
@@ -59,6 +66,7 @@ def test_every_field_is_sent() -> None:
         "user": "u-1",
         "seed": 7,
     }
+    assert list(req.to_json()) == ["prompt", *FIELD_SPECS, "seed"]
 
 
 @pytest.mark.parametrize(
@@ -93,6 +101,127 @@ def test_validation_names_field_value_and_allowed(field: str, value: object, nee
     assert exc.value == value
     assert needle in str(exc)
     assert str(exc).startswith(f"{field}=")
+
+
+_UNSET = object()  # "not passed" in the table below
+
+
+@pytest.mark.parametrize(
+    ("aspect_ratio", "size", "sent"),
+    [
+        (_UNSET, None, "1:1"),  # neither given: the default
+        (_UNSET, "1792x1024", "16:9"),  # 1.75 is 16:9 within 3 %
+        (_UNSET, "1024x1792", "9:16"),
+        (_UNSET, "512x512", "1:1"),
+        (_UNSET, "1024x1524", "2:3"),  # the contract's commented-out example
+        (_UNSET, "1000x300", None),  # no ratio fits: only the size is sent
+        ("16:9", "1792x1024", "16:9"),  # both given and agreeing
+        ("1:1", "1024x1024", "1:1"),
+        (None, "1792x1024", None),  # None still means "omit it"
+        (None, None, None),
+        ("21:9", None, "21:9"),
+    ],
+)
+def test_aspect_ratio_follows_size_unless_given(
+    aspect_ratio: object, size: str | None, sent: str | None
+) -> None:
+    """The 1:1 default applies only without a size; a size sends its own ratio, if any."""
+    kwargs: dict[str, Any] = {"prompt": "x", "size": size}
+    if aspect_ratio is not _UNSET:
+        kwargs["aspect_ratio"] = aspect_ratio
+    req = ImageRequest(**kwargs)
+    assert req.aspect_ratio == sent
+    body = req.to_json()
+    assert body.get("aspect_ratio") == sent
+    assert ("aspect_ratio" in body) == (sent is not None)
+    assert body.get("size") == size
+    assert json.loads(req.to_bytes()) == body
+    assert list(json.loads(req.to_bytes())) == list(body)
+
+
+@pytest.mark.parametrize(
+    ("aspect_ratio", "size", "needle"),
+    [
+        ("1:1", "1792x1024", "the ratio of size='1792x1024', '16:9'"),
+        ("16:9", "1024x1792", "'9:16'"),
+        ("4:3", "1024x1024", "'1:1'"),
+        ("21:9", "1000x300", "none of the nine ratios"),
+    ],
+)
+def test_size_and_aspect_ratio_that_disagree_are_refused(
+    aspect_ratio: str, size: str, needle: str
+) -> None:
+    """A request whose size contradicts its ratio is a ValidationError, never sent."""
+    with pytest.raises(ValidationError) as info:
+        ImageRequest(prompt="x", aspect_ratio=aspect_ratio, size=size)
+    assert info.value.field == "aspect_ratio"
+    assert info.value.value == aspect_ratio
+    assert needle in str(info.value)
+
+
+def test_the_batch_hot_path_resolves_the_ratio() -> None:
+    """ImageRequest(prompt=item, **fields), as the fan-out builds each prompt, follows size."""
+    fields: RequestFields = {"size": "1792x1024", "n": 2}
+    assert ImageRequest(prompt="x", **fields).to_json()["aspect_ratio"] == "16:9"
+    fields = {"aspect_ratio": "16:9"}
+    assert ImageRequest(prompt="x", **fields).to_json()["aspect_ratio"] == "16:9"
+
+
+def test_build_request_over_a_request_follows_a_new_size() -> None:
+    """Fields applied over an ImageRequest: a defaulted ratio follows the new size; a ratio
+    the caller gave is kept, and contradicting it is refused."""
+    client = FluxClient(base_url="http://127.0.0.1:9/v1", api_key="sk-test")
+    wide = client.build_request(ImageRequest(prompt="x"), {"size": "1792x1024"})
+    assert (wide.aspect_ratio, wide.size) == ("16:9", "1792x1024")
+    square = client.build_request(wide, {"size": "1024x1024"})
+    assert square.aspect_ratio == "1:1"
+    assert client.build_request(wide, {"n": 3}).aspect_ratio == "16:9"
+    with pytest.raises(ValidationError, match="aspect_ratio='1:1'"):
+        client.build_request(ImageRequest(prompt="x", aspect_ratio="1:1"), {"size": "1792x1024"})
+
+
+def test_field_specs_are_the_request_fields() -> None:
+    """FIELD_SPECS (the one definition) lists every ImageRequest field after prompt, in body
+    order, and RequestFields (kept literal for type checkers) has exactly those plus
+    extra_body, with the same types: adding a field in one place and not the other fails."""
+    declared = [a.name for a in attrs.fields(ImageRequest) if a.init]
+    assert declared == ["prompt", *FIELD_SPECS, "extra_body"]
+    hints = typing.get_type_hints(RequestFields)
+    assert set(hints) == {*FIELD_SPECS, "extra_body"}
+    own = typing.get_type_hints(ImageRequest)
+    for name in FIELD_SPECS:
+        assert hints[name] == own[name], name
+
+
+@pytest.mark.parametrize(
+    "name", [name for name, spec in FIELD_SPECS.items() if spec.choices is not None]
+)
+def test_choices_are_checked_alike_by_client_and_emulator(name: str) -> None:
+    """Each allowed value is sent by the client and accepted by the emulator; any other
+    value is refused by both, naming the field."""
+    choices = FIELD_SPECS[name].choices
+    assert choices
+    for value in choices:
+        body = ImageRequest(prompt="x", **{name: value}).to_json()
+        assert body[name] == value
+        validate(body, require_aspect_ratio=True)
+    with pytest.raises(ValidationError) as info:
+        ImageRequest(prompt="x", **{name: "bogus"})
+    assert info.value.field == name
+    assert ", ".join(choices) in str(info.value)
+    with pytest.raises(Invalid) as refused:
+        validate({"prompt": "x", "aspect_ratio": "1:1", name: "bogus"}, require_aspect_ratio=True)
+    assert refused.value.param == name
+    assert refused.value.code == "invalid_value"
+
+
+@pytest.mark.parametrize("name", list(FIELD_SPECS))
+def test_emulator_refuses_a_non_string_for_every_string_field(name: str) -> None:
+    """The emulator's type checks cover every field the library declares."""
+    with pytest.raises(Invalid) as refused:
+        validate({"prompt": "x", "aspect_ratio": "1:1", name: [1]}, require_aspect_ratio=True)
+    assert refused.value.param == name
+    assert refused.value.code == "invalid_type"
 
 
 def test_extra_body_cannot_shadow_a_field() -> None:

@@ -19,6 +19,8 @@ from typing import Any, Final, NamedTuple
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from .._models import ASPECT_RATIOS, FIELD_SPECS
+
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_N",
@@ -36,10 +38,15 @@ MAX_PROMPT_CHARS: Final = 1000
 MAX_N: Final = 10
 MAX_SIDE: Final = 2048
 LONG_SIDE: Final = 1024
-RATIOS: Final = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
-_QUALITIES: Final = frozenset({"standard", "hd"})
-_RESPONSE_FORMATS: Final = frozenset({"url", "b64_json"})
-_STYLES: Final = frozenset({"vivid", "natural"})
+# The fields checked by rules of their own below. Every other string field the client
+# library declares must be a string, one of its choices when it has some: a field added
+# there is checked here too, against the same allowed values.
+_OWN_RULES: Final = frozenset({"n", "aspect_ratio", "size"})
+_STRING_FIELDS: Final = tuple(
+    (name, None if spec.choices is None else frozenset(spec.choices))
+    for name, spec in FIELD_SPECS.items()
+    if name not in _OWN_RULES and spec.type is str
+)
 _SIZE_RE: Final = re.compile(r"([0-9]{2,5})x([0-9]{2,5})")
 # After decoding, a valid surrogate pair is one code point, so any surrogate left is lone.
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
@@ -178,7 +185,7 @@ def _dims_for_ratio(ratio: str) -> tuple[int, int]:
     return round(LONG_SIDE * wide / tall), LONG_SIDE
 
 
-_RATIO_DIMS: Final[dict[str, tuple[int, int]]] = {r: _dims_for_ratio(r) for r in RATIOS}
+_RATIO_DIMS: Final[dict[str, tuple[int, int]]] = {r: _dims_for_ratio(r) for r in ASPECT_RATIOS}
 
 
 def _missing(param: str) -> Invalid:
@@ -197,17 +204,6 @@ def _bad_value(param: str, value: object, allowed: Iterable[str]) -> Invalid:
     return Invalid(message, param, "invalid_value")
 
 
-def _optional_choice(body: dict[str, Any], param: str, allowed: frozenset[str]) -> str | None:
-    value = body.get(param)
-    if value is None:
-        return None
-    if type(value) is not str:
-        raise _wrong_type(param, "a string", value)
-    if value not in allowed:
-        raise _bad_value(param, value, sorted(allowed))
-    return value
-
-
 def validate(body: dict[str, Any], require_aspect_ratio: bool) -> Job:
     """Check the fields of a generation body; raise :class:`Invalid` naming the first bad one.
 
@@ -217,14 +213,15 @@ def validate(body: dict[str, Any], require_aspect_ratio: bool) -> Job:
     dims = _ratio_dims(body, require_aspect_ratio)
     n = _count(body)
     dims = _size_dims(body) or dims
-    _optional_choice(body, "quality", _QUALITIES)
-    response_format = _optional_choice(body, "response_format", _RESPONSE_FORMATS)
-    _optional_choice(body, "style", _STYLES)
-    for param in ("model", "user"):
+    for param, allowed in _STRING_FIELDS:
         value = body.get(param)
-        if value is not None and type(value) is not str:
+        if value is None:
+            continue
+        if type(value) is not str:
             raise _wrong_type(param, "a string", value)
-    return Job(prompt, n, dims[0], dims[1], response_format == "b64_json")
+        if allowed is not None and value not in allowed:
+            raise _bad_value(param, value, sorted(allowed))
+    return Job(prompt, n, dims[0], dims[1], body.get("response_format") == "b64_json")
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -255,7 +252,7 @@ def _ratio_dims(body: dict[str, Any], required: bool) -> tuple[int, int]:
         raise _wrong_type("aspect_ratio", "a string", ratio)
     found = _RATIO_DIMS.get(ratio)
     if found is None:
-        raise _bad_value("aspect_ratio", ratio, RATIOS)
+        raise _bad_value("aspect_ratio", ratio, ASPECT_RATIOS)
     return found
 
 
