@@ -1,0 +1,255 @@
+"""Client overhead: flux-async vs a raw aiohttp loop against a server faster than both.
+
+The fan-out benchmark talks to the bundled emulator, which on two cores is itself the
+bottleneck, so the clients wait on it and their own cost is hidden. Here the server is
+`_fastserver.py`: a bare ``asyncio.Protocol`` in its own process answering every
+``POST /v1/images/generations`` with one constant body, several times cheaper per request
+than either client, so the client is what is measured (its CPU share of the run is
+printed, next to the server's).
+
+Setup: 8,000 prompts, concurrency 64. Each contender is warmed up once, then run
+``--rounds`` times (9) interleaved, rotating the order, so each round's two runs are
+back to back. The table shows each contender's median, and as the ratio the median of
+the rounds' own flux ÷ raw ratios: on a shared machine whose load drifts from second to
+second, a ratio of two runs made side by side is steadier than a ratio of two medians
+(printed in the notes as well).
+
+* flux-async: ``FluxClient(api_key=..., base_url=..., max_connections=64)
+  .gather_generate(prompts, concurrency=64)``, every other setting default;
+* raw aiohttp: one ``ClientSession`` (``TCPConnector(limit=64)``), a semaphore,
+  ``asyncio.gather``, POST JSON, read the body, ``json.loads``.
+
+Client CPU µs/request is this process's CPU time (``time.process_time()``) over the timed
+region ÷ prompts; imports and the server's start-up are outside it.
+
+Targets: flux-async client CPU/request ≤ 1.10x raw, requests/s ≥ 0.90x raw.
+
+On a busy machine the same code measures ±15 % from one invocation to the next.
+``--instructions`` adds a steadier cross-check (Linux, needs ``valgrind``; about three
+minutes): each contender runs in a child process under callgrind at two batch sizes,
+and the difference of the instruction counts over the difference of the sizes is the
+client's instructions per request, start-up and imports cancelled out. It is repeatable
+to a few per cent (how many answers each loop iteration finds still varies), but counts
+no cache misses or system time.
+
+    python benchmarks/bench_overhead.py [--quick] [--prompts 8000] [--concurrency 64] [--rounds 9]
+    python benchmarks/bench_overhead.py --instructions
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from _common import (
+    FLUX,
+    RAW,
+    RUNNERS,
+    BenchOutput,
+    Row,
+    RunResult,
+    fmt_ratio,
+    interleaved_rounds,
+    measure,
+    median,
+    prompts,
+    run_main,
+)
+from _fastserver import FastServerProcess
+
+CONTENDERS = (FLUX, RAW)
+TARGET_RPS = 0.90
+TARGET_CPU = 1.10
+# Below this share of wall time on the CPU, a client was waiting on something else.
+CLIENT_BUSY_WARNING = 0.85
+# Above this share of wall time on the CPU, the server may be what the client waits on.
+SERVER_BUSY_WARNING = 0.70
+# --instructions: batch sizes whose difference is counted (start-up cancels out).
+INSTRUCTION_SIZES = (500, 2500)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="2,000 prompts, 3 rounds (a smoke run)"
+    )
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per run (8000)")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (9)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions per request under valgrind (slow, steady)",
+    )
+    # Internal: one contender's batch in this process, for --instructions.
+    parser.add_argument(
+        "--child", nargs=3, metavar=("CONTENDER", "N", "BASE_URL"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.prompts is None:
+        args.prompts = 2000 if args.quick else 8000
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 9
+    return args
+
+
+def run(args: argparse.Namespace) -> BenchOutput:
+    n, c = args.prompts, args.concurrency
+    warm_n = max(500, n // 4)
+    print(
+        f"client overhead: {n} prompts, concurrency {c}, fast constant-body server, "
+        f'{args.rounds} interleaved round(s) ("emulator CPU" below: the fast server\'s)'
+    )
+    with FastServerProcess() as server:
+
+        def run_one(name: str, count: int = n) -> RunResult:
+            server.reset()
+            result = measure(name, server, count, c)
+            served = server.stats()["requests"]
+            if served != count:
+                result.errors[f"server saw {served} requests"] += 1
+            return result
+
+        runs = interleaved_rounds(
+            CONTENDERS, args.rounds, run_one, warmup=lambda name: run_one(name, warm_n)
+        )
+
+    rps = {name: median(r.rps for r in rs) for name, rs in runs.items()}
+    cpu = {name: median(r.cpu_us_per_request for r in rs) for name, rs in runs.items()}
+    busy = {name: median(r.busy for r in rs) for name, rs in runs.items()}
+    server_busy = {
+        name: median(r.server_cpu / r.wall for r in rs if r.server_cpu is not None)
+        for name, rs in runs.items()
+    }
+    failed = {name: sum(r.failed for r in rs) for name, rs in runs.items()}
+    pairs = list(zip(runs[FLUX], runs[RAW], strict=True))
+    paired_rps = [f.rps / r.rps for f, r in pairs]
+    paired_cpu = [f.cpu_us_per_request / r.cpu_us_per_request for f, r in pairs]
+    rps_ratio = median(paired_rps)
+    cpu_ratio = median(paired_cpu)
+    clean = failed[FLUX] == 0 and failed[RAW] == 0
+    setup = f"n={n}, c={c}"
+    rows = [
+        Row(
+            figure=f"fast-server req/s, flux ÷ raw ({setup})",
+            flux=f"{rps[FLUX]:.0f} req/s",
+            peer=f"{RAW} {rps[RAW]:.0f} req/s",
+            ratio=fmt_ratio(rps_ratio),
+            target=f">= {TARGET_RPS:.2f}x",
+            met=clean and rps_ratio >= TARGET_RPS,
+        ),
+        Row(
+            figure="fast-server client CPU us/req, flux ÷ raw",
+            flux=f"{cpu[FLUX]:.0f} us",
+            peer=f"{RAW} {cpu[RAW]:.0f} us",
+            ratio=fmt_ratio(cpu_ratio),
+            target=f"<= {TARGET_CPU:.2f}x",
+            met=clean and cpu_ratio <= TARGET_CPU,
+        ),
+    ]
+    notes = [
+        f"median of {args.rounds} interleaved round(s) after one warm-up of {warm_n} "
+        "prompts each, against a constant-body asyncio server in its own process; "
+        "flux ÷ raw round by round (the table's ratio is their median): req/s "
+        + ", ".join(f"{p:.2f}" for p in paired_rps)
+        + "; CPU/req "
+        + ", ".join(f"{p:.2f}" for p in paired_cpu)
+        + f"; ratio of the medians instead: req/s {fmt_ratio(rps[FLUX] / rps[RAW])}, "
+        f"CPU/req {fmt_ratio(cpu[FLUX] / cpu[RAW])}; "
+        + "; ".join(
+            f"{name}: {rps[name]:.0f} req/s, {cpu[name]:.0f} us CPU/req, client on CPU "
+            f"{100 * busy[name]:.0f}% / server {100 * server_busy[name]:.0f}% of the wall "
+            f"time, {failed[name]} failed"
+            for name in CONTENDERS
+        )
+    ]
+    if args.instructions:
+        instructions = count_instructions(c)
+        ir_ratio = instructions[FLUX] / instructions[RAW]
+        rows.append(
+            Row(
+                figure="fast-server client instructions/req, flux ÷ raw (callgrind)",
+                flux=f"{instructions[FLUX] / 1000:.0f}k",
+                peer=f"{RAW} {instructions[RAW] / 1000:.0f}k",
+                ratio=fmt_ratio(ir_ratio),
+                target="(info)",
+                met=None,
+            )
+        )
+        low, high = INSTRUCTION_SIZES
+        notes.append(
+            f"instructions per request: (count at {high} prompts - count at {low}) / "
+            f"{high - low}, each contender alone in a child process under callgrind, c={c}"
+        )
+    if min(busy.values()) < CLIENT_BUSY_WARNING:
+        notes.append(
+            f"the clients were on the CPU only {100 * min(busy.values()):.0f}% of the wall "
+            "time (median round): other load on the machine took the rest, which makes the "
+            "req/s ratio noisy; the CPU us/req ratio is the better guide"
+        )
+    if max(server_busy.values()) > SERVER_BUSY_WARNING:
+        notes.append(
+            f"the server was on the CPU up to {100 * max(server_busy.values()):.0f}% of the "
+            "wall time: it may have paced the clients (other load on the machine?), which "
+            "pulls the req/s ratio toward 1; the CPU us/req ratio is the better guide"
+        )
+    return BenchOutput("client overhead (fast server)", rows, notes)
+
+
+def count_instructions(concurrency: int) -> dict[str, float]:
+    """Client instructions per request for each contender, counted by callgrind."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise RuntimeError("--instructions needs valgrind on the PATH")
+    low, high = INSTRUCTION_SIZES
+    out: dict[str, float] = {}
+    with FastServerProcess() as server:
+        for name in CONTENDERS:
+            counts = []
+            for n in (low, high):
+                cmd = [
+                    valgrind,
+                    "--tool=callgrind",
+                    "--callgrind-out-file=/dev/null",
+                    sys.executable,  # the interpreter itself, not a wrapper script
+                    str(Path(__file__).resolve()),
+                    "--concurrency",
+                    str(concurrency),
+                    "--child",
+                    name,
+                    str(n),
+                    server.base_url,
+                ]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                found = re.search(r"Collected : (\d+)", done.stderr)
+                if done.returncode != 0 or found is None:
+                    raise RuntimeError(f"callgrind run failed:\n{done.stderr[-2000:]}")
+                counts.append(int(found.group(1)))
+            out[name] = (counts[1] - counts[0]) / (high - low)
+            print(f"  instructions {name:<12} {out[name] / 1000:7.0f}k per request", flush=True)
+    return out
+
+
+def run_child(args: argparse.Namespace) -> int:
+    name, n, base_url = args.child[0], int(args.child[1]), args.child[2]
+    result = RunResult(name, n)
+    asyncio.run(RUNNERS[name](base_url, prompts(n), args.concurrency, result))
+    return 0 if result.failed == 0 else 1
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        return run_child(args)
+    run(args).print()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
