@@ -15,13 +15,12 @@ Example::
 
 from ._client import (
     DEFAULT_BASE_URL,
-    DEFAULT_TIMEOUT,
     ENV_API_KEY,
     ENV_BASE_URL,
     FluxClient,
     RequestFields,
-    Timeout,
 )
+from ._config import DEFAULT_TIMEOUT, Timeout
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -54,6 +53,13 @@ from ._models import (
 )
 from ._outage import OutageGuard, OutageStatistics
 from ._retry import RetryBudget, RetryBudgetStatistics, RetryPolicy
+from ._transport import (
+    AiohttpTransport,
+    AsyncTransport,
+    MockTransport,
+    TransportRequest,
+    TransportResponse,
+)
 from ._version import __version__
 
 __all__ = [
@@ -71,6 +77,8 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "AiohttpTransport",
+    "AsyncTransport",
     "AuthenticationError",
     "BadRequestError",
     "ClientClosedError",
@@ -88,6 +96,7 @@ __all__ = [
     "InternalServerError",
     "Limiter",
     "LimiterStatistics",
+    "MockTransport",
     "NotFoundError",
     "OutageGuard",
     "OutageStatistics",
@@ -100,6 +109,8 @@ __all__ = [
     "RetryBudgetStatistics",
     "RetryPolicy",
     "Timeout",
+    "TransportRequest",
+    "TransportResponse",
     "UnprocessableEntityError",
     "ValidationError",
     "__version__",

@@ -60,7 +60,7 @@ DEFAULT_TOLERANCE = 0.05
 _MIN_SPAN = 0.25
 # Cuts are futile when the rate fell to this share of the reference and the share of
 # attempts the server accepts did not grow.
-_FUTILE_DROP = 0.75
+_FUTILE_DROP = 0.82
 
 
 class RateTarget(Protocol):
@@ -70,7 +70,7 @@ class RateTarget(Protocol):
 
         class SharedPacer:                       # keeps its state in Redis, say
             rate: float | None = None
-            def set_rate(self, rate: float, *, cut: bool = False) -> None:
+            def set_rate(self, rate: float | None, *, cut: bool = False) -> None:
                 self.rate = rate                 # and write it where every process reads it
 
         controller = AdaptiveController(SharedPacer(), ceiling=None)
@@ -80,49 +80,73 @@ class RateTarget(Protocol):
     def rate(self) -> float | None:
         """Permits per second now; None while unpaced."""
 
-    def set_rate(self, rate: float, *, cut: bool = False) -> None:
-        """Pace at ``rate`` (> 0) from now on; ``cut=True`` when slowing down for a 429."""
+    def set_rate(self, rate: float | None, *, cut: bool = False) -> None:
+        """Pace at ``rate`` (> 0) from now on, or stop pacing (None); ``cut=True`` when
+        slowing down for a 429."""
 
 
 class _Futility:
-    """Whether cuts have stopped helping: since the reference point the rate fell by a
-    quarter, yet the share of attempts the server accepted did not grow.
+    """Whether cuts have stopped helping: the rate fell by a quarter from one stretch of
+    answers to the next, yet the share the server accepted did not grow.
 
     A server at its capacity accepts a larger share as the rate falls towards it; one that
     refuses a fixed share (or every first attempt) accepts the same share at any rate.
-    Once futile, cuts stay off until the server accepts nearly everything again (`clear`,
-    after a window without a 429) or refuses a clearly larger share (a real overload on top).
+    Shares are counted over *stretches* of answers, not windows: at a low rate, or with
+    the gate shut most of the time, a window holds one answer or none, and a verdict needs
+    a few (`_MIN_EVIDENCE`). Once futile, cuts stay off until a clearly larger share is
+    refused (a real overload on top), or the limiter moves to a new clock (`clear`).
     """
 
-    __slots__ = ("futile", "reference")
+    __slots__ = ("futile", "origin", "reference", "stretch")
 
     def __init__(self) -> None:
-        # The rate and accepted share when cuts were last seen to work.
-        self.reference: tuple[float, float] | None = None
         self.futile = False  # 429s do not fall with the rate: the server's own reasons
+        # The rate before the storm's first cut (None: unpaced), given back when futile.
+        self.origin: float | object | None = _UNSET
+        # The last stretch weighed: (its rate, the share accepted in it).
+        self.reference: tuple[float, float] | None = None
+        # The stretch being counted: (its rate, successes and 429s so far when it began).
+        self.stretch: tuple[float, int, int] | None = None
 
     def clear(self) -> None:
-        self.reference = None
         self.futile = False
+        self.origin = _UNSET
+        self.reference = None
+        self.stretch = None
 
-    def observe(self, rate: float, share: float) -> float | None:
-        """Weigh a window's accepted ``share`` at ``rate``; return the rate to give back
-        when the cuts have just turned out futile, else None."""
+    def observe(self, rate: float, successes: int, limited: int) -> bool:
+        """Weigh the answers so far (running totals) at the current ``rate``; True when
+        the cuts have just turned out futile (the caller then gives back `origin`)."""
+        stretch = self.stretch
+        if stretch is None:
+            self.stretch = (rate, successes, limited)
+            return False
+        start_rate, s0, l0 = stretch
+        answers = (successes - s0) + (limited - l0)
+        if answers < _MIN_EVIDENCE or (not self.futile and rate > _FUTILE_DROP * start_rate):
+            return False  # not enough answers, or not enough change, to weigh yet
+        share = (successes - s0) / answers
         reference = self.reference
+        self.stretch = (rate, successes, limited)
         if reference is None:
-            self.reference = (rate, share)
+            self.reference = (start_rate, share)
         elif self.futile:
-            if share < 0.5 * reference[1]:
+            if share < 0.5 * reference[1] and answers >= 2 * _MIN_EVIDENCE:
                 # A clearly larger share refused: a real overload on top. Cut again.
-                self.reference = (rate, share)
+                self.reference = (start_rate, share)
                 self.futile = False
         elif share > 1.1 * reference[1] + 0.02:
-            # Cuts are working: measure the next ones from here.
-            self.reference = (rate, share)
-        elif rate <= _FUTILE_DROP * reference[0]:
+            self.reference = (start_rate, share)  # cuts are working: carry on
+        else:
             self.futile = True
-            return reference[0]
-        return None
+            return True
+        return False
+
+
+_UNSET = object()
+# Answers (successes and 429s) a stretch needs before its share is weighed: with fewer,
+# the noise in a share passes for a change. Twice as many to leave the futile state.
+_MIN_EVIDENCE = 10
 
 
 class AdaptiveController:
@@ -166,6 +190,7 @@ class AdaptiveController:
         "_increase",
         "_last_cut",
         "_limited",
+        "_limited_total",
         "_min_rate",
         "_probing",
         "_recovering",
@@ -218,6 +243,7 @@ class AdaptiveController:
         self._probing = False  # after the first cut from unpaced: grow multiplicatively
         # Successes per window, for the floor under a cut and the futility test.
         self._successes = 0
+        self._limited_total = 0
         self._success_mark = (NEVER, 0)  # (start of the current count, count then)
         self._success_rate = 0.0  # successes/s over the last full window
         self._futility = _Futility()
@@ -315,6 +341,7 @@ class AdaptiveController:
         self._limited.clear()
         self._first_grant = self._last_cut = self._calm_since = NEVER
         self._success_mark = (NEVER, self._successes)
+        self._futility.clear()
 
     # -- decisions ---------------------------------------------------------------------
 
@@ -322,10 +349,8 @@ class AdaptiveController:
         """Record a 429; True when 429s are more than ``tolerance`` of the window's sends."""
         limited = self._limited
         cutoff = now - self._window
-        if not limited or limited[-1] <= cutoff:
-            # A window without a 429: whatever storm taught us about futility is over.
-            self._futility.clear()
         limited.append(now)
+        self._limited_total += 1
         while limited[0] <= cutoff:
             limited.popleft()
         grants = self._grants
@@ -369,6 +394,8 @@ class AdaptiveController:
         rate = max(floor, self._decrease_factor * measured)
         if self._ceiling is not None and rate > self._ceiling:
             rate = self._ceiling  # min_rate may exceed a per-minute ceiling: the ceiling wins
+        if self._futility.origin is _UNSET:
+            self._futility.origin = old
         self._last_cut = now
         self._cuts += 1
         self._probing = old is None
@@ -385,16 +412,16 @@ class AdaptiveController:
         rate = self._target.rate
         if now - self._last_cut + SLACK < self._window or rate is None:
             return self._futility.futile
-        limited = len(self._limited)
-        successes = self._success_rate * self._window
-        share = successes / (successes + limited) if successes + limited else 0.0
-        give_back = self._futility.observe(rate, share)
-        if give_back is not None:
-            # Give back what the futile cuts took and find the server's pace again fast.
-            rate = give_back if self._ceiling is None else min(give_back, self._ceiling)
-            self._target.set_rate(rate)
+        if self._futility.observe(rate, self._successes, self._limited_total):
+            # Give back what the futile cuts took: the rate before the storm (unpaced, if it
+            # was), within the ceiling, and find the server's pace again fast from there.
+            origin = self._futility.origin
+            back = float(origin) if isinstance(origin, int | float) else None
+            if self._ceiling is not None:
+                back = self._ceiling if back is None else min(back, self._ceiling)
+            self._target.set_rate(back)
             self._probing = True
-            self._recovering = self._ceiling is None or rate < self._ceiling
+            self._recovering = back is not None and (self._ceiling is None or back < self._ceiling)
         return self._futility.futile
 
     def __repr__(self) -> str:

@@ -21,23 +21,29 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
-import aiohttp
 import attrs
-import yarl
 
+from ._config import Timeout
 from ._counters import Counters
 from ._exceptions import (
     APIConnectionError,
     APIError,
     APIResponseValidationError,
+    ClientClosedError,
     DeadlineExceededError,
     RateLimitError,
-    translate_aiohttp_error,
 )
 from ._limits import ConcurrencyLimit, Limiter
 from ._models import ImageRequest, ImagesResponse
-from ._outage import OutageGuard
+from ._outage import FREE_PROBE_FAILURES, OutageGuard
 from ._retry import RetryBudget, RetryDecision, RetryPolicy, decide_retry
+from ._transport import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    AsyncTransport,
+    RequestHeaders,
+    TransportRequest,
+    TransportResponse,
+)
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -48,14 +54,9 @@ __all__ = [
 
 logger = logging.getLogger("flux_async")
 
-#: Bytes of one JSON answer read at most when images come as URLs: a real answer is a
-#: few hundred bytes, so this only stops a broken or hostile server from filling memory.
-DEFAULT_MAX_RESPONSE_BYTES = 4 * 2**20
 #: With ``response_format="b64_json"`` the images are inside the answer: this much more
 #: per image (a 2048x2048 PNG is about 8 MB as base64).
 B64_BYTES_PER_IMAGE = 24 * 2**20
-#: Bytes of an error body kept to build the error from; the rest is not read.
-_ERROR_BODY_BYTES = 64 * 2**10
 
 
 def response_cap(request: ImageRequest, n: int | None, max_bytes: int | None) -> int:
@@ -76,23 +77,23 @@ def response_cap(request: ImageRequest, n: int | None, max_bytes: int | None) ->
 class CallContext:
     """What every call of one client shares, fixed when the client is made.
 
-    * ``url``: where calls go; ``safe_url`` the same without credentials or query, and
-      ``label`` ``"POST <safe_url>"``, for logs and errors;
-    * ``session``: returns the client's pool (made lazily; raises `ClientClosedError`
-      once the client is closed);
-    * ``headers``: headers each request must carry itself (None when the session
-      already carries them);
+    * ``url``: where calls go; ``label`` is ``"POST <url>"`` without credentials or
+      query, for logs and errors;
+    * ``transport``: sends each attempt;
+    * ``headers``: the headers every request carries (an ``Idempotency-Key`` is added
+      per call);
+    * ``is_closed``: whether the client has been closed (checked before each retry);
     * ``new_key``: makes an ``Idempotency-Key`` for a call that was given none;
     * ``limiter``, ``budget``, ``outage``: the client's defaults, shared by its calls;
     * ``status_error``: builds the typed error for an error status;
     * ``max_response_bytes``: the body cap, or None for `response_cap`'s defaults.
     """
 
-    url: yarl.URL
-    safe_url: str
+    url: str
     label: str
-    session: Callable[[], aiohttp.ClientSession]
-    headers: Mapping[str, str] | None
+    transport: AsyncTransport
+    headers: Mapping[str, str]
+    is_closed: Callable[[], bool]
     new_key: Callable[[], str]
     limiter: Limiter
     budget: RetryBudget
@@ -105,7 +106,7 @@ async def run_request(
     ctx: CallContext,
     request: ImageRequest,
     policy: RetryPolicy,
-    timeout: aiohttp.ClientTimeout,
+    timeout: Timeout,
     idempotency_key: str | None,
     slot: ConcurrencyLimit | None = None,
     limiter: Limiter | None = None,
@@ -156,15 +157,14 @@ class Call:
 
     __slots__ = (
         "attempts",
-        "body",
-        "cap",
         "counters",
         "ctx",
-        "headers",
+        "free_probes",
         "limiter",
         "policy",
+        "request",
         "slot",
-        "timeout",
+        "uncounted",
     )
 
     def __init__(
@@ -173,27 +173,34 @@ class Call:
         request: ImageRequest,
         n: int | None,
         policy: RetryPolicy,
-        timeout: aiohttp.ClientTimeout,
+        timeout: Timeout,
         idempotency_key: str | None,
         slot: ConcurrencyLimit | None,
         limiter: Limiter | None,
         counters: Counters | None,
     ) -> None:
         self.ctx = ctx
-        self.body = request.to_bytes(n)
-        key = idempotency_key or ctx.new_key()
-        if ctx.headers is None:
-            self.headers: Mapping[str, str] = {"Idempotency-Key": key}
-        else:
-            self.headers = {**ctx.headers, "Idempotency-Key": key}
+        # Built once: every attempt of the call sends exactly the same request.
+        self.request = TransportRequest(
+            method="POST",
+            url=ctx.url,
+            headers=RequestHeaders(
+                ctx.headers, {"Idempotency-Key": idempotency_key or ctx.new_key()}
+            ),
+            body=request.to_bytes(n),
+            timeout=timeout,
+            max_response_bytes=response_cap(request, n, ctx.max_response_bytes),
+        )
         self.limiter = ctx.limiter if limiter is None else limiter
         self.policy = policy
-        self.timeout = timeout
         self.slot = slot
         self.counters = counters
-        self.cap = response_cap(request, n, ctx.max_response_bytes)
         #: Attempts sent so far (an attempt held at a gate and cancelled is not one).
         self.attempts = 0
+        #: Failed outage probes that did not count against max_attempts, and whether the
+        #: last failure was one of them.
+        self.free_probes = 0
+        self.uncounted = False
 
     async def run(self) -> tuple[ImagesResponse, int]:
         """Attempts until success or the policy gives up: (response, attempts sent)."""
@@ -230,6 +237,9 @@ class Call:
         while True:
             if isinstance(exc, RateLimitError):
                 rate_limited += 1
+            elif self.uncounted:
+                # A failed outage probe: sent for every held prompt, charged to none.
+                self.uncounted = False
             else:
                 failures += 1
             remaining = None if deadline_at is None else deadline_at - loop.time()
@@ -264,6 +274,8 @@ class Call:
                 )
             try:
                 await self._sleep(decision.wait)
+                if self.ctx.is_closed():
+                    raise ClientClosedError("this FluxClient was closed while a call was running")
                 response = await self.attempt()
             except APIError as next_exc:
                 exc = next_exc
@@ -318,33 +330,40 @@ class Call:
         """One HTTP attempt: outage guard, slot, permit, POST, then the answer or an error."""
         outage = self.ctx.outage
         # A test-mode policy never waits, here as in backoff.
-        probe = await outage.enter() if outage.is_open and self.policy.wait else False
+        probe = await outage.enter(self._rank()) if outage.is_open and self.policy.wait else False
         try:
-            status, raw, headers = await self._exchange()
+            answer = await self._exchange()
         except APIConnectionError:
             outage.on_failure(probe)
+            if probe:
+                self._probe_failed()
             raise
         except BaseException:
             if probe:
                 outage.abandon_probe()
             raise
+        status = answer.status
+        headers = answer.headers
         request_id = headers.get("x-request-id")
         if status < 300:
             outage.on_success(probe)
             self.limiter.on_success()
-            if raw is None:
+            if answer.truncated:
                 raise APIResponseValidationError(
-                    f"The server answered {status} with a body over {self.cap} bytes "
-                    "(max_response_bytes); it was not read",
+                    f"The server answered {status} with a body over "
+                    f"{self.request.max_response_bytes} bytes (max_response_bytes); "
+                    "it was not read",
                     request_id=request_id,
                     attempts=self.attempts,
                 )
-            return ImagesResponse.from_bytes(raw, request_id=request_id)
+            return ImagesResponse.from_bytes(answer.body, request_id=request_id)
         if status >= 500:
             outage.on_failure(probe)
+            if probe:
+                self._probe_failed()
         else:
             outage.on_success(probe)
-        error = self.ctx.status_error(status, raw or b"", headers, request_id)
+        error = self.ctx.status_error(status, answer.body, headers, request_id)
         error.attempts = self.attempts
         if isinstance(error, RateLimitError):
             if self.counters is not None:
@@ -358,12 +377,21 @@ class Call:
                 self.limiter.on_rate_limited(retry_after)
         raise error
 
-    async def _exchange(self) -> tuple[int, bytes | None, Mapping[str, str]]:
-        """Slot, permit, POST and read: (status, body or None if over the cap, headers)."""
+    def _rank(self) -> int:
+        """Where this call stands in the outage guard's line for the next probe: calls
+        that have sent more attempts go first, unless their free probes are used up."""
+        return self.attempts if self.free_probes < FREE_PROBE_FAILURES else -1
+
+    def _probe_failed(self) -> None:
+        if self.free_probes < FREE_PROBE_FAILURES:
+            self.free_probes += 1
+            self.uncounted = True
+
+    async def _exchange(self) -> TransportResponse:
+        """Slot, permit, then one exchange through the transport."""
         slot = self.slot
         limiter = self.limiter
         counters = self.counters
-        session = self.ctx.session()
         if slot is not None and not slot.try_acquire():
             await slot.acquire()
         try:
@@ -372,53 +400,11 @@ class Call:
             if counters is not None:
                 counters.in_flight += 1
             self.attempts += 1
-            failure: BaseException | None = None
             try:
-                async with session.post(
-                    self.ctx.url, data=self.body, headers=self.headers, timeout=self.timeout
-                ) as resp:
-                    status = resp.status
-                    headers = resp.headers
-                    length = resp.content_length
-                    if (
-                        length is not None
-                        and length <= self.cap
-                        and "Content-Encoding" not in headers
-                    ):
-                        raw: bytes | None = await resp.read()
-                    else:
-                        raw = await _read_capped(
-                            resp, self.cap if status < 300 else _ERROR_BODY_BYTES, status
-                        )
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                failure = exc
+                return await self.ctx.transport.send(self.request)
             finally:
                 if counters is not None:
                     counters.in_flight -= 1
         finally:
             if slot is not None:
                 slot.release()
-        if failure is not None:
-            # Raised here, outside the except block, so the error carries no __context__:
-            # aiohttp's exceptions can hold our request headers, Authorization included.
-            raise translate_aiohttp_error(failure, url=self.ctx.safe_url)
-        return status, raw, headers
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int, status: int) -> bytes | None:
-    """Read at most ``cap`` bytes (after decompression). Over the cap: None for a 2xx,
-    whose body is useless cut short, else the first ``cap`` bytes, for the error."""
-    length = resp.content_length
-    if length is not None and length > cap and "Content-Encoding" not in resp.headers:
-        return None if status < 300 else await resp.content.read(cap)
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            if status < 300:
-                return None
-            parts.append(chunk[: cap - (size - len(chunk))])
-            break
-        parts.append(chunk)
-    return b"".join(parts)

@@ -10,10 +10,8 @@ held across a backoff sleep.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import itertools
-import math
 import os
 import sys
 import warnings
@@ -26,11 +24,11 @@ import attrs
 import yarl
 
 from ._attempt import CallContext, run_request
+from ._config import DEFAULT_TIMEOUT, Timeout, check_seconds, check_timeout, is_finite_positive
 from ._exceptions import (
     APIError,
     ClientClosedError,
     DeadlineExceededError,
-    FluxError,
     ValidationError,
     error_body,
     error_for_status,
@@ -47,84 +45,25 @@ from ._limits import Limiter, RateLimiter
 from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
 from ._outage import OutageGuard
 from ._retry import RetryBudget, RetryPolicy, parse_retry_after
+from ._transport import DEFAULT_MAX_CONNECTIONS, AiohttpTransport, AsyncTransport
 from ._version import __version__
 
 __all__ = [
     "DEFAULT_BASE_URL",
-    "DEFAULT_TIMEOUT",
     "ENV_API_KEY",
     "ENV_BASE_URL",
     "FluxClient",
     "RequestFields",
-    "Timeout",
 ]
 
 ENV_API_KEY = "FLUX_API_KEY"
 ENV_BASE_URL = "FLUX_BASE_URL"
 #: The contract's server, with the ``/v1`` that OpenAI-style base URLs end in.
 DEFAULT_BASE_URL = "https://api.chainhub.tech/v1"
-DEFAULT_MAX_CONNECTIONS = 100
 
 _USER_AGENT = f"flux-async/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
 _ENDPOINT = "images/generations"
 _JSON_TYPES = ("application/json", "application/problem+json")
-
-
-def _is_finite_positive(value: object) -> bool:
-    """A finite number > 0 (seconds, a rate); a bool is not a number here."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value) and value > 0
-    except OverflowError:
-        # An int too large for a float: no clock can time it.
-        return False
-
-
-def _check_seconds(field: str, value: object) -> None:
-    if value is not None and not _is_finite_positive(value):
-        raise ValidationError(field, value, "a finite number of seconds > 0, or None for none")
-
-
-def _optional_positive(name: str) -> Any:
-    def check(_: object, __: object, value: object) -> None:
-        _check_seconds(name, value)
-
-    return check
-
-
-def _check_timeout(value: object, *, optional: bool = True) -> None:
-    """``timeout`` is a `Timeout` (or None per call); a bare number is the usual slip."""
-    if isinstance(value, Timeout) or (optional and value is None):
-        return
-    example = f"Timeout(total={value!r})" if _is_finite_positive(value) else "Timeout(total=60)"
-    allowed = "a flux_async.Timeout or None" if optional else "a flux_async.Timeout"
-    raise ValidationError("timeout", value, f"{allowed}; pass {example}")
-
-
-@attrs.frozen(kw_only=True)
-class Timeout:
-    """Time limits for one HTTP attempt (the whole call's limit is the retry deadline).
-
-    ``connect`` (10 s) bounds getting a connection; ``total`` (300 s) bounds one attempt
-    from send to the last byte: image models take seconds to minutes, so it is generous.
-    ``None`` disables a limit. Each must be a finite number of seconds > 0 or ``None``;
-    anything else raises `ValidationError`.
-
-    Example::
-
-        client = FluxClient(timeout=Timeout(connect=5, total=600))
-        await client.generate("x", timeout=Timeout(total=30))
-    """
-
-    connect: float | None = attrs.field(default=10.0, validator=_optional_positive("connect"))
-    total: float | None = attrs.field(default=300.0, validator=_optional_positive("total"))
-
-    def _aiohttp(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=self.total, connect=self.connect)
-
-
-DEFAULT_TIMEOUT = Timeout()
 
 
 class RequestFields(TypedDict, total=False):
@@ -220,6 +159,102 @@ def _check_default_headers(headers: object) -> None:
             )
 
 
+def _api_key(api_key: object) -> str | None:
+    """The key given, else ``$FLUX_API_KEY``, checked (and never shown in an error)."""
+    if api_key is None:
+        api_key = os.environ.get(ENV_API_KEY) or None
+    if api_key is None:
+        return None
+    if not isinstance(api_key, str) or not api_key.strip():
+        raise ValidationError("api_key", "<redacted>", "a non-empty string, or None")
+    if api_key != api_key.strip() or not _header_safe(api_key):
+        # Typically a key read from a file with its newline: it would fail every call.
+        raise ValidationError(
+            "api_key",
+            "<redacted>",
+            "a key without surrounding whitespace or line breaks (strip the key you read)",
+        )
+    return api_key
+
+
+def _check_settings(
+    *,
+    timeout: object,
+    retry: object,
+    retry_budget: object,
+    limiter: object,
+    outage: object,
+    max_response_bytes: object,
+) -> None:
+    """Every client setting of the right type, before anything else happens."""
+    check_timeout(timeout, optional=False)
+    for name, value, kind in (
+        ("retry", retry, RetryPolicy),
+        ("retry_budget", retry_budget, RetryBudget),
+        ("limiter", limiter, Limiter),
+        ("outage", outage, OutageGuard),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise ValidationError(name, value, f"a flux_async.{kind.__name__}, or None")
+    if max_response_bytes is not None and (
+        type(max_response_bytes) is not int or max_response_bytes < 1024
+    ):
+        raise ValidationError(
+            "max_response_bytes", max_response_bytes, "an integer >= 1024, or None"
+        )
+
+
+def _warn_if_not_loopback(url: yarl.URL) -> None:
+    if not _is_loopback(url.host or ""):
+        warnings.warn(
+            f"FluxClient sends credentials to {url.host} over plain http://: the API key "
+            "would cross the network in clear text. Use an https:// base_url (plain "
+            "http is fine for a server on this machine: localhost, 127.0.0.1, ::1).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _headers(default_headers: Mapping[str, str] | None, key: _Secret | None) -> dict[str, str]:
+    """The headers every request carries: content negotiation, ours, the caller's, auth."""
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": _USER_AGENT,
+    }
+    if default_headers:
+        headers.update(default_headers)
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key.reveal()}"
+    return headers
+
+
+def _transport(
+    transport: object,
+    session: object,
+    max_connections: object,
+    headers: Mapping[str, str],
+) -> AsyncTransport:
+    """The transport given, or an `AiohttpTransport` (over the caller's session, if any)."""
+    if transport is None:
+        if session is not None and not isinstance(session, aiohttp.ClientSession):
+            raise ValidationError("session", session, "an aiohttp.ClientSession, or None")
+        if type(max_connections) is not int or max_connections < 0:
+            raise ValidationError(
+                "max_connections", max_connections, "an integer >= 0 (0 means no limit)"
+            )
+        return AiohttpTransport(
+            max_connections=max_connections, session=session, default_headers=headers
+        )
+    if not isinstance(transport, AsyncTransport):
+        raise ValidationError("transport", transport, "a flux_async.AsyncTransport, or None")
+    if session is not None:
+        raise ValidationError(
+            "session", session, "None when a transport is given (give it the session)"
+        )
+    return transport
+
+
 class FluxClient:
     """Async client for an OpenAI-format ``/v1/images/generations`` endpoint.
 
@@ -238,9 +273,11 @@ class FluxClient:
     * ``max_response_bytes``: the most bytes read from one answer (default 4 MiB, plus
       24 MiB per image with ``response_format="b64_json"``); a larger 2xx body is an
       `APIResponseValidationError`, a larger error body is cut to an excerpt.
-    * ``session``: an ``aiohttp.ClientSession`` of yours, used as is and never closed by
-      us; otherwise the client makes one lazily, in the running loop, and closes it in
-      `aclose` / ``async with``.
+    * ``transport``: the `AsyncTransport` every attempt goes through: by default an
+      `AiohttpTransport` pool of ``max_connections``, made lazily in the running loop and
+      closed by `aclose` / ``async with``; `MockTransport` tests your code with no
+      sockets. ``session``: an ``aiohttp.ClientSession`` of yours, used as is (through an
+      `AiohttpTransport`) and never closed by us.
 
     Example::
 
@@ -261,60 +298,26 @@ class FluxClient:
         timeout: Timeout = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         session: aiohttp.ClientSession | None = None,
+        transport: AsyncTransport | None = None,
         default_headers: Mapping[str, str] | None = None,
         outage: OutageGuard | None = None,
         max_response_bytes: int | None = None,
     ) -> None:
-        if api_key is None:
-            api_key = os.environ.get(ENV_API_KEY) or None
-        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-            raise ValidationError("api_key", "<redacted>", "a non-empty string, or None")
-        if api_key is not None and (api_key != api_key.strip() or not _header_safe(api_key)):
-            # Typically a key read from a file with its newline: it would fail every call.
-            raise ValidationError(
-                "api_key",
-                "<redacted>",
-                "a key without surrounding whitespace or line breaks (strip the key you read)",
-            )
-        if base_url is None:
-            base_url = os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
-        if type(max_connections) is not int or max_connections < 0:
-            raise ValidationError(
-                "max_connections", max_connections, "an integer >= 0 (0 means no limit)"
-            )
-        _check_timeout(timeout, optional=False)
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ValidationError("retry", retry, "a flux_async.RetryPolicy, or None")
-        if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
-            raise ValidationError("retry_budget", retry_budget, "a flux_async.RetryBudget, or None")
-        if limiter is not None and not isinstance(limiter, Limiter):
-            raise ValidationError("limiter", limiter, "a flux_async.Limiter, or None")
-        if session is not None and not isinstance(session, aiohttp.ClientSession):
-            raise ValidationError("session", session, "an aiohttp.ClientSession, or None")
+        api_key = _api_key(api_key)
+        url = _check_base_url(base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
+        _check_settings(
+            timeout=timeout,
+            retry=retry,
+            retry_budget=retry_budget,
+            limiter=limiter,
+            outage=outage,
+            max_response_bytes=max_response_bytes,
+        )
         _check_default_headers(default_headers)
-        if outage is not None and not isinstance(outage, OutageGuard):
-            raise ValidationError("outage", outage, "a flux_async.OutageGuard, or None")
-        if max_response_bytes is not None and (
-            type(max_response_bytes) is not int or max_response_bytes < 1024
-        ):
-            raise ValidationError(
-                "max_response_bytes", max_response_bytes, "an integer >= 1024, or None"
-            )
         # Validate the default model the same way a request would, before any I/O.
         ImageRequest(prompt="x", model=model)
-        url = _check_base_url(base_url)
-        if (
-            (api_key is not None or url.user)
-            and url.scheme == "http"
-            and not _is_loopback(url.host or "")
-        ):
-            warnings.warn(
-                f"FluxClient sends credentials to {url.host} over plain http://: the API key "
-                "would cross the network in clear text. Use an https:// base_url (plain "
-                "http is fine for a server on this machine: localhost, 127.0.0.1, ::1).",
-                UserWarning,
-                stacklevel=2,
-            )
+        if (api_key is not None or url.user) and url.scheme == "http":
+            _warn_if_not_loopback(url)
         self._base_url = url
         self._url = url.joinpath(_ENDPOINT) if url.path != "/" else url.with_path("/" + _ENDPOINT)
         # Logged and put in errors: never with user:password@ in it.
@@ -324,27 +327,14 @@ class FluxClient:
         self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self.limiter: Limiter = limiter if limiter is not None else RateLimiter()
+        self.outage = outage if outage is not None else OutageGuard()
         self.timeout = timeout
-        self._client_timeout = timeout._aiohttp()
-        self._max_connections = max_connections
-        self._session = session
-        self._owns_session = session is None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": _USER_AGENT,
-        }
-        if default_headers:
-            headers.update(default_headers)
-        if self._api_key is not None:
-            headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
-        self._headers = headers
+        self._headers = _headers(default_headers, self._api_key)
+        self._transport = _transport(transport, session, max_connections, self._headers)
         self._label = f"POST {self._safe_url}"
         self._key_prefix = f"flux-async-{os.urandom(8).hex()}-"
         self._keys = itertools.count(1)
-        self.outage = outage if outage is not None else OutageGuard()
         self._max_response_bytes = max_response_bytes
         self._context = self._make_context()
 
@@ -364,11 +354,11 @@ class FluxClient:
             return self._status_error(status, raw, headers, request_id, self.limiter, False)
 
         return CallContext(
-            url=self._url,
-            safe_url=self._safe_url,
             label=self._label,
-            session=self._get_session,
-            headers=None if self._owns_session else self._headers,
+            url=str(self._url),
+            transport=self._transport,
+            headers=self._headers,
+            is_closed=lambda: self._closed,
             new_key=new_key,
             limiter=self.limiter,
             budget=self.retry_budget,
@@ -414,7 +404,7 @@ class FluxClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool if this client made it. Safe to call twice.
+        """Close the transport (and the pool, if the client made it). Safe to call twice.
 
         Example::
 
@@ -425,36 +415,17 @@ class FluxClient:
                 await client.aclose()
         """
         self._closed = True
-        session, self._session = self._session, None
-        if session is not None and self._owns_session:
-            await session.close()
+        await self._transport.aclose()
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        session = self._session
-        if session is not None:
-            return session
-        if self._closed:
-            raise ClientClosedError("this FluxClient is closed; create a new one")
-        loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop is not loop:
-            raise FluxError(
-                "this FluxClient was used in another event loop; create one client per loop"
-            )
-        self._loop = loop
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
-            ttl_dns_cache=300,
-            keepalive_timeout=60,
-        )
-        # The constant headers live on the session we own, so each request adds only
-        # its Idempotency-Key: aiohttp merges headers key by key on every request.
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._client_timeout,
-            raise_for_status=False,
-            headers=self._headers,
-        )
-        return self._session
+    @property
+    def transport(self) -> AsyncTransport:
+        """The transport every attempt goes through.
+
+        Example::
+
+            FluxClient(transport=MockTransport(handler)).transport
+        """
+        return self._transport
 
     def __repr__(self) -> str:
         key = "set" if self._api_key is not None else "none"
@@ -519,7 +490,7 @@ class FluxClient:
             response = await client.generate("a red fox", aspect_ratio="16:9", n=2)
             print(response.urls)
         """
-        _check_timeout(timeout)
+        check_timeout(timeout)
         if idempotency_key is not None and (
             not isinstance(idempotency_key, str)
             or not idempotency_key.strip()
@@ -530,7 +501,7 @@ class FluxClient:
             )
         request = self.build_request(prompt, fields)
         policy = self._policy(retry, deadline)
-        client_timeout = self._client_timeout if timeout is None else timeout._aiohttp()
+        client_timeout = self.timeout if timeout is None else timeout
         response, _ = await run_request(
             self._context, request, policy, client_timeout, idempotency_key
         )
@@ -584,9 +555,9 @@ class FluxClient:
         """
         if type(concurrency) is not int or concurrency < 1:
             raise ValidationError("concurrency", concurrency, "an integer >= 1")
-        _check_seconds("deadline", deadline)
-        _check_seconds("batch_deadline", batch_deadline)
-        _check_timeout(timeout)
+        check_seconds("deadline", deadline)
+        check_seconds("batch_deadline", batch_deadline)
+        check_timeout(timeout)
         if type(fail_fast) is not bool:
             raise ValidationError("fail_fast", fail_fast, "True or False")
         if on_progress is not None and not callable(on_progress):
@@ -605,13 +576,18 @@ class FluxClient:
                         f"the default ({default}) unless rate_limit is given: per and burst "
                         "need rate_limit (a limiter of your own sets its own)",
                     )
-        if self._owns_session and 0 < self._max_connections < concurrency:
+        pool = (
+            self._transport.max_connections
+            if isinstance(self._transport, AiohttpTransport)
+            else None
+        )
+        if pool and pool < concurrency:
             # Attempts beyond the pool would queue for a connection inside aiohttp, where
             # the wait counts against Timeout.connect and fails as a timeout.
             raise ValidationError(
                 "concurrency",
                 concurrency,
-                f"at most the client's max_connections ({self._max_connections}); "
+                f"at most the client's max_connections ({pool}); "
                 f"create the client with FluxClient(max_connections={concurrency}) or more",
             )
         if limiter is not None and rate_limit is not None:
@@ -619,7 +595,7 @@ class FluxClient:
                 "rate_limit", rate_limit, "None when a limiter is given (set its rate instead)"
             )
         if rate_limit is not None:
-            if not _is_finite_positive(rate_limit):
+            if not is_finite_positive(rate_limit):
                 raise ValidationError(
                     "rate_limit", rate_limit, "a finite number of requests per `per` seconds, > 0"
                 )
@@ -633,7 +609,7 @@ class FluxClient:
             concurrency=concurrency,
             limiter=self.limiter if limiter is None else limiter,
             policy=self._policy(retry, deadline),
-            client_timeout=self._client_timeout if timeout is None else timeout._aiohttp(),
+            client_timeout=self.timeout if timeout is None else timeout,
             fields={"model": self.model, **fields},
             fail_fast=fail_fast,
             batch_deadline=batch_deadline,
@@ -679,9 +655,15 @@ class FluxClient:
                 "prompts", prompts, "an iterable of prompts (wrap a single prompt in a list)"
             )
         requests: list[ImageRequest] = []
+        # Every string prompt shares the batch's fields: validate those once, then only
+        # each prompt (the per-prompt cost of a million-prompt batch).
+        template = self.build_request("x", fields)
         for index, item in enumerate(items):
             try:
-                requests.append(to_request(self.build_request, item, fields))
+                if isinstance(item, str):
+                    requests.append(template.with_prompt(item))
+                else:
+                    requests.append(to_request(self.build_request, item, fields))
             except ValidationError as exc:
                 exc.add_note(f"in prompt #{index} of {len(items)}; nothing was sent")
                 raise

@@ -32,8 +32,7 @@ from ._limits import ConcurrencyLimit, Limiter
 from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
 
 if TYPE_CHECKING:
-    import aiohttp
-
+    from ._config import Timeout
     from ._retry import RetryPolicy
 
 __all__ = [
@@ -202,7 +201,7 @@ class Fanout:
         concurrency: int,
         limiter: Limiter,
         policy: RetryPolicy,
-        client_timeout: aiohttp.ClientTimeout,
+        client_timeout: Timeout,
         fields: Mapping[str, Any],
         fail_fast: bool,
         batch_deadline: float | None,
@@ -294,7 +293,7 @@ class _Engine:
         concurrency: int,
         limiter: Limiter,
         policy: RetryPolicy,
-        client_timeout: aiohttp.ClientTimeout,
+        client_timeout: Timeout,
         fields: Mapping[str, Any],
         fail_fast: bool,
         batch_deadline: float | None,
@@ -322,6 +321,8 @@ class _Engine:
         self._client_timeout = client_timeout
         # Carries the model: the caller fills it in from its client.
         self._fields = dict(fields)
+        # String prompts are this template with their own prompt (see `_to_request`).
+        self._template = ImageRequest(prompt="x", **self._fields)
         self._fail_fast = fail_fast
         self._batch_deadline = batch_deadline
         self._on_progress = on_progress
@@ -518,9 +519,9 @@ class _Engine:
 
     def _to_request(self, item: object) -> ImageRequest:
         if isinstance(item, str):
-            # The hot path of a big batch: skip build_request's field checks, which
-            # iter_generate already did once for the whole batch.
-            return ImageRequest(prompt=item, **self._fields)
+            # The hot path of a big batch: the batch's fields were checked once, in the
+            # template; only the prompt is new.
+            return self._template.with_prompt(item)
         return to_request(self._build, item, self._fields)
 
     async def _process(self, index: int, item: object) -> GenerationResult:

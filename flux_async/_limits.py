@@ -48,7 +48,7 @@ from ._concurrency import ConcurrencyLimit
 from ._exceptions import ValidationError
 from ._gate import PauseGate
 from ._pacer import DEFAULT_BURST, DEFAULT_HORIZON, Pacer
-from ._timing import check_positive
+from ._timing import SLACK, check_positive
 
 __all__ = [
     "DEFAULT_BURST",
@@ -340,8 +340,15 @@ class RateLimiter(Limiter):
         )
         # A tolerated 429 with a short Retry-After (jitter at a strict server's edge) makes
         # only its own request wait; shutting the gate for everyone would cost a slot per
-        # 429. Overload, or a long Retry-After (a spent quota), pauses everyone.
-        if retry_after and (overloaded or retry_after > self._controller.window):
+        # 429. Overload, or a long Retry-After (a spent quota), pauses everyone. A short
+        # pause is not renewed within a window of the gate opening: answers to the first
+        # permits after a pause would otherwise shut it again at once, again and again,
+        # letting one attempt a second through; those 429s just wait their own Retry-After
+        # while the rate cut (once a window) does the slowing.
+        window = self._controller.window
+        if retry_after and (
+            retry_after > window or (overloaded and now - gate.pause_until + SLACK >= window)
+        ):
             gate.shut_until(now + retry_after)
         if gate.pause_until > now:
             # The cut above (if any) has set the new pace: the gate releases at that pace.

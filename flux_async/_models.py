@@ -381,6 +381,25 @@ class ImageRequest:
             fields = {**fields, "aspect_ratio": _UNSET}
         return attrs.evolve(self, **fields)
 
+    def with_prompt(self, prompt: str) -> ImageRequest:
+        """This request with another ``prompt``, which is validated; the rest is copied.
+
+        Every other field was validated when this request was built and does not depend
+        on the prompt, so a batch builds its requests from one template at a fraction of
+        the cost of a full `ImageRequest` each (the per-prompt path of a fan-out).
+
+        Example::
+
+            template = ImageRequest(prompt="x", aspect_ratio="16:9")
+            requests = [template.with_prompt(p) for p in ("a fox", "a crow")]
+        """
+        _check_prompt(None, _PROMPT_FIELD, prompt)
+        copy = _new(ImageRequest)
+        for setter, getter in _COPIERS:
+            setter(copy, getter(self))
+        _set_prompt(copy, prompt)
+        return copy
+
     def to_json(self, n: int | None = None) -> dict[str, Any]:
         """The JSON body to send, with ``n`` overridden for one chunk of a split request.
 
@@ -461,6 +480,17 @@ def _sent_fields(values: tuple[Any, ...]) -> dict[str, Any]:
         name: value for name, value in zip(FIELD_SPECS, values, strict=True) if value is not None
     }
 
+
+_new = object.__new__
+# The slot descriptors of ImageRequest: setting through them skips the frozen class's
+# __setattr__ guard, which is how attrs' own __init__ sets fields too.
+_PROMPT_FIELD = attrs.fields(ImageRequest).prompt
+_set_prompt = ImageRequest.prompt.__set__  # type: ignore[attr-defined]
+_COPIERS = tuple(
+    (getattr(ImageRequest, a.name).__set__, getattr(ImageRequest, a.name).__get__)
+    for a in attrs.fields(ImageRequest)
+    if a.name != "prompt"
+)
 
 #: Compact, UTF-8 as is: one encoder for every body (json.dumps with options builds a
 #: new one per call). Immutable once made, so sharing it is not shared state.
@@ -586,6 +616,10 @@ class ImagesResponse:
             ImagesResponse.from_json({"created": 1, "data": [{"url": "https://x"}]})
         """
 
+        if type(payload) is dict and len(payload) == 2:
+            fast = _plain_urls(payload, request_id)
+            if fast is not None:
+                return fast
         if type(payload) is not dict:
             raise _bad("the body is not a JSON object", payload, request_id)
         data = payload.get("data")
@@ -662,3 +696,42 @@ class ImagesResponse:
             extra=first.extra,
             request_id=first.request_id,
         )
+
+
+_set_url, _set_b64, _set_revised, _set_image_extra = (
+    getattr(Image, a.name).__set__ for a in attrs.fields(Image)
+)
+_set_created, _set_data, _set_response_extra, _set_request_id = (
+    getattr(ImagesResponse, a.name).__set__ for a in attrs.fields(ImagesResponse)
+)
+
+
+def _plain_urls(payload: dict[str, Any], request_id: str | None) -> ImagesResponse | None:
+    """The common answer, ``{"created": int, "data": [{"url": str}, ...]}``, built without
+    the general checks (it passes them all by its shape); None for any other shape.
+
+    Once per response of a million-prompt batch: a third of the general path's cost.
+    """
+    created = payload.get("created")
+    data = payload.get("data")
+    if type(created) is not int or type(data) is not list or not data:
+        return None
+    images = []
+    for item in data:
+        if type(item) is not dict or len(item) != 1:
+            return None
+        url = item.get("url")
+        if type(url) is not str:
+            return None
+        image = _new(Image)
+        _set_url(image, url)
+        _set_b64(image, None)
+        _set_revised(image, None)
+        _set_image_extra(image, _EMPTY)
+        images.append(image)
+    response = _new(ImagesResponse)
+    _set_created(response, created)
+    _set_data(response, tuple(images))
+    _set_response_extra(response, _EMPTY)
+    _set_request_id(response, request_id)
+    return response

@@ -22,16 +22,20 @@ storm of connection attempts. `OutageGuard` is a client-wide circuit breaker:
   which is a wrong URL or port more often than an outage), it stops holding attempts,
   and each prompt ends by its own ``max_attempts`` or deadline as without a guard.
 
-Probes are handed out first come, first served, so a long outage spreads its failed
-probes over many prompts instead of spending one prompt's attempts. A call whose
+The next probe is the held attempt whose call has sent the most attempts (first come,
+first served among equals), and a call's first `FREE_PROBE_FAILURES` failed probes do
+not count against its ``max_attempts``: in a real outage the probes rotate over the
+held prompts and cost none of them anything, while a server that fails each prompt's
+first attempts (a fault per request, not an outage) sees the same prompt probe again and
+get through, which closes the guard at once. A call whose
 `RetryPolicy` never waits (``RetryPolicy.for_tests()``) passes the guard untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import itertools
 import math
 
 import attrs
@@ -43,6 +47,7 @@ __all__ = [
     "DEFAULT_OUTAGE_THRESHOLD",
     "DEFAULT_PROBE_INITIAL",
     "DEFAULT_PROBE_MAX",
+    "FREE_PROBE_FAILURES",
     "OutageGuard",
     "OutageStatistics",
 ]
@@ -54,6 +59,9 @@ DEFAULT_OUTAGE_THRESHOLD = 8
 #: Seconds between probes after the first failed one, doubling up to `DEFAULT_PROBE_MAX`.
 DEFAULT_PROBE_INITIAL = 0.5
 DEFAULT_PROBE_MAX = 4.0
+#: Failed probes per call that do not count against its ``max_attempts``: enough to ride
+#: out a long outage, few enough that a prompt the server always fails (poison) still ends.
+FREE_PROBE_FAILURES = 3
 #: Seconds an outage is waited out before attempts go through again and fail on their own.
 DEFAULT_MAX_OUTAGE = 120.0
 #: The same while the server has never answered: likelier a wrong URL than an outage.
@@ -98,6 +106,7 @@ class OutageGuard:
     """
 
     __slots__ = (
+        "_arrivals",
         "_failures",
         "_listeners",
         "_max_outage",
@@ -147,8 +156,9 @@ class OutageGuard:
         self._probe_delay = self._probe_initial
         self._outages = 0
         self._probes = 0
-        # Held attempts in arrival order; the head is the next probe.
-        self._queue: collections.deque[object] = collections.deque()
+        # Held attempts as (rank, arrival); `_next_in_line` picks the next probe.
+        self._queue: list[tuple[int, int]] = []
+        self._arrivals = itertools.count()
         self._listeners: list[asyncio.Future[None]] = []
 
     @property
@@ -161,15 +171,19 @@ class OutageGuard:
         """
         return self._open
 
-    async def enter(self) -> bool:
+    async def enter(self, rank: int = 0) -> bool:
         """Wait while the guard is open; True when this attempt goes as the probe.
 
-        Callers check `is_open` first, so a closed guard costs no coroutine. A True
-        return must be followed by `on_success` / `on_failure` with ``probe=True``, or
-        `abandon_probe` if the attempt ends without an answer (cancelled).
+        Callers check `is_open` first, so a closed guard costs no coroutine. The next
+        probe is the waiter with the highest ``rank`` (first come first served among
+        equals): the client ranks a call by the attempts it has sent, so a prompt that
+        is failing its own first attempts (a per-request fault, not an outage) gets
+        through them, while in a real outage the probes rotate. A True return must be
+        followed by `on_success` / `on_failure` with ``probe=True``, or `abandon_probe`
+        if the attempt ends without an answer (cancelled).
         """
         loop = asyncio.get_running_loop()
-        me = object()
+        me = (rank, next(self._arrivals))
         self._queue.append(me)
         try:
             while self._open:
@@ -178,7 +192,7 @@ class OutageGuard:
                 limit = self._max_outage if self._seen_up else _MAX_OUTAGE_NEVER_SEEN
                 if held_for >= limit:
                     return False
-                if self._probing or self._queue[0] is not me:
+                if self._probing or self._next_in_line() is not me:
                     await self._changed(loop, limit - held_for)
                     continue
                 delay = min(self._next_probe_at - now, limit - held_for)
@@ -193,6 +207,11 @@ class OutageGuard:
             self._queue.remove(me)
             if self._queue:
                 self._notify()
+
+    def _next_in_line(self) -> tuple[int, int]:
+        # Highest rank, then earliest arrival. The line is at most a fan-out's workers
+        # long and this runs only while the guard is open.
+        return min(self._queue, key=lambda entry: (-entry[0], entry[1]))
 
     async def _changed(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
         listener: asyncio.Future[None] = loop.create_future()

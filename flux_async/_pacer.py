@@ -98,14 +98,20 @@ class Pacer:
         """The latest slot booked (or unpaced grant); -inf before the first."""
         return self._last_slot
 
-    def set_rate(self, rate: float, *, cut: bool = False) -> None:
-        """Pace at ``rate`` permits per second (> 0) from now on.
+    def set_rate(self, rate: float | None, *, cut: bool = False) -> None:
+        """Pace at ``rate`` permits per second (> 0) from now on; None stops pacing.
 
         Growing (``cut=False``) needs no change to ``tat``: the next permit stays at least
         one old (longer) interval after the last, and only later ones come closer
         together. A cut (``cut=True``) applies from the last permit booked instead.
         """
         self._rate = rate
+        if rate is None:
+            # Unpaced again (a futile storm gave back the rate it had before): permits are
+            # due at once, and pacing starts afresh from the next cut.
+            self._interval = self._tau = 0.0
+            self._tat = None
+            return
         self._interval = 1.0 / rate
         self._tau = (self._burst - 1) * self._interval
         if cut and self._last_slot != NEVER:

@@ -259,7 +259,7 @@ async def test_owned_session_is_closed_and_reuse_fails(emulator: Emulator) -> No
     """The client closes the session it made; using it after close raises ClientClosedError."""
     client = FluxClient(api_key=API_KEY, base_url=emulator.base_url)
     await client.generate("x")
-    session = client._session
+    session = client.transport.session
     assert session is not None
     await client.aclose()
     assert session.closed

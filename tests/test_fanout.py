@@ -226,7 +226,7 @@ async def test_cancellation_leaks_nothing() -> None:
         assert _flux_tasks_since(before) == []
         assert fanout.statistics().in_flight == 0
         assert gate.acquired == 8  # nothing new started after the cancel
-        connector = client._session.connector if client._session else None
+        connector = client.transport.session.connector if client.transport.session else None
         assert connector is not None
         assert not connector._acquired  # every connection went back / was closed
 
@@ -366,8 +366,8 @@ async def test_gather_cancellation_leaks_nothing() -> None:
             await task
         assert _flux_tasks_since(before) == []
         assert gate.acquired == 4
-        assert client._session is not None
-        assert not client._session.connector._acquired  # type: ignore[union-attr]
+        assert client.transport.session is not None
+        assert not client.transport.session.connector._acquired  # type: ignore[union-attr]
 
 
 async def test_split_prompts_are_not_counted_as_retries(client: FluxClient) -> None:
@@ -403,6 +403,6 @@ async def test_breaking_out_without_async_with_stops_every_worker() -> None:
         await asyncio.gather(*workers, return_exceptions=True)
         # At most the first wave and the attempts the queue had room for were sent.
         assert emu.stats.requests <= 16 * 5
-        connector = client._session.connector if client._session else None
+        connector = client.transport.session.connector if client.transport.session else None
         assert connector is not None
         assert not connector._acquired

@@ -667,3 +667,33 @@ async def test_a_server_at_capacity_is_still_found() -> None:
 
     await serve(limiter, 30.0, capacity)
     assert 7.0 <= rate_of(limiter) <= 13.0
+
+
+@pytest.mark.looptime
+async def test_429_storm_with_retry_after_does_not_collapse_an_unpaced_limiter() -> None:
+    """Every prompt's first two attempts get 429 + Retry-After 1 s (the issue's probe).
+
+    The gate's silences must not reset what the limiter learnt: once cuts prove futile
+    it goes back to unpaced, and the 16 callers keep ~16 attempts on the wire per pause
+    instead of ~1 (before: 0 prompts done after 120 s, rate at its 0.1/s floor).
+    """
+    limiter = RateLimiter()
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        while now() < 30.0:
+            for attempt in range(3):
+                await limiter.acquire()
+                await asyncio.sleep(0.05)  # the round trip
+                if attempt < 2:
+                    limiter.on_rate_limited(1.0)
+                    await asyncio.sleep(1.0)  # the prompt's own Retry-After
+                else:
+                    limiter.on_success()
+                    done += 1
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    assert limiter.statistics().rate is None  # unpaced again: cuts were futile
+    assert limiter.statistics().cuts <= 8
+    assert done >= 16 * 30 / 2.2 * 0.8

@@ -7,6 +7,7 @@ import math
 import warnings
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -228,8 +229,8 @@ def test_timeout_refuses_bad_seconds(field: str, value: object) -> None:
 def test_timeout_accepts_numbers_and_none() -> None:
     """Ints, floats and None are fine and reach aiohttp as they are."""
     timeout = Timeout(connect=None, total=2)
-    assert timeout._aiohttp().total == 2
-    assert Timeout(connect=0.5, total=None)._aiohttp().connect == 0.5
+    assert aiohttp.ClientTimeout(total=timeout.total, connect=timeout.connect).total == 2
+    assert Timeout(connect=0.5, total=None).connect == 0.5
 
 
 @FUZZ
@@ -246,7 +247,7 @@ def test_timeout_fuzz(value: object) -> None:
     assert value is None or (
         type(value) in (int, float) and math.isfinite(value) and value > 0  # type: ignore[arg-type]
     )
-    timeout._aiohttp()
+    aiohttp.ClientTimeout(total=timeout.total, connect=timeout.connect)
 
 
 # -- settings of a call or a batch ----------------------------------------------------
