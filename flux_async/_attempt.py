@@ -179,6 +179,8 @@ class Call:
         limiter: Limiter | None,
         counters: Counters | None,
     ) -> None:
+        if ctx.is_closed():
+            raise ClientClosedError("this FluxClient is closed; create a new one")
         self.ctx = ctx
         # Built once: every attempt of the call sends exactly the same request.
         self.request = TransportRequest(

@@ -330,7 +330,7 @@ class _Engine:
         self._queue: asyncio.Queue[GenerationResult | object] | None = None
         self._workers: set[asyncio.Task[None]] = set()
         self._sleeping = 0  # workers in a backoff sleep
-        self._max_workers = 2 * concurrency
+        self._max_workers = 4 * concurrency
         self._input_lock: asyncio.Lock | None = None
         self._deadline_at: float | None = None
         self._started_at = 0.0
@@ -435,7 +435,7 @@ class _Engine:
         # calls _on_backoff, which adds a worker so the wire stays full; the queue bound
         # makes a slow consumer pause the workers.
         if self._sink is None:
-            self._queue = asyncio.Queue(maxsize=2 * self._max_workers)
+            self._queue = asyncio.Queue(maxsize=self._max_workers)
         if self._async_items is not None:
             self._input_lock = asyncio.Lock()
         for _ in range(self._concurrency):
