@@ -24,7 +24,7 @@ import attrs
 import yarl
 
 from ._attempt import CallContext, run_request
-from ._config import DEFAULT_TIMEOUT, Timeout, check_seconds, check_timeout, is_finite_positive
+from ._config import DEFAULT_TIMEOUT, Timeout, check_timeout
 from ._exceptions import (
     APIError,
     ClientClosedError,
@@ -39,6 +39,7 @@ from ._fanout import (
     FanoutStatistics,
     GenerationResult,
     PromptInput,
+    fanout_limiter,
     to_request,
 )
 from ._limits import Limiter, RateLimiter
@@ -553,53 +554,24 @@ class FluxClient:
                 async for result in results:
                     print(result.index, result.ok)
         """
-        if type(concurrency) is not int or concurrency < 1:
-            raise ValidationError("concurrency", concurrency, "an integer >= 1")
-        check_seconds("deadline", deadline)
-        check_seconds("batch_deadline", batch_deadline)
-        check_timeout(timeout)
-        if type(fail_fast) is not bool:
-            raise ValidationError("fail_fast", fail_fast, "True or False")
-        if on_progress is not None and not callable(on_progress):
-            raise ValidationError(
-                "on_progress", on_progress, "a function taking a FanoutStatistics, or None"
-            )
-        if limiter is not None and not isinstance(limiter, Limiter):
-            raise ValidationError("limiter", limiter, "a flux_async.Limiter, or None")
-        if rate_limit is None:
-            # Without a rate they would silently do nothing.
-            for name, value, default in (("per", per, 1.0), ("burst", burst, 1)):
-                if value != default:
-                    raise ValidationError(
-                        name,
-                        value,
-                        f"the default ({default}) unless rate_limit is given: per and burst "
-                        "need rate_limit (a limiter of your own sets its own)",
-                    )
         pool = (
             self._transport.max_connections
             if isinstance(self._transport, AiohttpTransport)
             else None
         )
-        if pool and pool < concurrency:
-            # Attempts beyond the pool would queue for a connection inside aiohttp, where
-            # the wait counts against Timeout.connect and fails as a timeout.
-            raise ValidationError(
-                "concurrency",
-                concurrency,
-                f"at most the client's max_connections ({pool}); "
-                f"create the client with FluxClient(max_connections={concurrency}) or more",
-            )
-        if limiter is not None and rate_limit is not None:
-            raise ValidationError(
-                "rate_limit", rate_limit, "None when a limiter is given (set its rate instead)"
-            )
-        if rate_limit is not None:
-            if not is_finite_positive(rate_limit):
-                raise ValidationError(
-                    "rate_limit", rate_limit, "a finite number of requests per `per` seconds, > 0"
-                )
-            limiter = RateLimiter(rate_limit, per=per, burst=burst)
+        own_limiter = fanout_limiter(
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            per=per,
+            burst=burst,
+            limiter=limiter,
+            deadline=deadline,
+            batch_deadline=batch_deadline,
+            timeout=timeout,
+            fail_fast=fail_fast,
+            on_progress=on_progress,
+            pool=pool,
+        )
         # Batch-wide fields are checked once, now, not once per prompt later.
         self.build_request("check", fields)
         return Fanout(
@@ -607,7 +579,7 @@ class FluxClient:
             self.build_request,
             prompts,
             concurrency=concurrency,
-            limiter=self.limiter if limiter is None else limiter,
+            limiter=self.limiter if own_limiter is None else own_limiter,
             policy=self._policy(retry, deadline),
             client_timeout=self.timeout if timeout is None else timeout,
             fields={"model": self.model, **fields},

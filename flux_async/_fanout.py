@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import attrs
 
 from ._attempt import Call, CallContext, run_request
+from ._config import check_seconds, check_timeout, is_finite_positive
 from ._counters import Counters
 from ._exceptions import DeadlineExceededError, FluxError, ValidationError
-from ._limits import ConcurrencyLimit, Limiter
+from ._limits import ConcurrencyLimit, Limiter, RateLimiter
 from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ __all__ = [
     "FanoutStatistics",
     "GenerationResult",
     "PromptInput",
+    "fanout_limiter",
+    "to_request",
 ]
 
 logger = logging.getLogger("flux_async")
@@ -162,6 +165,75 @@ def to_request(build: BuildRequest, item: object, fields: Mapping[str, Any]) -> 
     raise ValidationError(
         "prompt", item, "a string, an ImageRequest, or a mapping with a 'prompt' key"
     )
+
+
+def fanout_limiter(
+    *,
+    concurrency: int,
+    rate_limit: float | None,
+    per: float,
+    burst: int,
+    limiter: Limiter | None,
+    deadline: float | None,
+    batch_deadline: float | None,
+    timeout: object,
+    fail_fast: bool,
+    on_progress: object,
+    pool: int | None,
+) -> Limiter | None:
+    """Check a fan-out's settings before anything is sent; return the limiter they ask
+    for: a new `RateLimiter` for ``rate_limit``, the caller's ``limiter``, or None (the
+    client's own). ``pool`` is the client's connection pool size, when it has one.
+
+    Example::
+
+        fanout_limiter(concurrency=16, rate_limit=50, per=1.0, burst=1, limiter=None,
+                       deadline=None, batch_deadline=None, timeout=None, fail_fast=False,
+                       on_progress=None, pool=100)   # RateLimiter(50)
+    """
+    if type(concurrency) is not int or concurrency < 1:
+        raise ValidationError("concurrency", concurrency, "an integer >= 1")
+    check_seconds("deadline", deadline)
+    check_seconds("batch_deadline", batch_deadline)
+    check_timeout(timeout)
+    if type(fail_fast) is not bool:
+        raise ValidationError("fail_fast", fail_fast, "True or False")
+    if on_progress is not None and not callable(on_progress):
+        raise ValidationError(
+            "on_progress", on_progress, "a function taking a FanoutStatistics, or None"
+        )
+    if limiter is not None and not isinstance(limiter, Limiter):
+        raise ValidationError("limiter", limiter, "a flux_async.Limiter, or None")
+    if rate_limit is None:
+        # Without a rate they would silently do nothing.
+        for name, value, default in (("per", per, 1.0), ("burst", burst, 1)):
+            if value != default:
+                raise ValidationError(
+                    name,
+                    value,
+                    f"the default ({default}) unless rate_limit is given: per and burst "
+                    "need rate_limit (a limiter of your own sets its own)",
+                )
+    if pool and pool < concurrency:
+        # Attempts beyond the pool would queue for a connection inside aiohttp, where
+        # the wait counts against Timeout.connect and fails as a timeout.
+        raise ValidationError(
+            "concurrency",
+            concurrency,
+            f"at most the client's max_connections ({pool}); "
+            f"create the client with FluxClient(max_connections={concurrency}) or more",
+        )
+    if limiter is not None and rate_limit is not None:
+        raise ValidationError(
+            "rate_limit", rate_limit, "None when a limiter is given (set its rate instead)"
+        )
+    if rate_limit is not None:
+        if not is_finite_positive(rate_limit):
+            raise ValidationError(
+                "rate_limit", rate_limit, "a finite number of requests per `per` seconds, > 0"
+            )
+        limiter = RateLimiter(rate_limit, per=per, burst=burst)
+    return limiter
 
 
 def _fail_fast_error(result: GenerationResult) -> BaseException:
