@@ -28,9 +28,11 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import bench_fanout
+import bench_faults
 import bench_import
 import bench_latency
 import bench_memory
+import bench_overhead
 import bench_pacing
 import bench_storm
 from _common import (
@@ -46,11 +48,13 @@ from _common import (
 
 BENCHMARKS: dict[str, ModuleType] = {
     "fanout": bench_fanout,
+    "overhead": bench_overhead,
     "latency": bench_latency,
     "pacing": bench_pacing,
     "storm": bench_storm,
     "memory": bench_memory,
     "import": bench_import,
+    "faults": bench_faults,
 }
 
 

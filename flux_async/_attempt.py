@@ -336,7 +336,7 @@ class Call:
         try:
             answer = await self._exchange()
         except APIConnectionError:
-            outage.on_failure(probe)
+            outage.on_failure(probe, retry=self.attempts > 1)
             if probe:
                 self._probe_failed()
             raise
@@ -360,7 +360,7 @@ class Call:
                 )
             return ImagesResponse.from_bytes(answer.body, request_id=request_id)
         if status >= 500:
-            outage.on_failure(probe)
+            outage.on_failure(probe, retry=self.attempts > 1)
             if probe:
                 self._probe_failed()
         else:

@@ -5,9 +5,11 @@ outage, and retrying each prompt on its own schedule then turns a 3 s outage int
 hundreds of failed prompts (each exhausts ``max_attempts`` against a dead host) and a
 storm of connection attempts. `OutageGuard` is a client-wide circuit breaker:
 
-* **closed** (normal): attempts go straight through; the guard only counts failures in
-  a row (a connection error, a timeout or a 5xx; any other answer, even a 4xx or 429,
-  proves the server is up and resets the count).
+* **closed** (normal): attempts go straight through; the guard only counts failed
+  *retries* in a row (a connection error, a timeout or a 5xx on an attempt whose call
+  had already failed; any other answer, even a 4xx or 429, proves the server is up and
+  resets the count). First attempts do not count: a server that fails them and takes
+  the retries (a per-request fault) is up; in an outage the retries fail too.
 * **open**: after ``threshold`` such failures in a row, every attempt waits at the guard
   before it takes a slot or a permit, and one attempt at a time goes through as a
   *probe* (half-open). The first probe may go at once; after a failed probe the next
@@ -90,7 +92,8 @@ class OutageStatistics:
 class OutageGuard:
     """Client-wide circuit breaker that holds attempts while the server is down.
 
-    * ``threshold`` (8): connection errors or 5xx in a row that open the guard;
+    * ``threshold`` (8): failed retries in a row (connection errors, timeouts, 5xx) that
+      open the guard;
     * ``probe_initial`` (0.5 s) and ``probe_max`` (4 s): the wait before the next probe
       after a failed one, doubling from the first to the second;
     * ``max_outage`` (120 s): how long attempts are held before they are let through to
@@ -250,8 +253,15 @@ class OutageGuard:
             self._probe_delay = self._probe_initial
             self._notify()
 
-    def on_failure(self, probe: bool = False) -> None:
-        """Report a connection error, timeout or 5xx."""
+    def on_failure(self, probe: bool = False, *, retry: bool = True) -> None:
+        """Report a connection error, timeout or 5xx; ``retry``: the call had failed before.
+
+        Only retries count towards opening the guard. A server that fails first attempts
+        (a cold cache, a per-request fault) and takes the retries is up; in an outage the
+        retries fail too, a moment later. First attempts neither count nor reset.
+        """
+        if not (retry or probe):
+            return
         self._failures += 1
         if probe:
             self._probing = False
