@@ -313,7 +313,7 @@ class Call:
         )
 
     async def _sleep(self, seconds: float) -> None:
-        if not (seconds > 0 and self.policy.wait):
+        if not seconds > 0 or self.policy.testing:
             # Still yield to the loop, so a test policy that never sleeps lets others run.
             await asyncio.sleep(0)
             return
@@ -331,8 +331,11 @@ class Call:
     async def attempt(self) -> ImagesResponse:
         """One HTTP attempt: outage guard, slot, permit, POST, then the answer or an error."""
         outage = self.ctx.outage
-        # A test-mode policy never waits, here as in backoff.
-        probe = await outage.enter(self._rank()) if outage.is_open and self.policy.wait else False
+        # A testing policy never waits, here as in backoff.
+        if outage.is_open and not self.policy.testing:
+            probe = await outage.enter(self._rank())
+        else:
+            probe = False
         try:
             answer = await self._exchange()
         except APIConnectionError:
@@ -370,13 +373,14 @@ class Call:
         if isinstance(error, RateLimitError):
             if self.counters is not None:
                 self.counters.rate_limited += 1
-            # A test-mode policy never waits, so the limiter is not told to pause or slow
-            # down. No header may shut the gate for longer than retry_after_max.
-            if self.policy.wait:
-                retry_after = error.retry_after
-                if retry_after is not None:
-                    retry_after = min(retry_after, self.policy.retry_after_max)
-                self.limiter.on_rate_limited(retry_after)
+            # No header may shut the gate for longer than retry_after_max, and a test never
+            # shuts it at all (the limiter still counts the 429 and may cut its rate).
+            retry_after = error.retry_after
+            if retry_after is not None:
+                retry_after = (
+                    None if self.policy.testing else min(retry_after, self.policy.retry_after_max)
+                )
+            self.limiter.on_rate_limited(retry_after)
         raise error
 
     def _rank(self) -> int:

@@ -350,7 +350,8 @@ def _where(path: str) -> str:
 
 def _bad_value(ctx: click.Context, exc: ValidationError) -> NoReturn:
     """Exit 2 with one line naming the option, its value and what it may be."""
-    option = "--" + exc.field.replace("_", "-")
+    # "input_images[1]" names one value of a repeatable option: the option is the name.
+    option = "--" + exc.field.split("[")[0].replace("_", "-")
     # The library's wording is for Python callers; an option is omitted by not passing it.
     allowed = exc.allowed.removesuffix(" (or None to omit it)")
     click.echo(f"Error: {option} {exc.value!r} is not allowed: {allowed}", err=True)
@@ -379,7 +380,8 @@ def _execute(ctx: click.Context, job: _Job) -> float:
 
 def _request_fields(options: dict[str, Any]) -> RequestFields:
     """The request options that were given; the others keep `ImageRequest`'s defaults."""
-    fields: RequestFields = {k: v for k, v in options.items() if v is not None}  # type: ignore[assignment]
+    # A repeatable option (--input-image) that was not given is an empty tuple.
+    fields: RequestFields = {k: v for k, v in options.items() if v is not None and v != ()}  # type: ignore[assignment]
     return fields
 
 
@@ -403,7 +405,9 @@ def _request_options(command: Callable[..., None]) -> Callable[..., None]:
     # click lists options in the reverse of the order their decorators are applied.
     for name, spec in list(FIELD_SPECS.items())[::-1]:
         flags = (*spec.flags, "--" + name.replace("_", "-"))
-        command = click.option(*flags, name, type=spec.type, help=_option_help(name))(command)
+        command = click.option(
+            *flags, name, type=spec.type, multiple=spec.multiple, help=_option_help(name)
+        )(command)
     return command
 
 

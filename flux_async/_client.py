@@ -15,7 +15,7 @@ import itertools
 import os
 import sys
 import warnings
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
@@ -88,6 +88,7 @@ class RequestFields(TypedDict, total=False):
     response_format: str | None
     style: str | None
     user: str | None
+    input_images: Sequence[str]
     extra_body: Mapping[str, Any] | None
 
 

@@ -5,6 +5,10 @@ The tree::
     FluxError
     ├── ValidationError            (also a ValueError) bad input, raised before any I/O
     ├── ClientClosedError          (also a RuntimeError) the client was used after aclose()
+    ├── EventLoopError             (also a RuntimeError) used from two event loops at once
+    ├── ImageSaveError             an image could not be saved (after its generation succeeded)
+    │   └── ImageDownloadError     its URL could not be fetched, or its bytes are not an image
+    ├── BatchStoppedError          a fan-out prompt not sent: the batch stopped on a fatal answer
     └── APIError                   something went wrong talking to the server
         ├── APIStatusError         the server answered with an error status
         │   ├── BadRequestError            400
@@ -51,10 +55,14 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchStoppedError",
     "ClientClosedError",
     "ConflictError",
     "DeadlineExceededError",
+    "EventLoopError",
     "FluxError",
+    "ImageDownloadError",
+    "ImageSaveError",
     "InternalServerError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -114,6 +122,114 @@ class ClientClosedError(FluxError, RuntimeError):
 
         await client.aclose()
         await client.generate("x")   # raises ClientClosedError
+    """
+
+
+class ImageSaveError(FluxError):
+    """A generated image could not be saved: fetching it, checking it or writing it failed.
+
+    ``url`` is the image's full URL (None for a ``b64_json`` image), kept so that it can
+    still be fetched while it is valid; messages show it without its query string, which
+    often carries a signature. ``path`` is where it was to be written. Inside a fan-out
+    with ``save_to=`` the generation had succeeded: ``response`` is its `ImagesResponse`
+    (nothing the server returned is lost), ``request_id`` the server's id for it and
+    ``attempts`` the generation's attempts. A failed write (disk full, permissions) is
+    this class with the ``OSError`` as its ``__cause__``; `Image.save` itself lets the
+    ``OSError`` through, as ``open()`` would.
+
+    Example::
+
+        for result in await client.gather_generate(prompts, save_to="out"):
+            if isinstance(result.error, flux_async.ImageSaveError):
+                print("generated but not saved:", result.error.url)
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        path: str | None = None,
+        response: object = None,
+        request_id: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.url = url
+        self.path = path
+        self.response = response
+        self.request_id = request_id
+        self.attempts = attempts
+
+
+class ImageDownloadError(ImageSaveError):
+    """An image's URL could not be fetched (after retries), or its bytes are no image.
+
+    Raised when the download ends in an error status (``status_code``), fails to connect
+    after the retry policy's attempts (``download_attempts`` says how many were made), is
+    longer than the size cap, or brings back something that is not a PNG, JPEG or WebP
+    image (``content_type`` is what the server called it). A ``b64_json`` image that is
+    not valid base64, or not an image, is this error too (with ``url`` None).
+
+    Example::
+
+        try:
+            await image.save("fox.png", client=client)
+        except flux_async.ImageDownloadError as exc:
+            print(exc.status_code, exc.content_type)
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        path: str | None = None,
+        status_code: int | None = None,
+        content_type: str | None = None,
+        download_attempts: int = 0,
+    ) -> None:
+        super().__init__(message, url=url, path=path)
+        self.status_code = status_code
+        self.content_type = content_type
+        self.download_attempts = download_attempts
+
+
+class BatchStoppedError(FluxError):
+    """A fan-out prompt that was not sent: the batch stopped on a fatal answer.
+
+    A fan-out stops when the server answers with a status in ``stop_on`` (by default
+    401, 403 and 404: a wrong key, a key without access, a wrong ``base_url``), which
+    every other prompt would get too. The prompts after it end with this error instead
+    of being sent; ``reason`` is the answer that stopped the batch (with its hint, such
+    as "Check base_url ..."), ``attempts`` what this prompt had sent before (0 for most).
+
+    Example::
+
+        results = await client.gather_generate(prompts)
+        stopped = [r for r in results if isinstance(r.error, flux_async.BatchStoppedError)]
+        if stopped:
+            print("fix this and rerun:", stopped[0].error.reason)
+    """
+
+    def __init__(self, message: str, *, reason: BaseException, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.attempts = attempts
+
+
+class EventLoopError(FluxError, RuntimeError):
+    """A client, limiter or transport was used from a second event loop while still busy
+    in another. Create one per event loop (or per thread running a loop).
+
+    Example::
+
+        try:
+            await client.generate("x")
+        except flux_async.EventLoopError:
+            client = FluxClient()   # one client per loop
     """
 
 

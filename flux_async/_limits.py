@@ -45,7 +45,7 @@ from ._adaptive import (
     AdaptiveController,
 )
 from ._concurrency import ConcurrencyLimit
-from ._exceptions import ValidationError
+from ._exceptions import EventLoopError, ValidationError
 from ._gate import PauseGate
 from ._pacer import DEFAULT_BURST, DEFAULT_HORIZON, Pacer
 from ._timing import SLACK, check_positive
@@ -364,7 +364,7 @@ class RateLimiter(Limiter):
 
     def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._waiting or self._queued:
-            raise RuntimeError(
+            raise EventLoopError(
                 "this RateLimiter has waiters in another event loop; use one per loop"
             )
         # Another loop has another clock: times from the old one mean nothing here. The

@@ -5,7 +5,9 @@ The contract's prose is garbled in places; it is read this way:
 none: the one ``size`` implies, or ``1:1`` without a ``size``; omitted when the caller
 passes ``None``), ``n`` 1-10 per HTTP request (a larger ``n`` is split into several
 requests), ``size`` any ``WxH``, ``quality`` standard/hd, ``response_format``
-url/b64_json, ``style`` vivid/natural.
+url/b64_json, ``style`` vivid/natural. "A prompt and/or an input image": an input image
+is an http(s) URL that OpenAI-format gateways for kontext take inside the prompt, so
+``input_images`` are sent there and count against its 1,000 characters.
 
 Each request field is declared once, as an `ImageRequest` attribute carrying a
 `FieldSpec`; the JSON body, `FIELD_SPECS`, the command line's options and the emulator's
@@ -19,7 +21,8 @@ import functools
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -199,16 +202,23 @@ class FieldSpec:
     the fields are sent. ``choices`` is the set of allowed values (None: any string);
     ``help`` describes the field in ``flux-async generate --help``; ``type`` is what the
     command line parses the option's value as; ``flags`` are extra option names.
+    ``multiple``: the field is a list of such values (its option may be repeated).
+    ``in_prompt``: the values travel inside the prompt text, not as a JSON field of their
+    own (input images, as OpenAI-format gateways for kontext models take them), so the
+    body and the emulator's field checks leave the field out.
 
     Example::
 
         FIELD_SPECS["quality"].choices  # ('standard', 'hd')
+        FIELD_SPECS["input_images"].in_prompt  # True
     """
 
     help: str
     choices: tuple[str, ...] | None = None
     type: Callable[[str], Any] = str
     flags: tuple[str, ...] = ()
+    multiple: bool = False
+    in_prompt: bool = False
 
 
 _SPEC = "flux_async.spec"
@@ -220,17 +230,75 @@ def _request_field(
     default: Any = None,
     choices: tuple[str, ...] | None = None,
     validator: Any = None,
+    converter: Any = None,
     type: Callable[[str], Any] = str,
     flags: tuple[str, ...] = (),
+    multiple: bool = False,
+    in_prompt: bool = False,
 ) -> Any:
-    """An `ImageRequest` field sent in the body after ``prompt``, and described by a
-    `FieldSpec`. Without a ``validator``, a field with ``choices`` must be one of them
-    and any other must be a string; either may be None, which is not sent.
+    """An `ImageRequest` field sent in the body after ``prompt`` (or, ``in_prompt``,
+    inside it), and described by a `FieldSpec`. Without a ``validator``, a field with
+    ``choices`` must be one of them and any other must be a string; either may be None,
+    which is not sent.
     """
-    if validator is None:
+    if validator is None and converter is None:
         validator = _optional_str if choices is None else _one_of(choices)
-    spec = FieldSpec(help=help, choices=choices, type=type, flags=flags)
-    return attrs.field(default=default, validator=validator, metadata={_SPEC: spec})
+    spec = FieldSpec(
+        help=help, choices=choices, type=type, flags=flags, multiple=multiple, in_prompt=in_prompt
+    )
+    return attrs.field(
+        default=default, validator=validator, converter=converter, metadata={_SPEC: spec}
+    )
+
+
+def _check_image_url(index: int, url: object) -> None:
+    field = f"input_images[{index}]"
+    allowed = (
+        "an http:// or https:// URL with a host and no spaces, such as "
+        "'https://example.com/cat.png' (it is sent inside the prompt, where a space would "
+        "split it)"
+    )
+    # isprintable() is False for every whitespace character but " ", and for control
+    # characters: either would end the URL where the gateway reads it out of the prompt.
+    if not isinstance(url, str) or " " in url or not url.isprintable():
+        raise ValidationError(field, url, allowed)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a malformed [IPv6] host
+        ok = False
+    if not ok:
+        raise ValidationError(field, url, allowed)
+    _check_text(field, url)
+
+
+def _freeze_images(value: object) -> tuple[str, ...]:
+    """``input_images`` as stored: a tuple of checked http(s) URLs (empty: none)."""
+    if value is None:
+        return ()
+    # A lone URL is a string, and a string is an iterable of one-letter "URLs".
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ValidationError(
+            "input_images", value, "a list of http(s) URLs (wrap a single URL in a list)"
+        )
+    urls = tuple(value)
+    for index, url in enumerate(urls):
+        _check_image_url(index, url)
+    return urls
+
+
+def _check_fits(prompt: str, urls: Sequence[str]) -> None:
+    """The prompt with its input image URLs must fit the prompt's limit: they are sent in it."""
+    added = sum(1 + len(url) for url in urls)  # a space before each URL
+    if len(prompt) + added > MAX_PROMPT_LENGTH:
+        raise ValidationError(
+            "input_images",
+            list(urls),
+            f"URLs that fit in the prompt's {MAX_PROMPT_LENGTH} characters: they are sent "
+            f"inside the prompt (the OpenAI-format gateway convention for input images), "
+            f"and the prompt's {len(prompt)} characters plus {added} for these URLs (a space "
+            f"before each) make {len(prompt) + added}; shorten the prompt or the URLs",
+        )
 
 
 def _freeze_extra(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -308,10 +376,16 @@ class ImageRequest:
     they agree when width/height is within 3 % of the ratio (1792x1024 is 1.75, 16:9 is
     1.78).
 
+    ``input_images`` are http(s) URLs of images to edit (kontext models). OpenAI-format
+    gateways take them inside the prompt, so that is where they are sent: after the
+    prompt, a space before each (`sent_prompt`); the prompt and the URLs together must
+    fit in its 1,000 characters.
+
     Example::
 
         req = ImageRequest(prompt="a lighthouse at dusk", aspect_ratio="16:9", n=2)
         await client.generate(req)
+        edit = ImageRequest(prompt="make it night", input_images=["https://host/day.png"])
     """
 
     # The request fields, declared once: validation, the JSON body (in this order),
@@ -339,6 +413,16 @@ class ImageRequest:
     )
     style: str | None = _request_field(choices=STYLES, help="Image style")
     user: str | None = _request_field(help="Your end user's ID, for the provider's abuse checks")
+    # Declared after the body fields: it is sent inside the prompt, not in this order.
+    input_images: Sequence[str] = _request_field(
+        default=(),
+        converter=_freeze_images,
+        multiple=True,
+        in_prompt=True,
+        flags=("--input-image",),
+        help="URL of an image to edit (http/https; repeat for several), sent at the end of "
+        "the prompt as OpenAI-format gateways for kontext models expect",
+    )
     extra_body: Mapping[str, Any] = attrs.field(default=None, converter=_freeze_extra)
     _extra_json: bytes = attrs.field(
         init=False, repr=False, eq=False, default=attrs.Factory(_encode_extra, takes_self=True)
@@ -348,6 +432,8 @@ class ImageRequest:
     _ratio_implied: bool = attrs.field(init=False, repr=False, eq=False, default=False)
 
     def __attrs_post_init__(self) -> None:
+        if self.input_images:
+            _check_fits(self.prompt, self.input_images)
         if self.extra_body:
             # A contract field hidden in extra_body would silently override the checked one.
             clash = sorted(set(self.extra_body) & _FIELD_NAMES)
@@ -394,11 +480,26 @@ class ImageRequest:
             requests = [template.with_prompt(p) for p in ("a fox", "a crow")]
         """
         _check_prompt(None, _PROMPT_FIELD, prompt)
+        if self.input_images:
+            _check_fits(prompt, self.input_images)
         copy = _new(ImageRequest)
         for setter, getter in _COPIERS:
             setter(copy, getter(self))
         _set_prompt(copy, prompt)
         return copy
+
+    @property
+    def sent_prompt(self) -> str:
+        """The prompt as sent: ``prompt``, then each of ``input_images`` after a space.
+
+        Example::
+
+            ImageRequest(prompt="add a red hat", input_images=["https://h/cat.png"]).sent_prompt
+            # 'add a red hat https://h/cat.png'
+        """
+        if not self.input_images:
+            return self.prompt
+        return " ".join((self.prompt, *self.input_images))
 
     def to_json(self, n: int | None = None) -> dict[str, Any]:
         """The JSON body to send, with ``n`` overridden for one chunk of a split request.
@@ -408,7 +509,7 @@ class ImageRequest:
             ImageRequest(prompt="a cat").to_json()
             # {'prompt': 'a cat', 'model': 'flux-kontext-pro', 'n': 1, 'aspect_ratio': '1:1'}
         """
-        body: dict[str, Any] = {"prompt": self.prompt}
+        body: dict[str, Any] = {"prompt": self.sent_prompt}
         body.update(_sent_fields(_tail_key(self, n)))
         if self.extra_body:
             body.update(self.extra_body)
@@ -425,9 +526,10 @@ class ImageRequest:
         # Everything after the prompt is the same for every prompt of a batch: encode it
         # once and splice each prompt in front, a third of the cost of a full encode.
         tail = _body_tail(*_tail_key(self, n))
+        prompt = self.sent_prompt if self.input_images else self.prompt
         if self._extra_json:
-            return b'{"prompt":' + encode_json(self.prompt).encode() + tail[:-1] + self._extra_json
-        return b'{"prompt":' + encode_json(self.prompt).encode() + tail
+            return b'{"prompt":' + encode_json(prompt).encode() + tail[:-1] + self._extra_json
+        return b'{"prompt":' + encode_json(prompt).encode() + tail
 
     def chunks(self) -> list[int]:
         """How many images each HTTP request asks for: ``n`` split into pieces of 10.
@@ -443,7 +545,8 @@ class ImageRequest:
 FIELD_SPECS: Mapping[str, FieldSpec] = MappingProxyType(
     {a.name: a.metadata[_SPEC] for a in attrs.fields(ImageRequest) if _SPEC in a.metadata}
 )
-"""Every request field after ``prompt``, by name, in the order it is sent, with its spec.
+"""Every request field after ``prompt``, by name, in the order it is sent, with its spec
+(``input_images``, sent inside the prompt, comes last).
 
 These and ``extra_body`` are the keyword fields `FluxClient.generate` accepts.
 
@@ -453,10 +556,12 @@ Example::
 """
 
 _FIELD_NAMES = frozenset(FIELD_SPECS) | {"prompt"}
+#: The fields sent as JSON fields of their own after ``prompt``, in body order.
+_BODY_FIELDS = tuple(name for name, spec in FIELD_SPECS.items() if not spec.in_prompt)
 
 
 def _compile_tail_key() -> Callable[[ImageRequest, int | None], tuple[Any, ...]]:
-    """``tail_key(request, n)``: the values of the fields after ``prompt``, in body order,
+    """``tail_key(request, n)``: the values of the body fields after ``prompt``, in order,
     with ``n`` overridden unless it is None.
 
     Generated from FIELD_SPECS as plain attribute reads, the way attrs writes __init__:
@@ -464,7 +569,7 @@ def _compile_tail_key() -> Callable[[ImageRequest, int | None], tuple[Any, ...]]
     over the names costs to_bytes a third more.
     """
     reads = ", ".join(
-        "self.n if n is None else n" if f == "n" else f"self.{f}" for f in FIELD_SPECS
+        "self.n if n is None else n" if f == "n" else f"self.{f}" for f in _BODY_FIELDS
     )
     namespace: dict[str, Any] = {}
     exec(f"def tail_key(self, n):\n    return ({reads},)\n", namespace)
@@ -477,7 +582,7 @@ _tail_key = _compile_tail_key()
 def _sent_fields(values: tuple[Any, ...]) -> dict[str, Any]:
     """The body's fields after ``prompt``, from ``_tail_key``'s values: those not None."""
     return {
-        name: value for name, value in zip(FIELD_SPECS, values, strict=True) if value is not None
+        name: value for name, value in zip(_BODY_FIELDS, values, strict=True) if value is not None
     }
 
 

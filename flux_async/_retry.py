@@ -114,9 +114,9 @@ def _statuses(value: object) -> frozenset[int]:
     return statuses
 
 
-def _check_wait(_: object, __: object, value: bool) -> None:
+def _check_testing(_: object, __: object, value: bool) -> None:
     if type(value) is not bool:
-        raise ValidationError("wait", value, "True or False")
+        raise ValidationError("testing", value, "True or False")
 
 
 @attrs.frozen(kw_only=True)
@@ -134,7 +134,10 @@ class RetryPolicy:
       for longer ends its call with `RateLimitError`, and shuts the pause gate for
       ``retry_after_max`` only, so no header can freeze the client.
     * ``deadline`` (None): seconds for the whole call, waits included.
-    * ``wait`` (True): False makes every wait zero, for test suites (see `for_tests`).
+    * ``testing`` (False): the switch for test suites (see `for_tests`). Every wait of
+      the call is zero (backoff, ``Retry-After``, the outage guard) and the limiter is
+      not told of 429s (it would pause or pace the test); attempt counts and every
+      decision stay as in production.
 
     Every bad value raises `ValidationError` naming the field.
 
@@ -165,20 +168,20 @@ class RetryPolicy:
         default=DEFAULT_RETRY_AFTER_MAX, validator=_finite_positive("retry_after_max")
     )
     deadline: float | None = attrs.field(default=None, validator=_check_deadline)
-    wait: bool = attrs.field(default=True, validator=_check_wait)
+    testing: bool = attrs.field(default=False, validator=_check_testing)
 
     @classmethod
     def for_tests(cls, **changes: object) -> RetryPolicy:
-        """The default policy with every wait cut to zero, so test suites never sleep.
+        """The default policy in testing mode: no call ever sleeps, so test suites are fast.
 
-        Attempt counts and every decision stay as in production; a 429 is not reported
-        to the limiter, so nothing pauses or slows down either.
+        Attempt counts and every decision stay as in production; the limiter is not told
+        of 429s, so it neither pauses nor paces the test.
 
         Example::
 
             client = FluxClient(base_url=emu.base_url, retry=RetryPolicy.for_tests())
         """
-        return cls(wait=False, **changes)  # type: ignore[arg-type]
+        return cls(testing=True, **changes)  # type: ignore[arg-type]
 
     @classmethod
     def never(cls) -> RetryPolicy:

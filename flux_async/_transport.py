@@ -33,7 +33,7 @@ import yarl
 from ._config import DEFAULT_TIMEOUT, Timeout
 from ._exceptions import (
     ClientClosedError,
-    FluxError,
+    EventLoopError,
     ValidationError,
     translate_aiohttp_error,
 )
@@ -332,7 +332,7 @@ class AiohttpTransport(AsyncTransport):
             raise ClientClosedError("this client is closed; create a new one")
         loop = asyncio.get_running_loop()
         if self._loop is not None and self._loop is not loop:
-            raise FluxError(
+            raise EventLoopError(
                 "this FluxClient was used in another event loop; create one client per loop"
             )
         self._loop = loop

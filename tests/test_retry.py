@@ -82,7 +82,7 @@ def test_policy_is_frozen_and_evolvable() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         policy.max_attempts = 9  # type: ignore[misc]
     assert attrs.evolve(policy, max_attempts=9).max_attempts == 9
-    assert RetryPolicy.for_tests().wait is False
+    assert RetryPolicy.for_tests().testing is True
     assert RetryPolicy.never().max_attempts == 1
 
 
@@ -119,7 +119,7 @@ def test_budget_spends_refunds_and_refuses() -> None:
         ({"deadline": math.inf}, "deadline"),
         ({"deadline": True}, "deadline"),
         ({"max_attempts": 2.0}, "max_attempts"),
-        ({"wait": "no"}, "wait"),
+        ({"testing": "no"}, "testing"),
     ],
 )
 def test_every_bad_policy_value_is_a_validation_error(

@@ -45,19 +45,21 @@ class Images:
 
 def success_body(host: str, job: Job, images: Images) -> bytes:
     """The 200 body for ``job``: inline PNGs, or URLs on ``host`` (the request's Host header)."""
-    width, height, prompt = job.width, job.height, job.prompt
+    # The seed comes from the whole prompt (input image URLs included: another image to
+    # edit is another picture); revised_prompt echoes it without them, as gateways do.
+    width, height, prompt, revised = job.width, job.height, job.prompt, job.instruction
     items: list[dict[str, str]]
     if job.b64:
         b64 = images.b64
         items = [
-            {"b64_json": b64(width, height, image_seed(prompt, i)), "revised_prompt": prompt}
+            {"b64_json": b64(width, height, image_seed(prompt, i)), "revised_prompt": revised}
             for i in range(job.n)
         ]
     else:
         # The Host header, so the URL works however the client reached us (0.0.0.0, docker).
         prefix = f"http://{host}/v1/images/{width}x{height}/"
         items = [
-            {"url": f"{prefix}{image_seed(prompt, i)}.png", "revised_prompt": prompt}
+            {"url": f"{prefix}{image_seed(prompt, i)}.png", "revised_prompt": revised}
             for i in range(job.n)
         ]
     return encode_json({"created": int(_wall_clock()), "data": items}).encode()

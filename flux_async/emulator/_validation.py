@@ -45,8 +45,13 @@ _OWN_RULES: Final = frozenset({"n", "aspect_ratio", "size"})
 _STRING_FIELDS: Final = tuple(
     (name, None if spec.choices is None else frozenset(spec.choices))
     for name, spec in FIELD_SPECS.items()
-    if name not in _OWN_RULES and spec.type is str
+    # An in_prompt field (input_images) is never a JSON field: it is read out of the prompt.
+    if name not in _OWN_RULES and spec.type is str and not spec.in_prompt
 )
+# An input image, as OpenAI-format gateways for kontext take it: an http(s) URL standing
+# as a word of its own anywhere in the prompt. The match takes the whitespace before it,
+# so that removing it leaves the instruction as it was written.
+_IMAGE_URL_RE: Final = re.compile(r"(?:^|\s+)(https?://\S+)", re.IGNORECASE)
 _SIZE_RE: Final = re.compile(r"([0-9]{2,5})x([0-9]{2,5})")
 # After decoding, a valid surrogate pair is one code point, so any surrogate left is lone.
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
@@ -93,13 +98,19 @@ class Invalid(Exception):
 
 
 class Job(NamedTuple):
-    """A validated generation request: what to draw."""
+    """A validated generation request: what to draw.
+
+    ``prompt`` is the prompt as sent; ``instruction`` is that prompt without its input
+    image URLs (``input_images``), which is what the emulator echoes as ``revised_prompt``.
+    """
 
     prompt: str
     n: int
     width: int
     height: int
     b64: bool
+    instruction: str
+    input_images: tuple[str, ...] = ()
 
 
 # -- the body ---------------------------------------------------------------------------------
@@ -210,6 +221,7 @@ def validate(body: dict[str, Any], require_aspect_ratio: bool) -> Job:
     JSON null counts as "not given", as OpenAI does for optional parameters.
     """
     prompt = _prompt(body)
+    instruction, images = _input_images(prompt)
     dims = _ratio_dims(body, require_aspect_ratio)
     n = _count(body)
     dims = _size_dims(body) or dims
@@ -221,7 +233,19 @@ def validate(body: dict[str, Any], require_aspect_ratio: bool) -> Job:
             raise _wrong_type(param, "a string", value)
         if allowed is not None and value not in allowed:
             raise _bad_value(param, value, sorted(allowed))
-    return Job(prompt, n, dims[0], dims[1], body.get("response_format") == "b64_json")
+    b64 = body.get("response_format") == "b64_json"
+    return Job(prompt, n, dims[0], dims[1], b64, instruction, images)
+
+
+def _input_images(prompt: str) -> tuple[str, tuple[str, ...]]:
+    """The prompt's instruction and its input image URLs (a kontext edit), if it has any."""
+    if "://" not in prompt:  # the common case: plain text, no regex
+        return prompt, ()
+    images = tuple(_IMAGE_URL_RE.findall(prompt))
+    if not images:
+        return prompt, ()
+    # "A prompt and/or an input image": URLs alone are a valid request, with no words.
+    return _IMAGE_URL_RE.sub("", prompt).strip(), images
 
 
 def _prompt(body: dict[str, Any]) -> str:

@@ -1,0 +1,298 @@
+"""`SyncFluxClient`: the async client, driven from plain (blocking) code.
+
+Not a second implementation: one `FluxClient` runs on a private event loop in a daemon
+thread, and each blocking call hands its coroutine to that loop and waits for the result.
+So retries, rate limits, the pool and every error are exactly the async client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import weakref
+from collections.abc import Callable, Coroutine, Iterable
+from types import TracebackType
+from typing import Any, TypeVar, Unpack
+
+from ._client import FluxClient, RequestFields
+from ._config import Timeout
+from ._exceptions import ClientClosedError, FluxError
+from ._fanout import DEFAULT_CONCURRENCY, FanoutStatistics, GenerationResult, PromptInput
+from ._limits import Limiter
+from ._models import ImageRequest, ImagesResponse
+from ._retry import RetryPolicy
+
+__all__ = ["SyncFluxClient"]
+
+_T = TypeVar("_T")
+
+_IN_LOOP = (
+    "SyncFluxClient blocks until each call ends, and cannot be used inside a running event "
+    "loop (async code, Jupyter): it would stall the loop. There, use the async client: "
+    "`async with FluxClient(...) as client: await client.generate(...)`."
+)
+
+
+def _refuse_in_loop() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise FluxError(_IN_LOOP)
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread, until `stop`.
+
+    A daemon thread, so a script that forgets to close its client can still exit (the
+    client's finalizer closes it at exit anyway).
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="flux-async-sync", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            # As asyncio.run ends: cancel what is left, finish async generators and the
+            # default executor, then close, so nothing warns about an unclosed loop.
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the loop and wait for its result (or its exception)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            # Ctrl-C in the waiting thread: cancel the call (its requests in flight are
+            # cancelled too) and wait for that, so nothing keeps running behind the caller.
+            future.cancel()
+            with _suppress_end_of(future):
+                future.result(timeout=5)
+            raise
+
+    def stop(self) -> None:
+        """Stop the loop and wait for the thread to close it. Safe to call twice."""
+        if self.loop.is_closed():
+            return
+        if threading.current_thread() is self.thread:
+            # Collected inside the loop's own thread: it cannot wait for itself.
+            self.loop.stop()
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed meanwhile
+            return
+        self.thread.join()
+
+
+class _suppress_end_of:  # noqa: N801 - used like contextlib.suppress
+    """Suppress the ways a cancelled future's result can end."""
+
+    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
+        self.future = future
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        return exc_type is not None and issubclass(
+            exc_type, concurrent.futures.CancelledError | concurrent.futures.TimeoutError
+        )
+
+
+def _shutdown(runner: _LoopThread, client: FluxClient) -> None:
+    """Close the client on its loop, then stop the loop (the finalizer of a sync client)."""
+    if not runner.loop.is_closed() and threading.current_thread() is not runner.thread:
+        try:
+            runner.run(client.aclose())
+        except RuntimeError:  # the loop stopped under us (interpreter exit)
+            pass
+    runner.stop()
+
+
+class SyncFluxClient:
+    """A blocking `FluxClient` for plain scripts: ``generate`` and ``gather_generate``
+    return results instead of coroutines.
+
+    It takes the same arguments as `FluxClient` and runs one on a private event loop in
+    a background thread: the same retries, rate limits, pool and errors, with nothing to
+    ``await``. Use it as a context manager, or call `close` (an unclosed client is closed
+    when it is garbage-collected or at exit). Calls from several threads at once are fine:
+    they share the one client. Inside a running event loop (async code, Jupyter) it
+    refuses to start: use `FluxClient` there.
+
+    Example::
+
+        from flux_async import SyncFluxClient
+
+        with SyncFluxClient(api_key="sk-...", base_url="https://gateway/v1") as client:
+            response = client.generate("a lighthouse at dusk", aspect_ratio="16:9")
+            print(response.urls)
+            results = client.gather_generate(["a fox", "a crow"], concurrency=8)
+    """
+
+    def __init__(self, **options: Any) -> None:
+        _refuse_in_loop()
+        # Built here, in the caller's thread: FluxClient's constructor only validates (no
+        # I/O, no loop), so a bad argument raises before any thread is started.
+        self._client = FluxClient(**options)
+        self._runner = _LoopThread()
+        self._finalizer = weakref.finalize(self, _shutdown, self._runner, self._client)
+
+    @property
+    def base_url(self) -> str:
+        """The base URL calls go to.
+
+        Example::
+
+            SyncFluxClient(base_url="http://127.0.0.1:8000/v1").base_url
+        """
+        return self._client.base_url
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` has run.
+
+        Example::
+
+            with SyncFluxClient() as client: ...
+            assert client.closed
+        """
+        return not self._finalizer.alive
+
+    def _run(self, coro: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        _refuse_in_loop()
+        if not self._finalizer.alive:
+            raise ClientClosedError("this SyncFluxClient is closed; create a new one")
+        return self._runner.run(coro())
+
+    def build_request(
+        self, prompt: str | ImageRequest, fields: RequestFields | None = None
+    ) -> ImageRequest:
+        """Validate ``prompt`` plus ``fields`` into an `ImageRequest` (no I/O); see
+        `FluxClient.build_request`.
+
+        Example::
+
+            request = client.build_request("a fox", {"n": 2})
+        """
+        return self._client.build_request(prompt, fields)  # type: ignore[arg-type]
+
+    def generate(
+        self,
+        prompt: str | ImageRequest,
+        *,
+        retry: RetryPolicy | None = None,
+        deadline: float | None = None,
+        timeout: Timeout | None = None,
+        idempotency_key: str | None = None,
+        **fields: Unpack[RequestFields],
+    ) -> ImagesResponse:
+        """Generate images for one prompt and return the response; see
+        `FluxClient.generate` for the arguments.
+
+        Example::
+
+            response = client.generate("a red fox", aspect_ratio="16:9", n=2)
+            print(response.urls)
+        """
+        return self._run(
+            lambda: self._client.generate(
+                prompt,
+                retry=retry,
+                deadline=deadline,
+                timeout=timeout,
+                idempotency_key=idempotency_key,
+                **fields,
+            )
+        )
+
+    def gather_generate(
+        self,
+        prompts: Iterable[PromptInput],
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        rate_limit: float | None = None,
+        per: float = 1.0,
+        burst: int = 1,
+        limiter: Limiter | None = None,
+        retry: RetryPolicy | None = None,
+        deadline: float | None = None,
+        batch_deadline: float | None = None,
+        timeout: Timeout | None = None,
+        fail_fast: bool = False,
+        on_progress: Callable[[FanoutStatistics], None] | None = None,
+        **fields: Unpack[RequestFields],
+    ) -> list[GenerationResult]:
+        """Generate for every prompt; one `GenerationResult` per prompt, in input order.
+
+        The prompts run concurrently on the client's loop; see
+        `FluxClient.gather_generate` for the arguments. ``on_progress`` is called in the
+        client's thread, not the caller's.
+
+        Example::
+
+            results = client.gather_generate(["a fox", "a crow"], concurrency=32)
+            urls = [r.response.urls for r in results if r.ok]
+        """
+        return self._run(
+            lambda: self._client.gather_generate(
+                prompts,
+                concurrency=concurrency,
+                rate_limit=rate_limit,
+                per=per,
+                burst=burst,
+                limiter=limiter,
+                retry=retry,
+                deadline=deadline,
+                batch_deadline=batch_deadline,
+                timeout=timeout,
+                fail_fast=fail_fast,
+                on_progress=on_progress,
+                **fields,
+            )
+        )
+
+    def close(self) -> None:
+        """Close the client and stop its thread and loop. Safe to call twice.
+
+        Example::
+
+            client = SyncFluxClient()
+            try:
+                client.generate("x")
+            finally:
+                client.close()
+        """
+        self._finalizer()
+
+    def __enter__(self) -> SyncFluxClient:
+        if not self._finalizer.alive:
+            raise ClientClosedError("this SyncFluxClient is closed; create a new one")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self.closed else ""
+        return f"<SyncFluxClient {self._client!r}{state}>"
