@@ -29,11 +29,14 @@ from ._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BatchStoppedError,
     ClientClosedError,
     ConflictError,
     DeadlineExceededError,
     EventLoopError,
     FluxError,
+    ImageDownloadError,
+    ImageSaveError,
     InternalServerError,
     NotFoundError,
     PermissionDeniedError,
@@ -41,7 +44,14 @@ from ._exceptions import (
     UnprocessableEntityError,
     ValidationError,
 )
-from ._fanout import DEFAULT_CONCURRENCY, Fanout, FanoutStatistics, GenerationResult, PromptInput
+from ._fanout import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_STOP_ON,
+    Fanout,
+    FanoutStatistics,
+    GenerationResult,
+    PromptInput,
+)
 from ._limits import ConcurrencyLimit, Limiter, LimiterStatistics, RateLimiter
 from ._models import (
     ASPECT_RATIOS,
@@ -54,6 +64,8 @@ from ._models import (
 )
 from ._outage import OutageGuard, OutageStatistics
 from ._retry import RetryBudget, RetryBudgetStatistics, RetryPolicy
+from ._save import DEFAULT_MAX_IMAGE_BYTES, Downloader
+from ._sync import SyncFluxClient
 from ._transport import (
     AiohttpTransport,
     AsyncTransport,
@@ -68,7 +80,9 @@ __all__ = [
     "DEFAULT_ASPECT_RATIO",
     "DEFAULT_BASE_URL",
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MODEL",
+    "DEFAULT_STOP_ON",
     "DEFAULT_TIMEOUT",
     "ENV_API_KEY",
     "ENV_BASE_URL",
@@ -82,10 +96,12 @@ __all__ = [
     "AsyncTransport",
     "AuthenticationError",
     "BadRequestError",
+    "BatchStoppedError",
     "ClientClosedError",
     "ConcurrencyLimit",
     "ConflictError",
     "DeadlineExceededError",
+    "Downloader",
     "EventLoopError",
     "Fanout",
     "FanoutStatistics",
@@ -93,7 +109,9 @@ __all__ = [
     "FluxError",
     "GenerationResult",
     "Image",
+    "ImageDownloadError",
     "ImageRequest",
+    "ImageSaveError",
     "ImagesResponse",
     "InternalServerError",
     "Limiter",
@@ -110,6 +128,7 @@ __all__ = [
     "RetryBudget",
     "RetryBudgetStatistics",
     "RetryPolicy",
+    "SyncFluxClient",
     "Timeout",
     "TransportRequest",
     "TransportResponse",

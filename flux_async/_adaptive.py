@@ -194,6 +194,7 @@ class AdaptiveController:
         "_min_rate",
         "_probing",
         "_recovering",
+        "_server_rate",
         "_step",
         "_success_mark",
         "_success_rate",
@@ -247,6 +248,8 @@ class AdaptiveController:
         self._success_mark = (NEVER, 0)  # (start of the current count, count then)
         self._success_rate = 0.0  # successes/s over the last full window
         self._futility = _Futility()
+        # The rate the server states in its quota headers (see `on_server_rate`).
+        self._server_rate: float | None = None
         self._cuts = 0
         self._step = 0.0
         if self._ceiling is not None:
@@ -268,6 +271,18 @@ class AdaptiveController:
     def cuts(self) -> int:
         """Cuts made so far."""
         return self._cuts
+
+    @property
+    def server_rate(self) -> float | None:
+        """The rate the server stated last (`on_server_rate`); None if it never did."""
+        return self._server_rate
+
+    def _cap(self) -> float | None:
+        """The most it grows to: the ceiling, or the server's stated rate if lower."""
+        ceiling, server = self._ceiling, self._server_rate
+        if server is None:
+            return ceiling
+        return server if ceiling is None else min(ceiling, server)
 
     @property
     def futile(self) -> bool:
@@ -309,10 +324,41 @@ class AdaptiveController:
         rate = self._target.rate
         assert rate is not None, "recovering only after a cut, which sets a rate"
         rate = rate * DEFAULT_PROBE_GROWTH if self._probing else rate + self._step
-        if self._ceiling is not None and rate >= self._ceiling:
-            rate = self._ceiling
+        cap = self._cap()
+        if cap is not None and rate >= cap:
+            rate = cap
             self._recovering = False
         self._target.set_rate(rate)
+
+    def on_server_rate(self, rate: float, *, remaining: int) -> None:
+        """The server stated its quota (``x-ratelimit-*`` headers): ``remaining`` requests
+        left now, refilled at ``rate`` per second.
+
+        That rate caps growth (recovery never probes past what the server says it
+        serves). Pacing starts at it, or comes down to it, when the server's bucket is
+        empty (``remaining == 0``: the next request faster than the refill gets a 429) or
+        the limiter sends faster than the refill; below it, the rate grows back to it as
+        after any cut. While the bucket has room an unpaced limiter stays unpaced. Called
+        for every answer that carries the headers, so its cost is a few comparisons.
+
+        Example::
+
+            controller.on_server_rate(100.0, remaining=0)   # pace at 100/s from now on
+        """
+        cap = rate if self._ceiling is None else min(rate, self._ceiling)
+        self._server_rate = rate
+        current = self._target.rate
+        if current is None:
+            if remaining == 0:
+                # Sending faster than the server refills: pace at its rate from the last
+                # permit on, rather than learn it from a burst of 429s.
+                self._target.set_rate(cap, cut=True)
+                self._recovering = False
+        elif current > cap:
+            self._target.set_rate(cap, cut=True)
+            self._recovering = False
+        elif current < cap:
+            self._recovering = True  # grow back to it (a cut may have gone deeper)
 
     def on_rate_limited(self, now: float, *, gate_opened: float) -> bool:
         """Record a 429 at ``now``; cut the rate if it is overload; return whether it is.
@@ -392,14 +438,15 @@ class AdaptiveController:
         # of it, so a cut cannot collapse the rate while successes keep coming.
         floor = max(self._min_rate, 0.5 * self._success_rate)
         rate = max(floor, self._decrease_factor * measured)
-        if self._ceiling is not None and rate > self._ceiling:
-            rate = self._ceiling  # min_rate may exceed a per-minute ceiling: the ceiling wins
+        cap = self._cap()
+        if cap is not None and rate > cap:
+            rate = cap  # min_rate may exceed a per-minute ceiling: the ceiling wins
         if self._futility.origin is _UNSET:
             self._futility.origin = old
         self._last_cut = now
         self._cuts += 1
-        self._probing = old is None
-        self._recovering = self._ceiling is None or rate < self._ceiling
+        self._probing = old is None and self._server_rate is None
+        self._recovering = cap is None or rate < cap
         if self._ceiling is None:
             self._step = self._increase or max(
                 DEFAULT_MIN_INCREASE, DEFAULT_INCREASE_SHARE_OF_CUT * rate

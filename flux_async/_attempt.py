@@ -33,7 +33,7 @@ from ._exceptions import (
     DeadlineExceededError,
     RateLimitError,
 )
-from ._limits import ConcurrencyLimit, Limiter
+from ._limits import REMAINING_HEADER, ConcurrencyLimit, Limiter, parse_quota
 from ._models import ImageRequest, ImagesResponse
 from ._outage import FREE_PROBE_FAILURES, OutageGuard
 from ._retry import RetryBudget, RetryDecision, RetryPolicy, decide_retry
@@ -86,7 +86,9 @@ class CallContext:
     * ``new_key``: makes an ``Idempotency-Key`` for a call that was given none;
     * ``limiter``, ``budget``, ``outage``: the client's defaults, shared by its calls;
     * ``status_error``: builds the typed error for an error status;
-    * ``max_response_bytes``: the body cap, or None for `response_cap`'s defaults.
+    * ``max_response_bytes``: the body cap, or None for `response_cap`'s defaults;
+    * ``check_loop``: raises `EventLoopError` when the client is busy in another event
+      loop (called as each call starts, before the limiter or the pool is touched).
     """
 
     url: str
@@ -100,6 +102,7 @@ class CallContext:
     outage: OutageGuard
     status_error: Callable[[int, bytes, Mapping[str, str], str | None], APIError]
     max_response_bytes: int | None = None
+    check_loop: Callable[[], None] = attrs.field(default=lambda: None)
 
 
 async def run_request(
@@ -181,6 +184,7 @@ class Call:
     ) -> None:
         if ctx.is_closed():
             raise ClientClosedError("this FluxClient is closed; create a new one")
+        ctx.check_loop()
         self.ctx = ctx
         # Built once: every attempt of the call sends exactly the same request.
         self.request = TransportRequest(
@@ -350,6 +354,12 @@ class Call:
         status = answer.status
         headers = answer.headers
         request_id = headers.get("x-request-id")
+        if REMAINING_HEADER in headers and not self.policy.testing:
+            # The server states its quota: the limiter paces by it instead of learning
+            # it from 429s (a testing policy never waits, so it is not told).
+            quota = parse_quota(headers)
+            if quota is not None:
+                self.limiter.on_quota(*quota)
         if status < 300:
             outage.on_success(probe)
             self.limiter.on_success()
@@ -373,14 +383,13 @@ class Call:
         if isinstance(error, RateLimitError):
             if self.counters is not None:
                 self.counters.rate_limited += 1
-            # No header may shut the gate for longer than retry_after_max, and a test never
-            # shuts it at all (the limiter still counts the 429 and may cut its rate).
-            retry_after = error.retry_after
-            if retry_after is not None:
-                retry_after = (
-                    None if self.policy.testing else min(retry_after, self.policy.retry_after_max)
-                )
-            self.limiter.on_rate_limited(retry_after)
+            # A testing policy leaves the limiter alone: told of a 429, it would pause or
+            # pace the test. No header may shut the gate for longer than retry_after_max.
+            if not self.policy.testing:
+                retry_after = error.retry_after
+                if retry_after is not None:
+                    retry_after = min(retry_after, self.policy.retry_after_max)
+                self.limiter.on_rate_limited(retry_after)
         raise error
 
     def _rank(self) -> int:
@@ -404,6 +413,10 @@ class Call:
             if not limiter.try_acquire():
                 await limiter.acquire()
             if counters is not None:
+                if counters.halted is not None:
+                    # The fan-out stopped on a fatal answer (a wrong key) while this call
+                    # waited: sending it would only get the same answer.
+                    raise counters.halted(self.attempts)
                 counters.in_flight += 1
             self.attempts += 1
             try:

@@ -29,17 +29,22 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, BinaryIO, NoReturn
 
 import click
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ._batch import BatchDirectory, BatchError, Plan, Source, run_batch
 from ._client import ENV_API_KEY, ENV_BASE_URL, FluxClient, RequestFields
 from ._exceptions import APIStatusError, ValidationError
 from ._fanout import DEFAULT_CONCURRENCY, Fanout, FanoutStatistics, GenerationResult, PromptInput
+from ._gallery import render_gallery
 from ._models import FIELD_SPECS, ImageRequest
 from ._retry import RetryPolicy
+from ._save import write_atomic
+from ._transport import DEFAULT_MAX_CONNECTIONS
 from .emulator import Emulator
 from .emulator.__main__ import main as emulator_main
 
@@ -51,7 +56,9 @@ DEMO_RATE_LIMIT = 40.0
 DEMO_BURST = 10
 DEMO_LATENCY = 0.05
 DEMO_CONCURRENCY = 32
-DEMO_OUT = "flux-async-demo.jsonl"
+DEMO_OUT = "flux-async-demo"
+# The demo's input, as its batch.json names it: a demo only ever replaces a demo's output.
+_DEMO_INPUT = "flux-async demo sample prompts"
 
 # Sent to the emulator instead of the user's key: a real key has no business on a fake
 # server, and FluxClient would otherwise fall back to $FLUX_API_KEY.
@@ -211,7 +218,7 @@ def _record(result: GenerationResult) -> dict[str, Any]:
         "attempts": result.attempts,
         "elapsed": round(result.elapsed, 3),
     }
-    if result.response is not None:
+    if result.response is not None and result.error is None:
         record["urls"] = result.response.urls
         inline = [image.b64_json for image in result.response.data if image.b64_json]
         if inline:  # --response-format b64_json: the images themselves
@@ -225,14 +232,17 @@ def _record(result: GenerationResult) -> dict[str, Any]:
     return record
 
 
-def _progress_updater(bar: tqdm[Any]) -> Callable[[FanoutStatistics], None]:
+def _progress_updater(bar: tqdm[Any], initial: int = 0) -> Callable[[FanoutStatistics], None]:
+    """Progress from a fan-out's statistics; ``initial`` prompts were done before it."""
+
     def update(stats: FanoutStatistics) -> None:
         rate = "unpaced" if stats.rate is None else f"{stats.rate:.1f}/s"
         # refresh=False: update() below redraws, at most every tqdm's mininterval.
         bar.set_postfix_str(
-            f"failed={stats.failed} 429s={stats.rate_limited} rate={rate}", refresh=False
+            f"failed={stats.failed} retries={stats.retries} 429s={stats.rate_limited} rate={rate}",
+            refresh=False,
         )
-        bar.update(stats.done - bar.n)
+        bar.update(initial + stats.done - bar.n)
 
     return update
 
@@ -576,14 +586,377 @@ def generate(
     ctx.exit(_EXIT_FAILED if _statistics(job).failed else 0)
 
 
+# -- batch -----------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class _BatchRun:
+    """One ``batch`` (or ``demo``) run: the plan and how to reach the server."""
+
+    plan: Plan
+    api_key: str | None
+    base_url: str | None
+    fanout_options: dict[str, Any]
+    emulator: dict[str, Any] | None = None
+    emulator_note: str = ""
+    progress: bool = False
+    emulator_stats: dict[str, Any] = field(default_factory=dict)
+
+
+async def _run_batch(run: _BatchRun) -> None:
+    plan = run.plan
+    async with contextlib.AsyncExitStack() as stack:
+        api_key, base_url = run.api_key, run.base_url
+        if run.emulator is not None:
+            emulator = await stack.enter_async_context(Emulator(**run.emulator))
+            stack.callback(lambda: run.emulator_stats.update(emulator.stats.snapshot()))
+            api_key, base_url = _EMULATOR_KEY, emulator.base_url
+            click.echo(run.emulator_note.format(url=base_url), err=True)
+        concurrency = run.fanout_options["concurrency"]
+        # Downloads use the pool's connections beyond `concurrency`: twice as many
+        # connections leave each generation slot one for its images.
+        client = await stack.enter_async_context(
+            FluxClient(
+                api_key=api_key,
+                base_url=base_url,
+                max_connections=max(DEFAULT_MAX_CONNECTIONS, 2 * concurrency),
+            )
+        )
+        bar = stack.enter_context(
+            tqdm(
+                total=plan.total,
+                initial=len(plan.done),
+                unit="prompt",
+                file=sys.stderr,
+                disable=not run.progress,
+                dynamic_ncols=True,
+            )
+        )
+        initial = len(plan.done)
+        update = _progress_updater(bar, initial) if run.progress else None
+        await run_batch(
+            plan,
+            lambda items, where, stem: client.iter_generate(
+                items, save_to=where, save_stem=stem, on_progress=update, **run.fanout_options
+            ),
+        )
+
+
+def _stop_line(plan: Plan) -> str | None:
+    """One line for a batch stopped on a fatal answer, with the library's hint."""
+    stopped = None if plan.fanout is None else plan.fanout.stopped_by
+    if stopped is None:
+        return None
+    not_sent = sum(
+        1
+        for r in plan.records.values()
+        if r.get("run") == plan.run and (r.get("error") or {}).get("not_sent")
+    )
+    notes = " ".join(getattr(stopped, "__notes__", ()))
+    return (
+        f"Error: the batch stopped on an answer every prompt would get: "
+        f"{type(stopped).__name__}: {stopped}{' ' + notes if notes else ''} "
+        f"{not_sent} prompts were not sent; fix this and rerun the same command to resume."
+    )
+
+
+def _batch_summary(plan: Plan, elapsed: float) -> tuple[str, bool]:
+    """The closing paragraph, and whether every prompt of the input is ok."""
+    records = plan.records
+    ok = sum(1 for r in records.values() if r.get("status") == "ok")
+    failed = len(records) - ok
+    not_sent = sum(1 for r in records.values() if (r.get("error") or {}).get("not_sent"))
+    this_run = [r for r in records.values() if r.get("run") == plan.run]
+    earlier = len(plan.done)
+    total = plan.total if plan.total is not None else plan.read
+    pending = max(0, total - ok - failed)
+    stats = None if plan.fanout is None else plan.fanout.statistics()
+    done = len(this_run)
+    rate = done / elapsed if elapsed > 0 else 0.0
+    parts = [
+        f"{plan.directory.root}: {ok} of {total} prompts ok"
+        f" ({ok - earlier if ok >= earlier else ok} this run, {earlier} from earlier runs)",
+        f", {failed} failed" if failed else "",
+        f" ({not_sent} of them not sent)" if not_sent else "",
+        f", {pending} not run" if pending else "",
+        f". This run: {done} prompts in {elapsed:.1f} s ({rate:.1f} prompts/s)",
+    ]
+    if stats is not None:
+        parts.append(f", {stats.retries} retries, {stats.rate_limited} x 429")
+    parts.append(f". Manifest: {plan.directory.manifest}. Gallery: {plan.directory.gallery}.")
+    if failed or pending:
+        parts.append(" Rerun the same command to resume (--retry-failed: only the failed ones).")
+    return "".join(parts), ok == total and total > 0
+
+
+def _write_gallery(plan: Plan) -> None:
+    page = render_gallery(
+        plan.records, title=str(plan.directory.root), total=plan.total or plan.read or None
+    )
+    write_atomic(plan.directory.gallery, page.encode())
+
+
+def _execute_batch(ctx: click.Context, run: _BatchRun) -> tuple[float, bool]:
+    """Run the batch, write the gallery; (elapsed, interrupted). Exits 2 on bad values."""
+    plan = run.plan
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        # Before the first request: a directory that exists is one that resumes.
+        plan.save_state()
+        asyncio.run(_run_batch(run))
+    except ValidationError as exc:
+        _bad_value(ctx, exc)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        # Rewritten at the end of every run, interrupted or not (the loop has ended:
+        # blocking writes are fine here).
+        with contextlib.suppress(OSError):
+            _write_gallery(plan)
+        if plan.lock is not None:
+            plan.lock.close()  # the directory is free for the next run
+    return time.perf_counter() - started, interrupted
+
+
+def _finish_batch(ctx: click.Context, run: _BatchRun, elapsed: float, interrupted: bool) -> None:
+    plan = run.plan
+    summary, all_ok = _batch_summary(plan, elapsed)
+    if interrupted:
+        click.echo(
+            f"\nInterrupted: {plan.recorded} finished prompts are in {plan.directory.manifest}; "
+            "rerun the same command to resume.",
+            err=True,
+        )
+    click.echo(summary, err=True)
+    stop = _stop_line(plan)
+    if stop is not None:
+        click.echo(stop, err=True)
+    if plan.input_error is not None:
+        click.echo(f"Error: {plan.input_error}; later lines were not read", err=True)
+        ctx.exit(_EXIT_USAGE)
+    if interrupted:
+        ctx.exit(_EXIT_INTERRUPTED)
+    ctx.exit(0 if all_ok else _EXIT_FAILED)
+
+
+def _fanout_options(
+    concurrency: int,
+    rate_limit: float | None,
+    rate_limit_per_minute: float | None,
+    burst: int | None,
+    deadline: float | None,
+    batch_deadline: float | None,
+    max_attempts: int | None,
+) -> dict[str, Any]:
+    if rate_limit is not None and rate_limit_per_minute is not None:
+        raise click.UsageError("use --rate-limit or --rate-limit-per-minute, not both")
+    if burst is not None and rate_limit is None and rate_limit_per_minute is None:
+        raise click.UsageError("--burst needs --rate-limit or --rate-limit-per-minute")
+    options: dict[str, Any] = {
+        "concurrency": concurrency,
+        "deadline": deadline,
+        "batch_deadline": batch_deadline,
+        "retry": None if max_attempts is None else RetryPolicy(max_attempts=max_attempts),
+    }
+    if rate_limit is not None or rate_limit_per_minute is not None:
+        options["rate_limit"] = rate_limit or rate_limit_per_minute
+        options["per"] = 1.0 if rate_limit is not None else 60.0
+        options["burst"] = burst or 1
+    return options
+
+
+def _prepare(
+    ctx: click.Context, source: Source, out: Path, fields: RequestFields, retry_failed: bool
+) -> Plan:
+    """The plan, or exit 2 with one line (bad line, directory from another input)."""
+    # Only builds requests (no I/O): the key and URL here are never used.
+    builder = FluxClient(api_key=_EMULATOR_KEY, base_url="http://127.0.0.1/v1")
+    try:
+        return Plan.prepare(
+            source,
+            BatchDirectory(root=out),
+            build=builder.build_request,
+            fields=fields,
+            retry_failed=retry_failed,
+        )
+    except BatchError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        ctx.exit(_EXIT_USAGE)
+
+
+@cli.command()
+@click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The batch directory: images/, manifest.jsonl, gallery.html (made if missing).",
+)
+@click.option(
+    "--jsonl",
+    is_flag=True,
+    help='Each line is a JSON object: {"prompt": "...", "n": 2} (default for *.jsonl).',
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Rerun only the prompts the manifest records as failed.",
+)
+@click.option("--api-key", envvar=ENV_API_KEY, help=f"API key (default: ${ENV_API_KEY}).")
+@click.option("--base-url", envvar=ENV_BASE_URL, help=f"Base URL ending in /v1 (${ENV_BASE_URL}).")
+@_request_options
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="HTTP requests in flight at once.",
+)
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Requests per second, never exceeded (default: adapt to the server's 429s).",
+)
+@click.option(
+    "--rate-limit-per-minute",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Requests per minute, instead of --rate-limit.",
+)
+@click.option("--burst", type=click.IntRange(min=1), help="Burst for the rate limit (default 1).")
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds per prompt, retries and image downloads included.",
+)
+@click.option(
+    "--batch-deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds for the whole run; prompts not done by then are left for a rerun.",
+)
+@click.option(
+    "--max-attempts", type=click.IntRange(min=1), help="Attempts per prompt, 429s aside (4)."
+)
+@click.option("--emulator", is_flag=True, help="Send everything to the bundled emulator.")
+@click.option(
+    "--emulator-rate-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="The emulator's capacity in requests/s (shows 429 handling).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr (default: when stderr is a terminal).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log retries and rate cuts to stderr.")
+@click.pass_context
+def batch(
+    ctx: click.Context,
+    /,
+    prompts: str,
+    out: Path,
+    jsonl: bool,
+    retry_failed: bool,
+    api_key: str | None,
+    base_url: str | None,
+    concurrency: int,
+    rate_limit: float | None,
+    rate_limit_per_minute: float | None,
+    burst: int | None,
+    deadline: float | None,
+    batch_deadline: float | None,
+    max_attempts: int | None,
+    emulator: bool,
+    emulator_rate_limit: float | None,
+    progress: bool | None,
+    verbose: bool,
+    **request_options: Any,
+) -> None:
+    """Generate and save the images of every prompt in PROMPTS into the directory --out.
+
+    PROMPTS is a text file (one prompt a line; blank and # lines skipped), a JSONL file
+    (*.jsonl or --jsonl: per-line fields), or - for stdin. Images go to DIR/images/,
+    one JSON record per finished prompt to DIR/manifest.jsonl, and DIR/gallery.html shows
+    them all. Rerunning the same command resumes: prompts already ok are skipped. A file
+    is checked before anything is sent. A wrong key or base URL stops the batch at once.
+    Exit status: 0 all ok, 1 some failed, 2 bad usage or input, 130 interrupted.
+
+    \b
+    Example:
+      flux-async batch prompts.txt --out run1 --aspect-ratio 16:9 --rate-limit 20
+    """
+    fanout_options = _fanout_options(
+        concurrency,
+        rate_limit,
+        rate_limit_per_minute,
+        burst,
+        deadline,
+        batch_deadline,
+        max_attempts,
+    )
+    if emulator_rate_limit is not None and not emulator:
+        raise click.UsageError("--emulator-rate-limit needs --emulator")
+    fields = _request_fields(request_options)
+    try:
+        # Checked now, before the input is read or anything is started or sent.
+        ImageRequest(prompt="check", **fields)
+        if not emulator and base_url is not None:
+            FluxClient(base_url=base_url, api_key=_EMULATOR_KEY)
+    except ValidationError as exc:
+        _bad_value(ctx, exc)
+    source = Source(path=prompts, jsonl=jsonl or prompts.lower().endswith(".jsonl"))
+    if source.streaming and sys.stdin.isatty():
+        click.echo("Reading prompts from the terminal, one per line; end with Ctrl-D.", err=True)
+    plan = _prepare(ctx, source, out, fields, retry_failed)
+    run = _BatchRun(
+        plan=plan,
+        api_key=api_key,
+        base_url=base_url,
+        fanout_options=fanout_options,
+        emulator=None if not emulator else {"rate_limit": emulator_rate_limit},
+        emulator_note=(
+            "flux-async: --emulator: every request goes to the bundled emulator at {url}; "
+            "no real API is used and the images are placeholders."
+        ),
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
+    with _verbose_logging(verbose):
+        elapsed, interrupted = _execute_batch(ctx, run)
+    _finish_batch(ctx, run, elapsed, interrupted)
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+def _clear_demo(ctx: click.Context, out: Path) -> None:
+    """Remove an earlier demo's output from ``out`` (only a demo's: never anything else)."""
+    directory = BatchDirectory(root=out)
+    try:
+        state = directory.read_state()
+    except BatchError:
+        state = {}
+    if state is None:
+        return
+    if state.get("input") != _DEMO_INPUT:
+        click.echo(f"Error: {out} holds another batch; pass the demo another --out", err=True)
+        ctx.exit(_EXIT_USAGE)
+    for path in (directory.manifest, directory.gallery, directory.state):
+        path.unlink(missing_ok=True)
+    if directory.images.is_dir():
+        for image in directory.images.iterdir():
+            if image.suffix in (".png", ".jpg", ".webp") or image.name.endswith(".part"):
+                image.unlink()
+
+
 @cli.command()
 @click.option(
     "-o",
     "--out",
-    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    type=click.Path(file_okay=False, path_type=Path),
     default=DEMO_OUT,
     show_default=True,
-    help="Where the JSON lines go (- for stdout).",
+    help="The batch directory the demo fills (its previous run there is replaced).",
 )
 @click.option(
     "--progress/--no-progress", default=True, help="Progress bar on stderr (default: on)."
@@ -592,20 +965,20 @@ def generate(
 # Hidden: lets the test suite run a short demo.
 @click.option("--count", type=click.IntRange(1, len(sample_prompts())), hidden=True)
 @click.pass_context
-def demo(ctx: click.Context, out: str, progress: bool, verbose: bool, count: int | None) -> None:
+def demo(ctx: click.Context, out: Path, progress: bool, verbose: bool, count: int | None) -> None:
     """Run a bulk job against the bundled emulator: no key, no network.
 
-    Generates for 300 sample prompts with concurrency 32 through an emulator whose capacity
-    is 40 requests/s, so the server answers 429 and the client has to find the rate;
-    every prompt still ends with its images.
+    A `batch` of 300 sample prompts with concurrency 32 into ./flux-async-demo/, through
+    an emulator whose capacity is 40 requests/s, so the server answers 429 and the client
+    has to find the rate; every prompt still ends with its image saved, and the run ends
+    with the path of the gallery to open.
     """
     prompts = sample_prompts()[:count]
-    output = ctx.with_resource(click.open_file(out, "w", encoding="utf-8"))
-    job = _Job(
-        items=prompts,
-        out=output,
-        out_path=out,
-        fields={},
+    _clear_demo(ctx, out)
+    source = Source(path=_DEMO_INPUT, jsonl=False, lines=[p.encode() for p in prompts])
+    plan = _prepare(ctx, source, out, {}, False)
+    run = _BatchRun(
+        plan=plan,
         api_key=None,
         base_url=None,
         fanout_options={"concurrency": DEMO_CONCURRENCY},
@@ -617,21 +990,20 @@ def demo(ctx: click.Context, out: str, progress: bool, verbose: bool, count: int
             "No key, no network, no real API."
         ),
         progress=progress,
-        total=len(prompts),
     )
     with _verbose_logging(verbose):
-        elapsed = _execute(ctx, job)
-    click.echo(_summary(job, elapsed), err=True)
-    emu = job.emulator_stats
-    lost = len(prompts) - job.written
-    click.echo(
-        f"The emulator answered {emu.get('requests', 0)} requests: "
-        f"{emu.get('successes', 0)} with images, {emu.get('rate_limited', 0)} with 429. "
-        f"Every 429 was absorbed by waiting and retrying: {lost} prompts lost.",
-        err=True,
-    )
-    click.echo(f"Results: {_where(out)}", err=True)
-    ctx.exit(_EXIT_FAILED if lost or _statistics(job).failed else 0)
+        elapsed, interrupted = _execute_batch(ctx, run)
+    emu = run.emulator_stats
+    if not interrupted:
+        ok = sum(1 for r in plan.records.values() if r.get("status") == "ok")
+        click.echo(
+            f"The emulator answered {emu.get('requests', 0)} requests: "
+            f"{emu.get('successes', 0)} with images, {emu.get('rate_limited', 0)} with 429. "
+            f"Every 429 was absorbed by waiting and retrying: {len(prompts) - ok} prompts lost.",
+            err=True,
+        )
+        click.echo(f"Open the gallery: {plan.directory.gallery.resolve()}", err=True)
+    _finish_batch(ctx, run, elapsed, interrupted)
 
 
 @cli.command(

@@ -10,14 +10,16 @@ held across a backoff sleep.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import os
 import sys
 import warnings
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict, Unpack
+from typing import Any, TypedDict, Unpack, overload
 
 import aiohttp
 import attrs
@@ -29,24 +31,34 @@ from ._exceptions import (
     APIError,
     ClientClosedError,
     DeadlineExceededError,
+    EventLoopError,
     ValidationError,
     error_body,
     error_for_status,
 )
 from ._fanout import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_STOP_ON,
     Fanout,
     FanoutStatistics,
     GenerationResult,
     PromptInput,
+    check_stop_on,
     fanout_limiter,
+    save_settings,
     to_request,
 )
 from ._limits import Limiter, RateLimiter
-from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
+from ._models import DEFAULT_MODEL, Image, ImageRequest, ImagesResponse
 from ._outage import OutageGuard
 from ._retry import RetryBudget, RetryPolicy, parse_retry_after
-from ._transport import DEFAULT_MAX_CONNECTIONS, AiohttpTransport, AsyncTransport
+from ._save import Downloader
+from ._transport import (
+    DEFAULT_MAX_CONNECTIONS,
+    AiohttpTransport,
+    AsyncTransport,
+    VerifySetting,
+)
 from ._version import __version__
 
 __all__ = [
@@ -91,6 +103,9 @@ class RequestFields(TypedDict, total=False):
     input_images: Sequence[str]
     extra_body: Mapping[str, Any] | None
 
+
+# The pool's network settings and their defaults (see AiohttpTransport).
+_NETWORK_DEFAULTS: dict[str, object] = {"trust_env": True, "proxy": None, "verify": True}
 
 # From ImageRequest itself, not from the TypedDict above, which only mirrors it.
 _REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(ImageRequest) if a.init) - {"prompt"}
@@ -236,8 +251,13 @@ def _transport(
     session: object,
     max_connections: object,
     headers: Mapping[str, str],
+    network: Mapping[str, Any],
 ) -> AsyncTransport:
-    """The transport given, or an `AiohttpTransport` (over the caller's session, if any)."""
+    """The transport given, or an `AiohttpTransport` (over the caller's session, if any).
+
+    ``network`` holds ``trust_env``, ``proxy`` and ``verify``: settings of the pool the
+    client makes, refused (rather than silently ignored) with a transport of the caller's.
+    """
     if transport is None:
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise ValidationError("session", session, "an aiohttp.ClientSession, or None")
@@ -245,11 +265,21 @@ def _transport(
             raise ValidationError(
                 "max_connections", max_connections, "an integer >= 0 (0 means no limit)"
             )
+        # With session=, AiohttpTransport refuses non-default network settings itself.
         return AiohttpTransport(
-            max_connections=max_connections, session=session, default_headers=headers
+            max_connections=max_connections, session=session, default_headers=headers, **network
         )
     if not isinstance(transport, AsyncTransport):
         raise ValidationError("transport", transport, "a flux_async.AsyncTransport, or None")
+    for name, default in _NETWORK_DEFAULTS.items():
+        value = network[name]
+        if value is not default:
+            raise ValidationError(
+                name,
+                value,
+                f"the default ({default}) when transport= is given: set it on the "
+                f"transport, e.g. AiohttpTransport({name}=...)",
+            )
     if session is not None:
         raise ValidationError(
             "session", session, "None when a transport is given (give it the session)"
@@ -271,7 +301,13 @@ class FluxClient:
       clients to share a quota.
     * ``outage``: the `OutageGuard` that holds attempts while the server is down (one
       per client by default; share one between clients of the same server).
-    * ``timeout``: per-attempt `Timeout`; ``max_connections``: the pool's size (100).
+    * ``timeout``: per-attempt `Timeout`; ``max_connections``: the pool's size (1000,
+      as openai-python: a web app's handlers sharing one client never queue for one).
+    * ``trust_env`` (True): proxies from ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY``,
+      ``NO_PROXY`` honoured; ``proxy``: one proxy URL for every request (it wins over the
+      environment); ``verify`` (True): TLS certificates checked against the system's CA
+      store, or False, a CA bundle path, or an ``ssl.SSLContext``. Settings of the pool
+      the client makes: with ``transport=`` or ``session=``, set them there instead.
     * ``max_response_bytes``: the most bytes read from one answer (default 4 MiB, plus
       24 MiB per image with ``response_format="b64_json"``); a larger 2xx body is an
       `APIResponseValidationError`, a larger error body is cut to an excerpt.
@@ -281,11 +317,19 @@ class FluxClient:
       sockets. ``session``: an ``aiohttp.ClientSession`` of yours, used as is (through an
       `AiohttpTransport`) and never closed by us.
 
+    One client serves one event loop at a time. A module-level client may be used by
+    successive ``asyncio.run`` calls (each loop's pool is closed as the loop ends and the
+    next loop gets a new one); use from a second loop while the first is still open raises
+    `EventLoopError`.
+
     Example::
 
         async with FluxClient(api_key="sk-...", base_url="https://gateway/v1") as client:
             response = await client.generate("a lighthouse at dusk", aspect_ratio="16:9")
             print(response.urls)
+
+        behind_a_proxy = FluxClient(proxy="http://proxy.internal:3128",
+                                    verify="/etc/ssl/corp-root.pem")
     """
 
     def __init__(
@@ -304,6 +348,9 @@ class FluxClient:
         default_headers: Mapping[str, str] | None = None,
         outage: OutageGuard | None = None,
         max_response_bytes: int | None = None,
+        trust_env: bool = True,
+        proxy: str | None = None,
+        verify: VerifySetting = True,
     ) -> None:
         api_key = _api_key(api_key)
         url = _check_base_url(base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
@@ -333,7 +380,15 @@ class FluxClient:
         self.timeout = timeout
         self._closed = False
         self._headers = _headers(default_headers, self._api_key)
-        self._transport = _transport(transport, session, max_connections, self._headers)
+        self._transport = _transport(
+            transport,
+            session,
+            max_connections,
+            self._headers,
+            {"trust_env": trust_env, "proxy": proxy, "verify": verify},
+        )
+        # The event loop this client is busy in (see `_check_loop`).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._label = f"POST {self._safe_url}"
         self._key_prefix = f"flux-async-{os.urandom(8).hex()}-"
         self._keys = itertools.count(1)
@@ -367,7 +422,29 @@ class FluxClient:
             outage=self.outage,
             status_error=status_error,
             max_response_bytes=self._max_response_bytes,
+            check_loop=self._check_loop,
         )
+
+    def _check_loop(self) -> None:
+        """Bind to the running loop, unless the client is bound to another, still open one.
+
+        A loop that has closed (each ``asyncio.run`` closes its own) leaves nothing behind
+        to share: the limiter rebinds to the new clock and the transport makes a new pool.
+        Another loop still open may be using the same limiter, retry budget and pool from
+        its own thread; sharing them would corrupt them, so it is refused, before anything
+        is touched.
+        """
+        loop = asyncio.get_running_loop()
+        bound = self._loop
+        if loop is bound:
+            return
+        if bound is not None and not bound.is_closed():
+            raise EventLoopError(
+                "this FluxClient is in use by another event loop, which is still open: "
+                "create one FluxClient per event loop (or per thread running one), or "
+                "close the other loop first (asyncio.run closes its loop when it returns)"
+            )
+        self._loop = loop
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -418,6 +495,64 @@ class FluxClient:
         """
         self._closed = True
         await self._transport.aclose()
+
+    @property
+    def downloader(self) -> Downloader:
+        """What saves this client's images: `Image.save`, `ImagesResponse.save`, `save`
+        and ``save_to=`` use it. Downloads go through this client's transport (its pool)
+        with its retry policy and timeout; the API key is sent only to URLs on
+        ``base_url``'s own scheme, host and port.
+
+        Example::
+
+            body, content_type, attempts = await client.downloader.fetch(image.url)
+        """
+        return Downloader(
+            transport=self._transport,
+            policy=self.retry,
+            api_origin=str(self._base_url.origin()),
+            api_headers=self._headers,
+            timeout=self.timeout,
+            is_closed=lambda: self._closed,
+        )
+
+    @overload
+    async def save(self, target: Image, path: str | os.PathLike[str]) -> Path: ...
+
+    @overload
+    async def save(
+        self, target: ImagesResponse, path: str | os.PathLike[str], *, stem: str = ...
+    ) -> list[Path]: ...
+
+    async def save(
+        self,
+        target: Image | ImagesResponse,
+        path: str | os.PathLike[str],
+        *,
+        stem: str | None = None,
+    ) -> Path | list[Path]:
+        """Save an `Image` to the file ``path``, or every image of an `ImagesResponse`
+        into the directory ``path`` (named ``stem``, default ``"image"``, or ``stem-0``,
+        ``stem-1`` ... for several); return what was written.
+
+        A ``url`` image is downloaded through this client (its pool, its retry policy; the
+        key only to the API's own origin), a ``b64_json`` one decoded; the suffix comes
+        from the bytes (PNG, JPEG or WebP), the write is atomic. Same as
+        ``image.save(path, client=client)`` and ``response.save(dir, client=client)``.
+
+        Example::
+
+            response = await client.generate("a red fox", n=2)
+            paths = await client.save(response, "out", stem="fox")   # out/fox-0.png ...
+            path = await client.save(response.data[0], "best.png")   # best.png
+        """
+        if isinstance(target, Image):
+            if stem is not None:
+                raise ValidationError("stem", stem, "None when saving one Image (name it in path)")
+            return await target.save(path, client=self)
+        if isinstance(target, ImagesResponse):
+            return await target.save(path, stem="image" if stem is None else stem, client=self)
+        raise ValidationError("target", target, "an Image or an ImagesResponse to save")
 
     @property
     def transport(self) -> AsyncTransport:
@@ -524,6 +659,9 @@ class FluxClient:
         timeout: Timeout | None = None,
         fail_fast: bool = False,
         on_progress: Callable[[FanoutStatistics], None] | None = None,
+        save_to: str | os.PathLike[str] | None = None,
+        save_stem: Callable[[int, str], str] | None = None,
+        stop_on: Collection[int] = DEFAULT_STOP_ON,
         **fields: Unpack[RequestFields],
     ) -> Fanout:
         """Generate for many prompts; yields a `GenerationResult` per prompt as each ends.
@@ -544,6 +682,19 @@ class FluxClient:
         * ``fail_fast``: the first prompt that fails for good is raised from the
           iteration and the rest are cancelled; otherwise failures are yielded as results.
         * ``on_progress``: called with a `FanoutStatistics` after each prompt ends.
+        * ``save_to``: a directory; each prompt's images are saved there right after its
+          generation succeeds (before a URL can expire), named ``save_stem(index,
+          prompt)`` (default: the index, six digits: ``000042.png``, or ``000042-0.png``
+          ... for ``n`` > 1) plus the suffix of their type; `GenerationResult.files` has
+          the paths. Downloads go through this client's pool (using its connections
+          beyond ``concurrency``: ``max_connections`` of 2x ``concurrency`` is ample) and
+          retry as API calls do; a prompt whose images cannot be saved ends with an
+          `ImageSaveError` that keeps the response and its URLs.
+        * ``stop_on`` (401, 403, 404): answers every other prompt would get too. The first
+          one stops the fan-out: no prompt is sent after it (at most ``concurrency``
+          were already on the wire), and every prompt not sent ends at once with a
+          `BatchStoppedError` naming it; `Fanout.stopped_by` is that answer. Pass ``()``
+          never to stop. A 400 (one prompt's content) never stops a batch.
 
         Example::
 
@@ -573,6 +724,16 @@ class FluxClient:
             on_progress=on_progress,
             pool=pool,
         )
+        stop_statuses = check_stop_on(stop_on)
+        policy = self._policy(retry, deadline)
+        client_timeout = self.timeout if timeout is None else timeout
+        save = save_settings(
+            save_to,
+            save_stem,
+            self.downloader.with_policy(policy, client_timeout),
+            concurrency=concurrency,
+            pool=pool,
+        )
         # Batch-wide fields are checked once, now, not once per prompt later.
         self.build_request("check", fields)
         return Fanout(
@@ -581,12 +742,14 @@ class FluxClient:
             prompts,
             concurrency=concurrency,
             limiter=self.limiter if own_limiter is None else own_limiter,
-            policy=self._policy(retry, deadline),
-            client_timeout=self.timeout if timeout is None else timeout,
+            policy=policy,
+            client_timeout=client_timeout,
             fields={"model": self.model, **fields},
             fail_fast=fail_fast,
             batch_deadline=batch_deadline,
             on_progress=on_progress,
+            save=save,
+            stop_on=stop_statuses,
         )
 
     async def gather_generate(
@@ -604,6 +767,9 @@ class FluxClient:
         timeout: Timeout | None = None,
         fail_fast: bool = False,
         on_progress: Callable[[FanoutStatistics], None] | None = None,
+        save_to: str | os.PathLike[str] | None = None,
+        save_stem: Callable[[int, str], str] | None = None,
+        stop_on: Collection[int] = DEFAULT_STOP_ON,
         **fields: Unpack[RequestFields],
     ) -> list[GenerationResult]:
         """Generate for every prompt; one `GenerationResult` per prompt, in input order.
@@ -611,13 +777,16 @@ class FluxClient:
         Takes the same arguments as `iter_generate`. Every prompt is validated before
         anything is sent (a bad one raises `ValidationError` naming its index). The list
         always has one result per prompt: with ``batch_deadline``, prompts that never
-        ran carry a `DeadlineExceededError`. With ``fail_fast`` the first final error is
-        raised instead.
+        ran carry a `DeadlineExceededError`; after a ``stop_on`` answer, prompts not sent
+        carry a `BatchStoppedError`. With ``fail_fast`` the first final error is raised
+        instead.
 
         Example::
 
             results = await client.gather_generate(["a fox", "a crow"], concurrency=32)
             urls = [r.response.urls for r in results if r.ok]
+            results = await client.gather_generate(prompts, save_to="out")
+            files = [r.files for r in results if r.ok]   # (PosixPath('out/000000.png'),) ...
         """
         if isinstance(prompts, AsyncIterable):
             items: list[PromptInput] = [item async for item in prompts]
@@ -654,6 +823,9 @@ class FluxClient:
             timeout=timeout,
             fail_fast=fail_fast,
             on_progress=on_progress,
+            save_to=save_to,
+            save_stem=save_stem,
+            stop_on=stop_on,
         )
 
         def collect(result: GenerationResult) -> None:
@@ -702,6 +874,16 @@ class FluxClient:
         if status == 401 and self._api_key is None:
             error.add_note(
                 f"No API key was sent: pass api_key= to FluxClient or set ${ENV_API_KEY}."
+            )
+        elif status == 401:
+            error.add_note(
+                f"The API key was refused: check api_key= / ${ENV_API_KEY}, and that "
+                f"{self._safe_url} is the provider the key belongs to."
+            )
+        elif status == 403:
+            error.add_note(
+                "The key may not use this endpoint or model: check the key's access and "
+                f"model= (this request's model, or the client's {self.model!r})."
             )
         elif status == 404:
             error.add_note(

@@ -222,7 +222,8 @@ class BatchStoppedError(FluxError):
 
 class EventLoopError(FluxError, RuntimeError):
     """A client, limiter or transport was used from a second event loop while still busy
-    in another. Create one per event loop (or per thread running a loop).
+    in another. Create one per event loop (or per thread running a loop). Also raised by
+    a `SyncFluxClient` used inside a running event loop, where `FluxClient` belongs.
 
     Example::
 

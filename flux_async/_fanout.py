@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, Callable, Collection, Iterable, Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -28,9 +29,17 @@ import attrs
 from ._attempt import Call, CallContext, run_request
 from ._config import check_seconds, check_timeout, is_finite_positive
 from ._counters import Counters
-from ._exceptions import DeadlineExceededError, FluxError, ValidationError
+from ._exceptions import (
+    APIStatusError,
+    BatchStoppedError,
+    DeadlineExceededError,
+    FluxError,
+    ImageSaveError,
+    ValidationError,
+)
 from ._limits import ConcurrencyLimit, Limiter, RateLimiter
 from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
+from ._save import Downloader, check_directory
 
 if TYPE_CHECKING:
     from ._config import Timeout
@@ -38,11 +47,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_STOP_ON",
     "Fanout",
     "FanoutStatistics",
     "GenerationResult",
     "PromptInput",
+    "SaveTo",
+    "check_stop_on",
+    "default_stem",
     "fanout_limiter",
+    "save_settings",
     "to_request",
 ]
 
@@ -50,6 +64,10 @@ logger = logging.getLogger("flux_async")
 
 #: Attempts on the wire at once when the caller does not say.
 DEFAULT_CONCURRENCY = 16
+
+#: The answers that stop a fan-out: every other prompt would get them too (a wrong or
+#: missing key, a key without access, a wrong base_url or model).
+DEFAULT_STOP_ON: frozenset[int] = frozenset({401, 403, 404})
 
 #: Builds a request from a prompt (or request) and fields: `FluxClient.build_request`.
 BuildRequest: TypeAlias = Callable[[Any, Mapping[str, Any] | None], ImageRequest]
@@ -65,12 +83,16 @@ class GenerationResult:
 
     ``index`` is the prompt's position in the input, ``attempts`` the HTTP attempts it
     took (all chunks together for ``n`` > 10), ``elapsed`` seconds from start to finish.
+    ``files`` are the paths its images were saved to, in the order of
+    ``response.data``, when the fan-out had ``save_to=`` (else empty). A generation that
+    succeeded but whose images could not be saved has both: its ``response`` (nothing
+    the server returned is lost) and an `ImageSaveError` as its ``error``.
 
     Example::
 
-        for result in await client.gather_generate(prompts):
+        for result in await client.gather_generate(prompts, save_to="out"):
             if result.ok:
-                print(result.index, result.response.urls)
+                print(result.index, result.files)
             else:
                 print(result.index, "failed:", result.error)
     """
@@ -82,6 +104,7 @@ class GenerationResult:
     error: BaseException | None = None
     attempts: int = 0
     elapsed: float = 0.0
+    files: tuple[Path, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -135,6 +158,94 @@ class FanoutStatistics:
 
 
 _END = object()
+
+
+def default_stem(index: int, prompt: str) -> str:
+    """The file name (without suffix) of prompt ``index``'s images under ``save_to``: the
+    index, zero-padded to six digits, so a directory listing sorts in input order.
+
+    Example::
+
+        default_stem(42, "a red fox")  # '000042' -> 000042.png (000042-0.png ... for n > 1)
+    """
+    return f"{index:06d}"
+
+
+@attrs.frozen(kw_only=True)
+class SaveTo:
+    """Where and how a fan-out saves each prompt's images (made by `save_settings`).
+
+    ``stem(index, prompt)`` names a prompt's files inside ``directory``; ``downloads``
+    bounds the URL downloads in progress at once (they use the pool's connections beyond
+    the fan-out's ``concurrency``).
+
+    Example::
+
+        SaveTo(downloader=client.downloader, directory=Path("out"), stem=default_stem,
+               downloads=32)
+    """
+
+    downloader: Downloader
+    directory: Path
+    stem: Callable[[int, str], str]
+    downloads: int
+
+
+def save_settings(
+    save_to: object,
+    save_stem: object,
+    downloader: Downloader,
+    *,
+    concurrency: int,
+    pool: int | None,
+) -> SaveTo | None:
+    """Check ``save_to`` and ``save_stem``; the `SaveTo` they ask for (None: no saving).
+
+    Downloads get the pool's connections beyond ``concurrency`` (at least one, at most
+    2 x ``concurrency``), so they never hold a connection a generation is waiting for.
+
+    Example::
+
+        save_settings("out", None, client.downloader, concurrency=16, pool=100)
+    """
+    if save_stem is not None and not callable(save_stem):
+        raise ValidationError(
+            "save_stem", save_stem, "a function (index, prompt) -> file name, or None"
+        )
+    if save_to is None:
+        if save_stem is not None:
+            raise ValidationError("save_stem", save_stem, "None unless save_to is given")
+        return None
+    directory = check_directory("save_to", save_to)
+    downloads = max(1, min(2 * concurrency, pool - concurrency)) if pool else 2 * concurrency
+    return SaveTo(
+        downloader=downloader,
+        directory=directory,
+        stem=default_stem if save_stem is None else save_stem,
+        downloads=downloads,
+    )
+
+
+def check_stop_on(stop_on: object) -> frozenset[int]:
+    """``stop_on`` as a set of statuses; `ValidationError` unless it is a collection of
+    HTTP error statuses (400-599).
+
+    Example::
+
+        check_stop_on({401, 403})  # frozenset({401, 403})
+        check_stop_on(())          # never stop
+    """
+    allowed = (
+        "a collection of HTTP error statuses (400-599) that stop the batch, such as "
+        "{401, 403, 404} (the default); () never stops"
+    )
+    if isinstance(stop_on, str | bytes) or not isinstance(stop_on, Collection):
+        raise ValidationError("stop_on", stop_on, allowed)
+    statuses = frozenset(stop_on)
+    for status in statuses:
+        if type(status) is not int or not 400 <= status <= 599:
+            raise ValidationError("stop_on", stop_on, allowed)
+    return statuses
 
 
 def _prompt_text(item: object) -> str | None:
@@ -278,6 +389,8 @@ class Fanout:
         fail_fast: bool,
         batch_deadline: float | None,
         on_progress: Callable[[FanoutStatistics], None] | None,
+        save: SaveTo | None = None,
+        stop_on: frozenset[int] = DEFAULT_STOP_ON,
     ) -> None:
         engine = _Engine(
             ctx,
@@ -291,6 +404,8 @@ class Fanout:
             fail_fast=fail_fast,
             batch_deadline=batch_deadline,
             on_progress=on_progress,
+            save=save,
+            stop_on=stop_on,
         )
         self._engine = engine
         # The workers refer to the engine, never to this handle: once the caller drops
@@ -307,6 +422,20 @@ class Fanout:
             print(stats.done, stats.failed, stats.rate)
         """
         return self._engine.statistics()
+
+    @property
+    def stopped_by(self) -> APIStatusError | None:
+        """The answer that stopped this fan-out early (``stop_on``), or None.
+
+        Example::
+
+            async with client.iter_generate(prompts) as results:
+                async for result in results:
+                    ...
+                if results.stopped_by is not None:
+                    sys.exit(f"stopped: {results.stopped_by}")
+        """
+        return self._engine.stopped_by
 
     def __aiter__(self) -> Fanout:
         return self
@@ -370,6 +499,8 @@ class _Engine:
         fail_fast: bool,
         batch_deadline: float | None,
         on_progress: Callable[[FanoutStatistics], None] | None,
+        save: SaveTo | None = None,
+        stop_on: frozenset[int] = DEFAULT_STOP_ON,
     ) -> None:
         self._ctx = ctx
         self._build = build
@@ -415,6 +546,12 @@ class _Engine:
         self._sink: Callable[[GenerationResult], None] | None = None
         self._failure: GenerationResult | None = None
         self._closed = False
+        self._save = save
+        self._downloads = None if save is None else asyncio.Semaphore(save.downloads)
+        self._stop_on = stop_on
+        self.stopped_by: APIStatusError | None = None
+        self._stopped_index = -1
+        self._not_sent = 0
 
     def statistics(self) -> FanoutStatistics:
         c = self._counters
@@ -497,6 +634,8 @@ class _Engine:
             raise _fail_fast_error(self._failure)
 
     def _start(self) -> None:
+        # A client busy in another event loop fails the batch here, not each prompt.
+        self._ctx.check_loop()
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._started_at = loop.time()
@@ -602,8 +741,12 @@ class _Engine:
         started = loop.time()
         counters = self._counters
         request: ImageRequest | None = None
+        response: ImagesResponse | None = None
+        attempts = 0
         try:
             request = self._to_request(item)
+            if counters.halted is not None:
+                return await self._skip(index, item, request, started)
             if request.n > MAX_N_PER_REQUEST:
                 call = run_request(
                     self._ctx,
@@ -627,26 +770,105 @@ class _Engine:
                     self._limiter,
                     counters,
                 ).run()
+            files: tuple[Path, ...] = ()
             if self._deadline_at is None:
                 response, attempts = await call
+                if self._save is not None:
+                    files = await self._store(index, request, response, attempts)
             else:
                 async with asyncio.timeout_at(self._deadline_at):
                     response, attempts = await call
+                    if self._save is not None:
+                        files = await self._store(index, request, response, attempts)
         except TimeoutError:
             self._expired = True
             error: BaseException = DeadlineExceededError(
                 f"the batch deadline of {self._batch_deadline}s passed before this prompt finished"
             )
-            return self._finish(index, item, request, None, error, 0, started)
+            return self._finish(index, item, request, response, error, attempts, started)
         except FluxError as exc:
+            if (
+                isinstance(exc, APIStatusError)
+                and exc.status_code in self._stop_on
+                and self.stopped_by is None
+            ):
+                self._halt(exc, index)
             return self._finish(
-                index, item, request, None, exc, getattr(exc, "attempts", 0), started
+                index, item, request, response, exc, getattr(exc, "attempts", 0), started
             )
         except Exception as exc:
             # A bug must not sink a million-prompt batch; it is reported on its prompt.
             logger.exception("prompt #%d failed unexpectedly", index)
-            return self._finish(index, item, request, None, exc, 0, started)
-        return self._finish(index, item, request, response, None, attempts, started)
+            return self._finish(index, item, request, response, exc, attempts, started)
+        return self._finish(index, item, request, response, None, attempts, started, files)
+
+    async def _store(
+        self, index: int, request: ImageRequest, response: ImagesResponse, attempts: int
+    ) -> tuple[Path, ...]:
+        """Save a successful prompt's images; an `ImageSaveError` that says the generation
+        succeeded (and carries its response) when they cannot be."""
+        save = self._save
+        downloads = self._downloads
+        assert save is not None
+        assert downloads is not None
+        images = [(image.url, image.b64_json) for image in response.data]
+        # The worker saves before it takes another prompt, and no stand-in replaces it
+        # meanwhile: prompts generated but not yet saved never outnumber `concurrency`,
+        # which bounds what a crash can make a rerun pay for twice. (A stand-in would
+        # keep the wire full while it downloads; with generations taking seconds and
+        # downloads a fraction of that, the wire stays nearly full anyway.)
+        try:
+            stem = save.stem(index, request.prompt)
+            if any(b64 is None for _, b64 in images):
+                async with downloads:
+                    paths = await save.downloader.save_all(images, save.directory, stem)
+            else:
+                paths = await save.downloader.save_all(images, save.directory, stem)
+        except (ImageSaveError, OSError) as exc:
+            error = _not_saved(exc, response, attempts, len(images))
+            if error is exc:
+                raise
+            raise error from exc
+        return tuple(paths)
+
+    def _halt(self, exc: APIStatusError, index: int) -> None:
+        """Stop the fan-out: ``exc`` is an answer every other prompt would get too."""
+        self.stopped_by = exc
+        self._stopped_index = index
+        self._counters.halted = self._stopped_error
+        logger.info(
+            "stopping the batch: prompt #%d got %s (%s); the prompts not sent yet will not be",
+            index,
+            exc.status_code,
+            exc,
+        )
+
+    def _stopped_error(self, attempts: int) -> BatchStoppedError:
+        reason = self.stopped_by
+        assert reason is not None
+        notes = " ".join(getattr(reason, "__notes__", ()))
+        what = (
+            "This prompt was not sent"
+            if attempts == 0
+            else f"This prompt was not retried after {attempts} attempt(s)"
+        )
+        return BatchStoppedError(
+            f"{what}: the batch stopped when prompt #{self._stopped_index} got an answer "
+            f"every prompt would get (stop_on={sorted(self._stop_on)}): "
+            f"{type(reason).__name__}: {reason}{' ' + notes if notes else ''}",
+            reason=reason,
+            attempts=attempts,
+        )
+
+    async def _skip(
+        self, index: int, item: object, request: ImageRequest | None, started: float
+    ) -> GenerationResult:
+        """A prompt taken after the fan-out stopped: it ends at once, unsent."""
+        self._not_sent += 1
+        if self._not_sent % 256 == 0:
+            # Draining a long input ends no other way: let the loop breathe meanwhile.
+            await asyncio.sleep(0)
+        return self._finish(index, item, request, None, self._stopped_error(0), 0, started)
 
     def _finish(
         self,
@@ -657,6 +879,7 @@ class _Engine:
         error: BaseException | None,
         attempts: int,
         started: float,
+        files: tuple[Path, ...] = (),
     ) -> GenerationResult:
         counters = self._counters
         counters.done += 1
@@ -676,7 +899,32 @@ class _Engine:
             error=error,
             attempts=attempts,
             elapsed=loop.time() - started,
+            files=files,
         )
         if self._on_progress is not None:
             self._on_progress(self.statistics())
         return result
+
+
+def _not_saved(
+    exc: BaseException, response: ImagesResponse, attempts: int, count: int
+) -> ImageSaveError:
+    """The error of a prompt whose generation succeeded but whose images were not saved:
+    it says so, keeps the URL and carries the response."""
+    images = "its image" if count == 1 else f"one of its {count} images"
+    where = f" (request_id {response.request_id})" if response.request_id else ""
+    if isinstance(exc, ImageSaveError):
+        verb = "could not be fetched" if exc.url is not None else "could not be saved"
+        message = f"The generation succeeded{where} but {images} {verb}: {exc.message}"
+        exc.args = (message,)
+        exc.message = message
+        error = exc
+    else:
+        message = f"The generation succeeded{where} but writing {images} failed: {exc}"
+        url = next((image.url for image in response.data if image.url), None)
+        error = ImageSaveError(message, url=url, path=getattr(exc, "filename", None))
+    # The message shows the URL without its query; the whole one stays in error.url.
+    error.response = response
+    error.request_id = response.request_id
+    error.attempts = attempts
+    return error

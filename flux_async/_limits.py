@@ -9,6 +9,8 @@ Every attempt passes through here (``docs/design.md``, "The path of one prompt")
     ... POST ...
     Limiter.on_success()        not a 429: after a calm window, the rate grows additively
     Limiter.on_rate_limited()   a 429: shut the gate, cut the rate (at most once a window)
+    Limiter.on_quota()          the server's x-ratelimit-* headers: its stated rate caps
+                                growth, and pacing follows it once its bucket is empty
 
 `Limiter` is the interface the client and the fan-out talk to; `RateLimiter` is the
 in-process implementation (a Redis one will share one API key's quota across processes).
@@ -30,6 +32,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import math
+import re
+from collections.abc import Mapping
 
 import attrs
 
@@ -66,10 +70,57 @@ __all__ = [
     "Limiter",
     "LimiterStatistics",
     "RateLimiter",
+    "parse_quota",
 ]
 
 #: ``rate`` counts requests per this many seconds (60.0 makes it a per-minute rate).
 DEFAULT_PER = 1.0
+
+#: Seconds a learnt server rate is trusted as a bound before a fresh reading replaces it.
+_QUOTA_MEMORY = 10.0
+#: The request quota headers of OpenAI and the gateways that copy it.
+LIMIT_HEADER = "x-ratelimit-limit-requests"
+REMAINING_HEADER = "x-ratelimit-remaining-requests"
+RESET_HEADER = "x-ratelimit-reset-requests"
+# "1s", "6m0s", "20ms", "1h2m3.5s" (Go durations, as OpenAI sends them) or plain seconds.
+_DURATION = re.compile(
+    r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
+    r"(?:(?P<s>\d+(?:\.\d+)?)s)?(?:(?P<ms>\d+(?:\.\d+)?)ms)?"
+)
+
+
+def parse_quota(headers: Mapping[str, str]) -> tuple[int, int, float] | None:
+    """``(limit, remaining, reset seconds)`` from a response's ``x-ratelimit-*-requests``
+    headers; None when they are missing or make no sense (never raises).
+
+    Example::
+
+        parse_quota({"x-ratelimit-limit-requests": "60",
+                     "x-ratelimit-remaining-requests": "59",
+                     "x-ratelimit-reset-requests": "1s"})   # (60, 59, 1.0)
+    """
+    try:
+        limit = int(headers[LIMIT_HEADER])
+        remaining = int(headers[REMAINING_HEADER])
+        text = headers[RESET_HEADER].strip()
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+    try:
+        reset = float(text)
+    except ValueError:
+        match = _DURATION.fullmatch(text)
+        if match is None or not text:
+            return None
+        parts = match.groupdict()
+        reset = (
+            3600 * float(parts["h"] or 0)
+            + 60 * float(parts["m"] or 0)
+            + float(parts["s"] or 0)
+            + float(parts["ms"] or 0) / 1000
+        )
+    if limit < 1 or not 0 <= remaining <= limit or not 0 <= reset < math.inf:
+        return None
+    return limit, remaining, reset
 
 
 @attrs.frozen(kw_only=True)
@@ -139,6 +190,19 @@ class Limiter(abc.ABC):
     @abc.abstractmethod
     def on_rate_limited(self, retry_after: float | None) -> None:
         """Report a 429; ``retry_after`` (seconds, or None) shuts the pause gate that long."""
+
+    def on_quota(self, limit: int, remaining: int, reset: float) -> None:  # noqa: B027
+        """Report the server's stated request quota, from any answer that carried it:
+        ``limit`` requests, ``remaining`` of them left now, the whole quota back in
+        ``reset`` seconds (``x-ratelimit-limit-requests``, ``-remaining-requests``,
+        ``-reset-requests``). The default does nothing: a limiter may ignore it.
+
+        Example::
+
+            quota = parse_quota(response.headers)
+            if quota is not None:
+                limiter.on_quota(*quota)
+        """
 
     @abc.abstractmethod
     def statistics(self) -> LimiterStatistics:
@@ -233,6 +297,9 @@ class RateLimiter(Limiter):
         self._permits = 0
         self._waiting = 0
         self._rate_limited = 0
+        # The server's stated refill rate (`on_quota`) and when it was last set.
+        self._server_rate: float | None = None
+        self._server_rate_at = -math.inf
 
     # -- the hot path ------------------------------------------------------------------
 
@@ -353,6 +420,43 @@ class RateLimiter(Limiter):
         if gate.pause_until > now:
             # The cut above (if any) has set the new pace: the gate releases at that pace.
             self._pacer.hold_until(gate.pause_until)
+
+    def on_quota(self, limit: int, remaining: int, reset: float) -> None:
+        """Learn the server's rate from its quota headers (adaptive limiters only).
+
+        The refill rate is ``(limit - remaining) / reset``: the requests used up, won back
+        in ``reset`` seconds. It caps the rate's growth; pacing starts at it (or comes
+        down to it) once the server's bucket is empty, so a spike meets the server's pace
+        instead of a burst of 429s. A full bucket (``remaining == limit``) tells no rate.
+        """
+        if not self._adaptive or remaining > limit or not reset > 0:
+            return
+        now = self._now()
+        controller = self._controller
+        used = limit - remaining
+        rate = self._server_rate
+        if 2 * used >= limit:
+            # The headers count whole requests, so the true rate lies between
+            # (used - 1) / reset and used / reset. The upper end never holds the rate
+            # below what the server serves (a 429 or two find the rest); the lowest
+            # upper end of recent answers is the tightest, and it is forgotten after a
+            # while in case the server's quota grew. Only a bucket at least half spent
+            # is read: there the error is at most a request in `used`.
+            estimate = used / reset
+            if rate is None or estimate < rate or now - self._server_rate_at > _QUOTA_MEMORY:
+                rate = self._server_rate = estimate
+                self._server_rate_at = now
+        if rate is None:
+            return
+        controller.on_server_rate(rate, remaining=remaining)
+        pacer = self._pacer
+        if controller.ceiling is None and pacer.rate is not None:
+            # Mirror the server's bucket: its whole burst after an idle spell, never more
+            # than it says is left now (the answers are a little stale; in-flight
+            # requests count twice, which errs on the side of no 429s).
+            if pacer.burst != limit:
+                pacer.set_burst(limit)
+            pacer.hold_to(now, remaining)
 
     # -- the event loop ----------------------------------------------------------------
 

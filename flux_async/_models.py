@@ -20,9 +20,11 @@ import base64
 import functools
 import json
 import math
+import os
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -36,6 +38,7 @@ from ._exceptions import (
     parse_json,
     short_repr,
 )
+from ._save import HasDownloader, check_directory, decode_b64, image_paths, store_image
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -645,6 +648,52 @@ class Image:
             )
         return base64.b64decode(self.b64_json)
 
+    async def save(
+        self, path: str | os.PathLike[str], *, client: HasDownloader | None = None
+    ) -> Path:
+        """Write this image to ``path`` and return the path written.
+
+        A ``url`` image is downloaded through ``client`` (a `FluxClient`: its transport,
+        connection pool and retry policy; the API key goes only to the API's own origin),
+        so ``client`` is required for one; a ``b64_json`` image is decoded. The suffix is
+        set from the bytes (``.png``, ``.jpg`` or ``.webp``): ``save("fox")`` and
+        ``save("fox.png")`` both write ``fox.jpg`` when the image is a JPEG. The write is
+        atomic (a temporary file, fsync, rename) and runs in a worker thread. Raises
+        `ImageDownloadError` when the download fails after retries or the bytes are not
+        an image, and ``OSError`` when the file cannot be written. `FluxClient.save` does
+        the same.
+
+        Example::
+
+            response = await client.generate("a red fox")
+            path = await response.data[0].save("out/fox", client=client)  # out/fox.png
+        """
+        target = _file_path(path)
+        if client is not None:
+            return await client.downloader.save(self.url, self.b64_json, target)
+        if self.b64_json is not None:
+            return await store_image(decode_b64(self.b64_json), target, url=None)
+        if client is None:
+            raise ValidationError(
+                "client",
+                None,
+                "the FluxClient that downloads this image's url: "
+                "await image.save(path, client=client), or await client.save(image, path)",
+            )
+        return await client.downloader.save(self.url, None, target)
+
+
+def _file_path(path: object) -> Path:
+    """``path`` as a `Path` to write one image to: not an existing directory."""
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        raise ValidationError("path", path, "a file path: a non-empty str or pathlib.Path")
+    target = Path(os.fspath(path))
+    if target.is_dir():
+        raise ValidationError(
+            "path", path, "a file path, not a directory (response.save(directory) fills one)"
+        )
+    return target
+
 
 def _bad(why: str, payload: object, request_id: str | None) -> APIResponseValidationError:
     return APIResponseValidationError(
@@ -684,6 +733,32 @@ class ImagesResponse:
             print(response.urls[0])
         """
         return [image.url for image in self.data if image.url is not None]
+
+    async def save(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        stem: str = "image",
+        client: HasDownloader | None = None,
+    ) -> list[Path]:
+        """Write every image to ``directory`` (made if missing) and return the paths, in
+        the order of ``data``: ``stem`` plus the suffix of its type for one image,
+        ``stem-0``, ``stem-1`` ... for several. See `Image.save` for how each is fetched
+        and written (``client`` is required when the images came as URLs); several are
+        saved concurrently.
+
+        Example::
+
+            response = await client.generate("a red fox", n=2)
+            paths = await response.save("out", stem="fox", client=client)
+            # [PosixPath('out/fox-0.png'), PosixPath('out/fox-1.png')]
+        """
+        folder = check_directory("directory", directory)
+        images = [(image.url, image.b64_json) for image in self.data]
+        if client is not None:
+            return await client.downloader.save_all(images, folder, stem)
+        paths = image_paths(folder, stem, len(self.data))
+        return [await image.save(path) for image, path in zip(self.data, paths, strict=True)]
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, request_id: str | None = None) -> ImagesResponse:

@@ -179,6 +179,33 @@ class Pacer:
         if self._tat is None or self._tat < floor:
             self._tat = floor
 
+    def set_burst(self, burst: int) -> None:
+        """Let up to ``burst`` permits go back to back after an idle spell from now on (a
+        server's stated bucket); pair it with `hold_to`, which caps what is due now.
+
+        Example::
+
+            pacer.set_burst(20)   # a server that takes 20 at once after an idle spell
+        """
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValidationError("burst", burst, "an int >= 1")
+        self._burst = burst
+        self._tau = (burst - 1) * self._interval
+
+    def hold_to(self, now: float, available: int) -> None:
+        """At most ``available`` permits due back to back at ``now`` (a server said that
+        many are left); the rest follow at the paced rate. Never makes more due.
+
+        Example::
+
+            pacer.hold_to(now, 0)   # nothing left: the next permit one interval on
+        """
+        if not self._interval:
+            return
+        floor = now + self._tau - (available - 1) * self._interval
+        if self._tat is None or self._tat < floor:
+            self._tat = floor
+
     def forget_times(self) -> None:
         """Drop ``tat`` and the last slot (a new clock: old times mean nothing); keep the rate."""
         self._tat = None

@@ -9,23 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import os
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack, overload
 
 from ._client import FluxClient, RequestFields
 from ._config import Timeout
-from ._exceptions import ClientClosedError, FluxError
-from ._fanout import DEFAULT_CONCURRENCY, FanoutStatistics, GenerationResult, PromptInput
+from ._exceptions import ClientClosedError, EventLoopError
+from ._fanout import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_STOP_ON,
+    FanoutStatistics,
+    GenerationResult,
+    PromptInput,
+)
 from ._limits import Limiter
-from ._models import ImageRequest, ImagesResponse
+from ._models import Image, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 
 __all__ = ["SyncFluxClient"]
 
 _T = TypeVar("_T")
+# How long Ctrl-C waits for the interrupted call to unwind before giving the caller back
+# its KeyboardInterrupt: cancelling is quick, unless a transport of the user's is not.
+_SETTLE_SECONDS = 10.0
 
 _IN_LOOP = (
     "SyncFluxClient blocks until each call ends, and cannot be used inside a running event "
@@ -39,7 +51,7 @@ def _refuse_in_loop() -> None:
         asyncio.get_running_loop()
     except RuntimeError:
         return
-    raise FluxError(_IN_LOOP)
+    raise EventLoopError(_IN_LOOP)
 
 
 class _LoopThread:
@@ -73,15 +85,23 @@ class _LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coro`` on the loop and wait for its result (or its exception)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        tasks: list[asyncio.Task[Any]] = []
+
+        async def call() -> _T:
+            tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+            return await coro
+
+        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
         try:
             return future.result()
         except KeyboardInterrupt:
-            # Ctrl-C in the waiting thread: cancel the call (its requests in flight are
-            # cancelled too) and wait for that, so nothing keeps running behind the caller.
+            # Ctrl-C in the waiting thread: cancel the call, and wait until it has unwound
+            # (its requests in flight cancelled, a fan-out's workers stopped), so nothing
+            # keeps running behind the caller's back.
             future.cancel()
-            with _suppress_end_of(future):
-                future.result(timeout=5)
+            settled = asyncio.run_coroutine_threadsafe(asyncio.wait(tasks), self.loop)
+            with contextlib.suppress(concurrent.futures.TimeoutError, ValueError):
+                settled.result(timeout=_SETTLE_SECONDS)
             raise
 
     def stop(self) -> None:
@@ -99,41 +119,23 @@ class _LoopThread:
         self.thread.join()
 
 
-class _suppress_end_of:  # noqa: N801 - used like contextlib.suppress
-    """Suppress the ways a cancelled future's result can end."""
-
-    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
-        self.future = future
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
-        return exc_type is not None and issubclass(
-            exc_type, concurrent.futures.CancelledError | concurrent.futures.TimeoutError
-        )
-
-
 def _shutdown(runner: _LoopThread, client: FluxClient) -> None:
     """Close the client on its loop, then stop the loop (the finalizer of a sync client)."""
     if not runner.loop.is_closed() and threading.current_thread() is not runner.thread:
-        try:
-            runner.run(client.aclose())
-        except RuntimeError:  # the loop stopped under us (interpreter exit)
-            pass
+        runner.run(client.aclose())
     runner.stop()
 
 
 class SyncFluxClient:
-    """A blocking `FluxClient` for plain scripts: ``generate`` and ``gather_generate``
-    return results instead of coroutines.
+    """A blocking `FluxClient` for plain scripts: ``generate``, ``gather_generate`` and
+    ``save`` return results instead of coroutines.
 
     It takes the same arguments as `FluxClient` and runs one on a private event loop in
     a background thread: the same retries, rate limits, pool and errors, with nothing to
     ``await``. Use it as a context manager, or call `close` (an unclosed client is closed
     when it is garbage-collected or at exit). Calls from several threads at once are fine:
     they share the one client. Inside a running event loop (async code, Jupyter) it
-    refuses to start: use `FluxClient` there.
+    refuses to start or to call, with an `EventLoopError`: use `FluxClient` there.
 
     Example::
 
@@ -143,6 +145,7 @@ class SyncFluxClient:
             response = client.generate("a lighthouse at dusk", aspect_ratio="16:9")
             print(response.urls)
             results = client.gather_generate(["a fox", "a crow"], concurrency=8)
+            client.save(response, "out", stem="lighthouse")  # out/lighthouse.png
     """
 
     def __init__(self, **options: Any) -> None:
@@ -175,13 +178,15 @@ class SyncFluxClient:
         return not self._finalizer.alive
 
     def _run(self, coro: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        # Takes a function making the coroutine, not the coroutine: one made and then
+        # refused here would warn "coroutine was never awaited".
         _refuse_in_loop()
         if not self._finalizer.alive:
             raise ClientClosedError("this SyncFluxClient is closed; create a new one")
         return self._runner.run(coro())
 
     def build_request(
-        self, prompt: str | ImageRequest, fields: RequestFields | None = None
+        self, prompt: str | ImageRequest, fields: Mapping[str, Any] | None = None
     ) -> ImageRequest:
         """Validate ``prompt`` plus ``fields`` into an `ImageRequest` (no I/O); see
         `FluxClient.build_request`.
@@ -190,7 +195,7 @@ class SyncFluxClient:
 
             request = client.build_request("a fox", {"n": 2})
         """
-        return self._client.build_request(prompt, fields)  # type: ignore[arg-type]
+        return self._client.build_request(prompt, fields)
 
     def generate(
         self,
@@ -236,6 +241,9 @@ class SyncFluxClient:
         timeout: Timeout | None = None,
         fail_fast: bool = False,
         on_progress: Callable[[FanoutStatistics], None] | None = None,
+        save_to: str | os.PathLike[str] | None = None,
+        save_stem: Callable[[int, str], str] | None = None,
+        stop_on: Collection[int] = DEFAULT_STOP_ON,
         **fields: Unpack[RequestFields],
     ) -> list[GenerationResult]:
         """Generate for every prompt; one `GenerationResult` per prompt, in input order.
@@ -263,9 +271,41 @@ class SyncFluxClient:
                 timeout=timeout,
                 fail_fast=fail_fast,
                 on_progress=on_progress,
+                save_to=save_to,
+                save_stem=save_stem,
+                stop_on=stop_on,
                 **fields,
             )
         )
+
+    @overload
+    def save(self, target: Image, path: str | os.PathLike[str]) -> Path: ...
+
+    @overload
+    def save(
+        self, target: ImagesResponse, path: str | os.PathLike[str], *, stem: str = ...
+    ) -> list[Path]: ...
+
+    def save(
+        self,
+        target: Image | ImagesResponse,
+        path: str | os.PathLike[str],
+        *,
+        stem: str | None = None,
+    ) -> Path | list[Path]:
+        """Save an `Image` to the file ``path``, or every image of an `ImagesResponse`
+        into the directory ``path``; return what was written. See `FluxClient.save`.
+
+        Example::
+
+            response = client.generate("a red fox", n=2)
+            paths = client.save(response, "out", stem="fox")   # out/fox-0.png ...
+            path = client.save(response.data[0], "best.png")   # best.png
+        """
+        # The implementation behind FluxClient.save's overloads takes either target, and
+        # checks the pair itself (a stem with one Image is a ValidationError).
+        save: Callable[..., Coroutine[Any, Any, Path | list[Path]]] = self._client.save
+        return self._run(lambda: save(target, path, stem=stem))
 
     def close(self) -> None:
         """Close the client and stop its thread and loop. Safe to call twice.
@@ -294,5 +334,5 @@ class SyncFluxClient:
         self.close()
 
     def __repr__(self) -> str:
-        state = " closed" if self.closed else ""
-        return f"<SyncFluxClient {self._client!r}{state}>"
+        # The async client's repr says whether it is closed (and never shows the key).
+        return f"<SyncFluxClient {self._client!r}>"

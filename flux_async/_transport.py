@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
 import inspect
 import json as _json
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+import logging
+import os
+import ssl
+import urllib.request
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeAlias
 
 import aiohttp
 import attrs
@@ -49,13 +54,173 @@ __all__ = [
     "TransportResponse",
 ]
 
-DEFAULT_MAX_CONNECTIONS = 100
+#: The pool's size, as in openai-python (1000): a web app whose handlers share one client
+#: never queues for a connection. At 100, 200 concurrent handlers doubled their latency
+#: (p50 430 ms at a 200 ms server); an idle connection costs a socket, not a thread.
+DEFAULT_MAX_CONNECTIONS = 1000
 #: Bytes of one answer read at most, unless the request says otherwise: a real JSON
 #: answer with image URLs is a few hundred bytes.
 DEFAULT_MAX_RESPONSE_BYTES = 4 * 2**20
 #: Bytes of an error body read at most: enough for any message, never a whole page.
 ERROR_BODY_BYTES = 64 * 2**10
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+
+logger = logging.getLogger("flux_async")
+
+#: What ``verify=`` takes: True (the system's CA store), False (no verification), the path
+#: of a CA bundle (a PEM file, or a directory of hashed certificates), or an SSLContext.
+VerifySetting: TypeAlias = bool | str | os.PathLike[str] | ssl.SSLContext
+# How one destination is reached: the proxy (None: direct), then the proxy's credentials
+# as headers for the CONNECT (https:// targets) or for the request itself (http://).
+_Route: TypeAlias = tuple[yarl.URL | None, Mapping[str, str] | None, Mapping[str, str] | None]
+_DIRECT: _Route = (None, None, None)
+_PROXY_SCHEMES = ("http", "https")
+
+
+def ssl_setting(verify: object) -> ssl.SSLContext | bool:
+    """``verify=`` checked and turned into aiohttp's ``ssl=``: True, False or a context.
+
+    A CA bundle path is loaded now, so a missing or unreadable bundle fails when the
+    client is made, not on its first request.
+
+    Example::
+
+        ssl_setting(True)                      # True: the system's CA store
+        ssl_setting("/etc/ssl/corp-ca.pem")    # an SSLContext trusting that bundle only
+    """
+    if isinstance(verify, bool | ssl.SSLContext):
+        return verify
+    allowed = (
+        "True (verify TLS against the system's CA store), False (do not verify), "
+        "the path of a CA bundle (PEM file or certificate directory), or an ssl.SSLContext"
+    )
+    if not isinstance(verify, str | os.PathLike):
+        raise ValidationError("verify", verify, allowed)
+    path = os.fspath(verify)
+    if not isinstance(path, str) or not path:
+        raise ValidationError("verify", verify, allowed)
+    is_dir = os.path.isdir(path)
+    if not is_dir and not os.path.isfile(path):
+        raise ValidationError("verify", verify, f"{allowed}; no file or directory is there")
+    try:
+        if is_dir:
+            return ssl.create_default_context(capath=path)
+        return ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ValidationError("verify", verify, f"a readable PEM CA bundle ({exc})") from None
+
+
+def proxy_url(proxy: object) -> yarl.URL | None:
+    """``proxy=`` checked: an ``http://`` or ``https://`` proxy URL, or None.
+
+    Credentials in the URL (``http://user:pass@proxy:3128``) are sent to the proxy as
+    ``Proxy-Authorization``; they never appear in an error message.
+
+    Example::
+
+        proxy_url("http://proxy.internal:3128")
+    """
+    if proxy is None:
+        return None
+    allowed = "an http:// or https:// proxy URL such as 'http://proxy.internal:3128', or None"
+    if not isinstance(proxy, str | yarl.URL):
+        raise ValidationError("proxy", proxy, allowed)
+    try:
+        url = yarl.URL(proxy)
+    except (TypeError, ValueError):
+        raise ValidationError("proxy", _safe_url(str(proxy)), allowed) from None
+    if url.scheme not in _PROXY_SCHEMES or not url.host:
+        raise ValidationError("proxy", _safe_url(str(proxy)), allowed)
+    return url
+
+
+def environment_proxy(url: str) -> yarl.URL | None:
+    """The proxy the environment names for ``url``, or None to go direct.
+
+    ``HTTPS_PROXY`` for https:// URLs, ``HTTP_PROXY`` for http:// ones, else ``ALL_PROXY``
+    (upper or lower case, as curl, requests and httpx read them), unless ``NO_PROXY``
+    exempts the host. Proxies of another kind (``socks5://``) are skipped with a warning
+    logged: aiohttp speaks only to HTTP(S) proxies.
+
+    Example::
+
+        os.environ["HTTPS_PROXY"] = "http://proxy.internal:3128"
+        environment_proxy("https://api.example.com/v1/images/generations")
+    """
+    target = yarl.URL(url)
+    proxies = urllib.request.getproxies()
+    value = proxies.get(target.scheme) or proxies.get("all")
+    if not value or not target.host or urllib.request.proxy_bypass(target.host):
+        return None
+    if "://" not in value:
+        value = "http://" + value  # "proxy:3128", as curl reads it
+    try:
+        proxy = yarl.URL(value)
+    except (TypeError, ValueError):
+        proxy = None
+    if proxy is None or proxy.scheme not in _PROXY_SCHEMES or not proxy.host:
+        logger.warning(
+            "ignoring the environment's proxy %s for %s: only http:// and https:// "
+            "proxies are supported; going direct",
+            _safe_url(value),
+            target.host,
+        )
+        return None
+    return proxy
+
+
+def _route_via(proxy: yarl.URL | None, target: str) -> _Route:
+    """The proxy without its credentials, and the ``Proxy-Authorization`` they make: on
+    the CONNECT for an https:// ``target``, on the request itself for an http:// one (a
+    plain-HTTP request goes to the proxy as it is; aiohttp sends ``proxy_headers`` only
+    with a CONNECT)."""
+    if proxy is None:
+        return _DIRECT
+    if proxy.user is None:
+        return proxy, None, None
+    # Built by hand: aiohttp 3.14 deprecates BasicAuth, and 3.9 lacks its replacement.
+    credentials = f"{proxy.user}:{proxy.password or ''}"
+    try:
+        raw = credentials.encode("latin-1")  # what aiohttp and requests send
+    except UnicodeEncodeError:
+        raw = credentials.encode("utf-8")  # RFC 7617's charset="UTF-8"
+    header = {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+    if target.startswith("https:"):
+        return proxy.with_user(None), header, None
+    return proxy.with_user(None), None, header
+
+
+async def _close_with_loop(
+    session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop
+) -> AsyncGenerator[None, None]:
+    """Suspended for the pool's life; closes ``session`` when its event loop shuts down.
+
+    ``asyncio.run`` (and ``asyncio.Runner``, pytest-asyncio, anyio) finalise every async
+    generator of a loop before closing it: the one hook asyncio offers for "this loop is
+    ending". It lets a module-level client used by successive ``asyncio.run`` calls close
+    each loop's pool in that loop, with no "unclosed" warnings, and open a new one in the
+    next. Also run when the transport is collected while its loop still runs.
+    """
+    try:
+        yield
+    finally:
+        # Nothing to await once the session is closed or its loop is gone (see `_retire`).
+        if not session.closed and not loop.is_closed():
+            await session.close()
+
+
+def _retire(guard: AsyncGenerator[None, None]) -> None:
+    """Finish a `_close_with_loop` guard whose session is closed or whose loop is gone.
+
+    Its ``finally`` then has nothing to await, so ``aclose()`` completes in one step; a
+    guard left suspended would, when collected, ask its dead loop to finalise it.
+    """
+    closer = guard.aclose()
+    try:
+        closer.send(None)
+    except StopIteration:
+        return
+    closer.close()  # not reached: the guard awaits only an open session in a live loop
 
 
 class RequestHeaders(Mapping[str, str]):
@@ -276,10 +441,32 @@ class AiohttpTransport(AsyncTransport):
     `APIConnectionError` / `APITimeoutError` here, never carrying aiohttp objects (which
     can hold our request headers) as their cause or context.
 
+    Event loops: the pool belongs to the loop it was made in. When that loop shuts down
+    through ``asyncio.run`` (or ``asyncio.Runner``, pytest-asyncio, anyio) the pool is
+    closed with it, and the next request, in a new loop, makes a new one: a module-level
+    client serves successive ``asyncio.run`` calls. Use from a second loop while the first
+    is still open raises `EventLoopError`. A loop closed bare (``loop.close()`` without
+    ``loop.shutdown_asyncgens()``) takes its sockets with it: the next loop still gets a
+    new pool, but the old one is left to the garbage collector, which may warn about it.
+
+    Network settings (for the pool it makes; with ``session=`` they are the session's):
+
+    * ``trust_env`` (True): proxies from ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY``,
+      honouring ``NO_PROXY``, read when the pool is made (as httpx reads them when its
+      client is). Not ``.netrc``: the API key is the one credential sent.
+    * ``proxy``: an ``http://`` or ``https://`` proxy for every request (credentials in
+      the URL go to the proxy only); it wins over the environment.
+    * ``verify`` (True): TLS certificates checked against the system's CA store; False
+      turns checking off; a path uses that CA bundle instead (a corporate proxy's root);
+      an ``ssl.SSLContext`` is used as it is.
+
     Example::
 
         transport = AiohttpTransport(max_connections=256)
         client = FluxClient(transport=transport)
+
+        corporate = AiohttpTransport(proxy="http://proxy.internal:3128",
+                                     verify="/etc/ssl/corp-root.pem")
     """
 
     def __init__(
@@ -288,6 +475,9 @@ class AiohttpTransport(AsyncTransport):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         session: aiohttp.ClientSession | None = None,
         default_headers: Mapping[str, str] | None = None,
+        trust_env: bool = True,
+        proxy: str | None = None,
+        verify: VerifySetting = True,
     ) -> None:
         if type(max_connections) is not int or max_connections < 0:
             raise ValidationError(
@@ -295,6 +485,31 @@ class AiohttpTransport(AsyncTransport):
             )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise ValidationError("session", session, "an aiohttp.ClientSession, or None")
+        if type(trust_env) is not bool:
+            raise ValidationError("trust_env", trust_env, "True or False")
+        self._proxy = proxy_url(proxy)
+        self._ssl = ssl_setting(verify)
+        if session is not None:
+            # A caller's session has its own proxy and TLS settings: two places to set one
+            # thing would leave one of them silently ignored.
+            for name, value, default in (
+                ("trust_env", trust_env, True),
+                ("proxy", proxy, None),
+                ("verify", verify, True),
+            ):
+                if value is not default:
+                    raise ValidationError(
+                        name,
+                        value,
+                        f"the default ({default}) when session= is given: set proxies and "
+                        "TLS on your aiohttp.ClientSession (trust_env=, proxy=) and its "
+                        "TCPConnector (ssl=)",
+                    )
+        self._trust_env = trust_env
+        # Per destination URL, resolved once per pool (the client sends to one URL).
+        self._routes: dict[str, _Route] = {}
+        # Suspended while the pool lives; closes it when its loop shuts down.
+        self._guard: AsyncGenerator[None, None] | None = None
         self._max_connections = max_connections
         self._session = session
         self._owns_session = session is None
@@ -306,6 +521,8 @@ class AiohttpTransport(AsyncTransport):
         self._default = DEFAULT_TIMEOUT
         self._default_client_timeout = _client_timeout(DEFAULT_TIMEOUT)
         self._timeouts: dict[Timeout, aiohttp.ClientTimeout] = {}
+        # (the pool's session, a session over its connector without default headers)
+        self._bare: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
 
     @property
     def max_connections(self) -> int | None:
@@ -313,7 +530,7 @@ class AiohttpTransport(AsyncTransport):
 
         Example::
 
-            AiohttpTransport().max_connections  # 100
+            AiohttpTransport().max_connections  # 1000
         """
         return self._max_connections if self._owns_session else None
 
@@ -327,22 +544,70 @@ class AiohttpTransport(AsyncTransport):
         """
         return self._session
 
-    def _open(self) -> aiohttp.ClientSession:
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> aiohttp.ClientSession:
+        """The pool for ``loop``: bound at first use, made anew once its old loop is gone."""
         if self._closed:
             raise ClientClosedError("this client is closed; create a new one")
-        loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop is not loop:
-            raise EventLoopError(
-                "this FluxClient was used in another event loop; create one client per loop"
-            )
+        bound = self._loop
+        if bound is not None and bound is not loop:
+            if not self._owns_session:
+                raise EventLoopError(
+                    "the aiohttp session given to this client belongs to another event "
+                    "loop; give it a session made in the loop that uses it"
+                )
+            if not bound.is_closed():
+                raise EventLoopError(
+                    "this client's connection pool belongs to another event loop, which is "
+                    "still open: use one client per event loop (or per thread running "
+                    "one), or close the other loop first (asyncio.run closes its loop)"
+                )
+            self._abandon_pool()
         self._loop = loop
+        if self._session is not None:
+            return self._session  # a caller's session, bound to this loop now
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ttl_dns_cache=300, keepalive_timeout=60
+            limit=self._max_connections, ttl_dns_cache=300, keepalive_timeout=60, ssl=self._ssl
         )
-        self._session = aiohttp.ClientSession(
+        session = self._session = aiohttp.ClientSession(
             connector=connector, raise_for_status=False, headers=self._defaults
         )
-        return self._session
+        # The environment is read again for each pool, as httpx reads it per client.
+        self._routes = {}
+        guard = self._guard = _close_with_loop(session, loop)
+        # Started now, in the loop: the loop finalises it (closing the pool) at shutdown.
+        await guard.__anext__()
+        return session
+
+    def _abandon_pool(self) -> None:
+        """Forget a pool whose event loop has closed: its sockets cannot be closed now.
+
+        Usually the loop's shutdown closed it already (`_close_with_loop`); this is the
+        loop closed bare, without finalising its async generators.
+        """
+        session, self._session = self._session, None
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            _retire(guard)
+        if session is not None and not session.closed:
+            logger.warning(
+                "the event loop of this client's connection pool closed without "
+                "finalising it (use asyncio.run, or loop.shutdown_asyncgens() before "
+                "loop.close()); a new pool is made and the old one is left unclosed"
+            )
+
+    def _route(self, url: str) -> _Route:
+        """How to reach ``url``: direct, the ``proxy=`` given, or the environment's proxy."""
+        route = self._routes.get(url)
+        if route is None:
+            if self._proxy is not None:
+                route = _route_via(self._proxy, url)
+            elif self._trust_env:
+                route = _route_via(environment_proxy(url), url)
+            else:
+                route = _DIRECT
+            if len(self._routes) < 64:  # downloads go to many URLs: keep the cache small
+                self._routes[url] = route
+        return route
 
     def _timeout(self, timeout: Timeout) -> aiohttp.ClientTimeout:
         if timeout is self._default:
@@ -355,19 +620,33 @@ class AiohttpTransport(AsyncTransport):
     async def send(self, request: TransportRequest) -> TransportResponse:
         """POST (or any method) with aiohttp and read the answer under the request's cap."""
         session = self._session
-        if session is None or self._closed:
-            session = self._open()
+        # Checked on every request, not only when the pool is made: a pool whose loop has
+        # closed must be replaced, and another live loop must not touch it.
+        loop = asyncio.get_running_loop()
+        if session is None or loop is not self._loop:
+            session = await self._open(loop)
+        proxy, proxy_headers, proxy_auth = self._route(request.url)
         failure: BaseException | None = None
         headers: Mapping[str, str] = request.headers
         if type(headers) is RequestHeaders and headers.defaults is self._defaults:
             headers = headers.extra
+        elif self._defaults and self._owns_session:
+            # Headers not built on the session's defaults (an image download from another
+            # origin): the session would add its defaults, Authorization included. A
+            # session without defaults over the same connector sends only these.
+            session = self._bare_session(session)
+        if proxy_auth is not None:
+            headers = {**headers, **proxy_auth}
         try:
             async with session.request(
                 request.method,
                 request.url,
-                data=request.body,
+                # None for a bodiless GET: b"" would add Content-Length and Content-Type.
+                data=request.body or None,
                 headers=headers,
                 timeout=self._timeout(request.timeout),
+                proxy=proxy,
+                proxy_headers=proxy_headers,
             ) as resp:
                 status = resp.status
                 cap = request.max_response_bytes
@@ -385,6 +664,21 @@ class AiohttpTransport(AsyncTransport):
         # aiohttp's exceptions can hold our request headers, Authorization included.
         raise translate_aiohttp_error(failure, url=_safe_url(request.url))
 
+    def _bare_session(self, session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+        """A session without default headers sharing ``session``'s pool (made once per pool)."""
+        bare = self._bare
+        if bare is None or bare[0] is not session:
+            if bare is not None:
+                bare[1].detach()  # the pool it shared was replaced; never closes a connector
+            plain = aiohttp.ClientSession(
+                connector=session.connector,
+                connector_owner=False,
+                raise_for_status=False,
+                trust_env=session.trust_env,
+            )
+            bare = self._bare = (session, plain)
+        return bare[1]
+
     async def aclose(self) -> None:
         """Close the pool if this transport made it. Safe to call twice.
 
@@ -392,10 +686,35 @@ class AiohttpTransport(AsyncTransport):
 
             await transport.aclose()
         """
+        loop = self._loop
+        session = self._session
+        live = session is not None and self._owns_session and not session.closed
+        if (
+            live
+            and loop is not None
+            and not loop.is_closed()
+            and loop is not asyncio.get_running_loop()
+        ):
+            raise EventLoopError(
+                "close this client in the event loop that uses it: its connection "
+                "pool belongs to another loop, which is still open"
+            )
+        bare = self._bare
+        if bare is not None:
+            self._bare = None
+            # Not the pool's owner: detaching leaves the connector to the main session.
+            bare[1].detach()
         self._closed = True
-        session, self._session = self._session, None
-        if session is not None and self._owns_session:
-            await session.close()
+        self._session = None
+        guard, self._guard = self._guard, None
+        if live and session is not None:
+            if loop is None or loop.is_closed():
+                # Closed bare (see `_abandon_pool`): its sockets went with the loop.
+                logger.warning("the event loop of this client's pool closed without closing it")
+            else:
+                await session.close()
+        if guard is not None:
+            _retire(guard)
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""

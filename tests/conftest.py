@@ -13,6 +13,9 @@ from flux_async.emulator import Emulator
 
 API_KEY = "sk-test-0123456789abcdef"
 
+# `pytester` runs the pytest plugin's examples in a pytest of their own (test_plugin.py).
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[Emulator]:

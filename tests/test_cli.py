@@ -263,18 +263,24 @@ async def test_wrong_api_key_fails_each_prompt_with_401(tmp_path: Path, server: 
 
 
 async def test_demo_absorbs_429s_and_loses_nothing(tmp_path: Path) -> None:
-    """demo (shortened with the hidden --count): every prompt succeeds, none lost, bar shown."""
-    out = tmp_path / "demo.jsonl"
+    """demo (shortened with the hidden --count): a batch directory with every image saved,
+    none lost, the bar shown, the gallery's path last; a second demo replaces the first."""
+    out = tmp_path / "demo"
     result = await run("demo", "--count", "40", "--out", str(out))
     assert result.exit_code == 0, result.output
-    records = read_jsonl(out)
+    records = read_jsonl(out / "manifest.jsonl")
     assert sorted(r["index"] for r in records) == list(range(40))
-    assert all(r["ok"] and r["urls"] for r in records)
+    assert all(r["status"] == "ok" and r["files"] for r in records)
+    assert all((out / f).is_file() for r in records for f in r["files"])
     assert {r["prompt"] for r in records} == set(sample_prompts()[:40])
-    assert "40 prompts: 40 succeeded, 0 failed" in result.output
+    assert "40 of 40 prompts ok" in result.output
     assert "0 prompts lost" in result.output
     assert "40/40" in result.output  # the progress bar's last state
-    assert str(out) in result.output
+    assert f"Open the gallery: {out / 'gallery.html'}" in result.output
+    again = await run("demo", "--count", "5", "--out", str(out), "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert len(read_jsonl(out / "manifest.jsonl")) == 5
+    assert len(list((out / "images").iterdir())) == 5
 
 
 async def test_sample_prompts_are_300_distinct() -> None:

@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay the stored response for a repeated Idempotency-Key",
     )
     add(
+        "--url-ttl",
+        type=_positive,
+        default=None,
+        help="seconds image URLs stay valid (403 afterwards; default: forever)",
+    )
+    add(
         "--no-record",
         dest="record_requests",
         action="store_false",
@@ -149,6 +155,7 @@ def _emulator_from(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         record_requests=args.record_requests,
         host=args.host,
         port=args.port,
+        url_ttl=args.url_ttl,
     )
 
 

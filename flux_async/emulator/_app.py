@@ -18,6 +18,7 @@ from typing import Any, Final
 from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
 
+from ._images import expired
 from ._pipeline import Pipeline
 from ._validation import MAX_BODY_BYTES, MAX_SIDE
 from ._wire import encode_json, error_json, error_type, json_response, new_request_id, phrase
@@ -37,6 +38,10 @@ def make_app(pipeline: Pipeline, reset: Callable[[], None]) -> web.Application:
         width, height = int(info["width"]), int(info["height"])
         if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
             return _not_found(request)
+        if expired(request.query.get("expires")):
+            # What a signed bucket URL answers once it has expired.
+            error = error_json("Request has expired", "invalid_request_error", None, "expired")
+            return json_response(403, error, new_request_id())
         png = pipeline.images.png(width, height, info["seed"])
         # The bytes are a pure function of the path, so caches may keep them forever.
         headers = {"Content-Type": "image/png", "Cache-Control": "public, max-age=31536000"}

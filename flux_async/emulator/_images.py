@@ -17,7 +17,7 @@ from ._png import gradient_png
 from ._validation import Job
 from ._wire import encode_json
 
-__all__ = ["Images", "image_seed", "success_body"]
+__all__ = ["Images", "expired", "expiry_query", "image_seed", "success_body"]
 
 _sha256 = hashlib.sha256
 _wall_clock = time.time
@@ -31,7 +31,7 @@ def image_seed(prompt: str, index: int) -> str:
 class Images:
     """Bounded caches of encoded pictures, so b64_json at 1024x1024 stays cheap."""
 
-    __slots__ = ("b64", "png")
+    __slots__ = ("b64", "png", "url_ttl")
 
     def __init__(self, maxsize: int) -> None:
         png = functools.lru_cache(maxsize=maxsize)(gradient_png)
@@ -41,6 +41,23 @@ class Images:
 
         self.png: Callable[[int, int, str], bytes] = png
         self.b64: Callable[[int, int, str], str] = functools.lru_cache(maxsize=maxsize)(b64)
+        #: Seconds an image URL stays valid (None: forever), like a signed bucket URL.
+        self.url_ttl: float | None = None
+
+
+def expiry_query(ttl: float) -> str:
+    """``?expires=<unix ms>`` for a URL valid ``ttl`` seconds from now."""
+    return f"?expires={int((_wall_clock() + ttl) * 1000)}"
+
+
+def expired(expires: str | None) -> bool:
+    """Whether an image URL's ``expires`` parameter (unix ms) has passed; garbage has."""
+    if expires is None:
+        return False
+    try:
+        return _wall_clock() * 1000 > int(expires)
+    except ValueError:
+        return True
 
 
 def success_body(host: str, job: Job, images: Images) -> bytes:
@@ -58,8 +75,10 @@ def success_body(host: str, job: Job, images: Images) -> bytes:
     else:
         # The Host header, so the URL works however the client reached us (0.0.0.0, docker).
         prefix = f"http://{host}/v1/images/{width}x{height}/"
+        # With url_ttl, the URL carries its expiry (unix ms) as signed bucket URLs do.
+        query = "" if images.url_ttl is None else expiry_query(images.url_ttl)
         items = [
-            {"url": f"{prefix}{image_seed(prompt, i)}.png", "revised_prompt": revised}
+            {"url": f"{prefix}{image_seed(prompt, i)}.png{query}", "revised_prompt": revised}
             for i in range(job.n)
         ]
     return encode_json({"created": int(_wall_clock()), "data": items}).encode()

@@ -16,7 +16,9 @@ ends it:
    request succeeded gets the stored response again (``Idempotent-Replayed: true``);
 6. **rate capacity** - per key, GCRA at ``rate_limit`` requests/second with ``burst``: 429
    ``rate_limit_exceeded`` with ``retry-after-ms`` and ``Retry-After``; a rejected request
-   consumes no capacity;
+   consumes no capacity. Every answer for a rate-limited key (429 or success) carries
+   OpenAI's ``x-ratelimit-limit-requests`` (the burst), ``x-ratelimit-remaining-requests``
+   and ``x-ratelimit-reset-requests``;
 7. **max in flight** - 429 ``concurrency_limit_exceeded`` with ``Retry-After: 1`` when
    ``max_in_flight`` generations are already running;
 8. **latency** - ``asyncio.sleep``-like wait of ``latency`` seconds;
@@ -39,7 +41,7 @@ from aiohttp import web
 
 from ._faults import MALFORMED_KINDS, Fault, FaultRates, malformed_body
 from ._images import Images, success_body
-from ._ratelimit import Gcra, rate_limited
+from ._ratelimit import Gcra, quota_headers, rate_limited
 from ._stats import COUNTERS, OUTCOME_COUNTER, EmulatorStats, Outcome, SeenRequest
 from ._validation import Invalid, Job, read_body, validate
 from ._wire import error_json, json_response, new_request_id
@@ -306,10 +308,12 @@ class Pipeline:
                 return json_response(200, stored[0], stored[1], replay_headers), "replayed"
         limiter = self._limiter
         if limiter is not None:
-            wait = limiter.acquire(kid, _monotonic())
+            now = _monotonic()
+            wait = limiter.acquire(kid, now)
             if wait > 0.0:
                 assert self._limits is not None
-                return rate_limited(kid, wait, self._limits, request_id), "rate_limited"
+                reset = limiter.quota(kid, now)[1]
+                return rate_limited(kid, wait, self._limits, request_id, reset), "rate_limited"
         limit = self._max_in_flight
         if limit is not None and self._active >= limit:
             message = f"Too many concurrent requests for this server (limit {limit})."
@@ -343,7 +347,13 @@ class Pipeline:
                 if len(replays) >= _REPLAY_CAPACITY:
                     del replays[next(iter(replays))]
                 replays[(kid, idempotency_key)] = (body, request_id)
-            return json_response(200, body, request_id), "success"
+            limiter = self._limiter
+            if limiter is None:
+                return json_response(200, body, request_id), "success"
+            # As OpenAI does: the key's quota as it stands when the answer leaves.
+            assert self._limits is not None
+            quota = quota_headers(self._limits[1], *limiter.quota(kid, _monotonic()))
+            return json_response(200, body, request_id, quota), "success"
         finally:
             self._active -= 1
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from ._wire import error_json, json_response
 
-__all__ = ["Gcra", "rate_limited"]
+__all__ = ["Gcra", "quota_headers", "rate_limited"]
 
 
 class Gcra:
@@ -46,13 +46,49 @@ class Gcra:
         self._tat[key] = tat + self._interval
         return 0.0
 
+    def quota(self, key: str, now: float) -> tuple[int, float]:
+        """``(remaining, reset)``: requests admissible back to back now, and the seconds
+        until the full burst is back (what the ``x-ratelimit-*`` headers report).
+
+        Example::
+
+            limiter.quota("key-1", now=0.0)   # (2, 0.0) for a fresh key with burst 2
+        """
+        tat = self._tat.get(key, now)
+        if tat < now:
+            tat = now
+        # One request now, and one more per interval of the tolerance left.
+        left = (now + self._tolerance - tat) / self._interval
+        remaining = 0 if left < 0 else int(left + 1e-9) + 1
+        return remaining, tat - now
+
     def clear(self) -> None:
         """Forget every key: all start with a full burst again."""
         self._tat.clear()
 
 
-def rate_limited(kid: str, wait: float, limits: tuple[float, int], request_id: str) -> web.Response:
-    """The 429 for a request ``wait`` seconds early, with ``retry-after-ms`` and ``Retry-After``.
+def quota_headers(limit: int, remaining: int, reset: float) -> dict[str, str]:
+    """The ``x-ratelimit-*-requests`` headers OpenAI sends: the burst, what is left of it
+    now, and when it is all back (a Go-style duration, like ``"20ms"`` or ``"1.5s"``).
+
+    Example::
+
+        quota_headers(20, 19, 0.01)   # {..., "x-ratelimit-reset-requests": "10ms"}
+    """
+    ms = max(0, math.ceil(reset * 1000.0))
+    text = f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
+    return {
+        "x-ratelimit-limit-requests": str(limit),
+        "x-ratelimit-remaining-requests": str(remaining),
+        "x-ratelimit-reset-requests": text,
+    }
+
+
+def rate_limited(
+    kid: str, wait: float, limits: tuple[float, int], request_id: str, reset: float = 0.0
+) -> web.Response:
+    """The 429 for a request ``wait`` seconds early, with ``retry-after-ms``, ``Retry-After``
+    and the ``x-ratelimit-*`` headers (nothing left; all back in ``reset`` seconds).
 
     ``limits`` is ``(rate, burst)``; the message names the key by its id, never the key.
     """
@@ -63,4 +99,5 @@ def rate_limited(kid: str, wait: float, limits: tuple[float, int], request_id: s
     )
     error = error_json(message, "requests", None, "rate_limit_exceeded")
     headers = {"retry-after-ms": str(wait_ms), "Retry-After": str(max(1, math.ceil(wait)))}
+    headers.update(quota_headers(limits[1], 0, reset))
     return json_response(429, error, request_id, headers)

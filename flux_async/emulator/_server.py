@@ -71,7 +71,9 @@ class Emulator:
 
     ``api_keys=None`` accepts any (or no) bearer; ``rate_limit`` is requests/second per key
     (None: unlimited); ``max_in_flight`` caps concurrent generations (None: unlimited);
-    ``port=0`` picks a free port. Keys are never shown: see :meth:`key_id`.
+    ``url_ttl`` makes image URLs expire that many seconds after their generation (a 403
+    afterwards, as from a signed bucket URL; None: never); ``port=0`` picks a free port.
+    Keys are never shown: see :meth:`key_id`.
 
     Example::
 
@@ -109,9 +111,12 @@ class Emulator:
         record_requests: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
+        url_ttl: float | None = None,
     ) -> None:
         self._key_ids = _key_ids(api_keys)
         _check_arguments(latency, rate_limit, burst, max_in_flight, faults, port)
+        if url_ttl is not None and not (math.isfinite(url_ttl) and url_ttl > 0):
+            raise ValueError(f"url_ttl must be None or seconds > 0, got {url_ttl!r}")
         self._rate_limit = rate_limit
         self._burst = burst
         self._host = host
@@ -127,6 +132,8 @@ class Emulator:
             dedupe_idempotency=dedupe_idempotency,
             record_requests=record_requests,
         )
+        # Image URLs then carry ?expires= and answer 403 after it, like signed bucket URLs.
+        self._pipeline.images.url_ttl = url_ttl
         self._runner: Runner | None = None
         self._base_url: str | None = None
 

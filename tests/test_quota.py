@@ -1,0 +1,131 @@
+"""The server's quota headers (``x-ratelimit-*-requests``): parsing, what the limiter learns
+from them, what the emulator sends, and a traffic spike end to end."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from flux_async import FluxClient, RateLimiter
+from flux_async._adaptive import AdaptiveController
+from flux_async._limits import parse_quota
+from flux_async._pacer import Pacer
+from flux_async.emulator import Emulator
+
+
+def quota(limit: object, remaining: object, reset: object) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-requests": str(limit),
+        "x-ratelimit-remaining-requests": str(remaining),
+        "x-ratelimit-reset-requests": str(reset),
+    }
+
+
+def test_parse_quota_reads_go_durations_and_seconds() -> None:
+    assert parse_quota(quota(60, 59, "1s")) == (60, 59, 1.0)
+    assert parse_quota(quota(60, 0, "6m0s")) == (60, 0, 360.0)
+    assert parse_quota(quota(20, 3, "20ms")) == (20, 3, 0.02)
+    assert parse_quota(quota(20, 3, "1h2m3.5s")) == (20, 3, 3723.5)
+    assert parse_quota(quota(20, 3, "0.25")) == (20, 3, 0.25)
+    for bad in (quota(0, 0, "1s"), quota(5, 6, "1s"), quota(5, -1, "1s"), quota("x", 1, "1s")):
+        assert parse_quota(bad) is None
+    for reset in ("", "soon", "1d", "-1s", "inf"):
+        assert parse_quota(quota(5, 1, reset)) is None
+    assert parse_quota({}) is None
+
+
+async def test_an_empty_bucket_starts_pacing_at_the_servers_rate() -> None:
+    limiter = RateLimiter()
+    limiter.on_quota(20, 5, 0.15)  # a bucket with room: unpaced stays unpaced
+    assert limiter.statistics().rate is None
+    limiter.on_quota(20, 0, 0.2)  # empty: 20 requests come back in 0.2 s
+    stats = limiter.statistics()
+    assert stats.rate == pytest.approx(100.0)
+    assert stats.burst == 20  # the server's bucket, mirrored
+    # Nothing is due at once (the server has nothing left); the next permit is 10 ms on.
+    assert not limiter.try_acquire()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await limiter.acquire()
+    assert 0.005 <= loop.time() - started < 0.1
+
+
+async def test_the_tightest_recent_reading_is_kept() -> None:
+    limiter = RateLimiter()
+    limiter.on_quota(10, 0, 0.1)  # <= 100/s
+    limiter.on_quota(10, 2, 0.1)  # <= 80/s: tighter
+    limiter.on_quota(10, 0, 0.05)  # <= 200/s: looser, ignored
+    assert limiter.statistics().rate == pytest.approx(80.0)
+    limiter.on_quota(10, 9, 0.01)  # one request used: too coarse to read a rate from
+    assert limiter.statistics().rate == pytest.approx(80.0)
+
+
+async def test_a_ceiling_or_a_fixed_limiter_is_not_overruled() -> None:
+    capped = RateLimiter(10)
+    capped.on_quota(20, 0, 0.2)  # the server could take 100/s: the ceiling stands
+    assert capped.statistics().rate == pytest.approx(10.0)
+    assert capped.statistics().burst == 1
+    fixed = RateLimiter(adaptive=False)
+    fixed.on_quota(20, 0, 0.2)
+    assert fixed.statistics().rate is None
+
+
+def test_growth_stops_at_the_servers_rate() -> None:
+    pacer = Pacer(None)
+    controller = AdaptiveController(pacer, ceiling=None, tolerance=0)
+    for k in range(1, 21):
+        controller.on_grant(k / 20)
+    assert controller.on_rate_limited(1.0, gate_opened=-float("inf"))  # cut from unpaced
+    controller.on_server_rate(30.0, remaining=5)
+    cut = pacer.rate
+    assert cut is not None
+    assert cut < 30.0
+    for t in range(2, 30):
+        controller.on_success(lambda t=t: float(t))
+    assert pacer.rate == pytest.approx(30.0)
+    assert controller.server_rate == 30.0
+    controller.on_server_rate(20.0, remaining=0)  # the server says less: down at once
+    assert pacer.rate == pytest.approx(20.0)
+
+
+async def test_the_emulator_states_its_quota() -> None:
+    async with (
+        Emulator(rate_limit=100, burst=3) as emu,
+        aiohttp.ClientSession() as http,
+    ):
+        url = emu.base_url + "/images/generations"
+        body = {"prompt": "x", "aspect_ratio": "1:1"}
+        seen = []
+        for _ in range(4):
+            async with http.post(url, json=body) as response:
+                seen.append((response.status, parse_quota(response.headers)))
+    statuses = [status for status, _ in seen]
+    assert statuses == [200, 200, 200, 429]
+    for status, stated in seen:
+        assert stated is not None
+        limit, remaining, reset = stated
+        assert limit == 3
+        assert reset <= 0.04
+        if status == 429:
+            assert remaining == 0
+            assert reset > 0.02  # all 3 back in (2, 3] intervals of 10 ms
+
+
+async def test_a_spike_meets_the_servers_pace_after_the_first() -> None:
+    """A fresh client spends the server's burst and draws one wave of 429s; their headers
+    set the pace, so the retries and the next spike draw (almost) none."""
+    async with (
+        Emulator(rate_limit=200, burst=10, latency=0.05, record_requests=False) as emu,
+        FluxClient(base_url=emu.base_url) as client,
+    ):
+        first = await asyncio.gather(*(client.generate(f"a{i}") for i in range(60)))
+        first_429s = emu.stats.rate_limited
+        await asyncio.sleep(0.2)
+        second = await asyncio.gather(*(client.generate(f"b{i}") for i in range(60)))
+        second_429s = emu.stats.rate_limited - first_429s
+    assert len(first) == len(second) == 60
+    assert first_429s <= 50 + 5  # the first wave (60 - burst 10), and no retry herd
+    assert second_429s <= 3
+    assert client.limiter.statistics().rate == pytest.approx(200.0, rel=0.1)

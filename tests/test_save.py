@@ -1,0 +1,557 @@
+"""Saving images (Image.save, ImagesResponse.save, FluxClient.save, save_to=) and stopping a
+fan-out on an answer every prompt would get (stop_on=).
+
+Downloads are driven two ways: through `MockTransport` (every status, body and header the
+test wants, no sockets) and over real sockets against the emulator, plus a tiny image
+server on another port, which is another origin: the one that must never see the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from aiohttp import web
+
+import flux_async._save as save_module
+from flux_async import (
+    APIConnectionError,
+    AuthenticationError,
+    BadRequestError,
+    BatchStoppedError,
+    FluxClient,
+    ImageDownloadError,
+    ImageSaveError,
+    ImagesResponse,
+    MockTransport,
+    NotFoundError,
+    RetryPolicy,
+    TransportRequest,
+    TransportResponse,
+    ValidationError,
+)
+from flux_async.emulator import Emulator
+
+from .conftest import API_KEY
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
+WEBP = b"RIFF\x40\x00\x00\x00WEBPVP8 " + b"\x00" * 64
+API = "https://api.example/v1"
+
+
+def answer(*urls: str, b64: bytes | None = None) -> TransportResponse:
+    if b64 is not None:
+        return TransportResponse(
+            200, json={"created": 1, "data": [{"b64_json": base64.b64encode(b64).decode()}]}
+        )
+    return TransportResponse(200, json={"created": 1, "data": [{"url": u} for u in urls]})
+
+
+def image(body: bytes, content_type: str = "image/png") -> TransportResponse:
+    return TransportResponse(200, headers={"Content-Type": content_type}, body=body)
+
+
+def mock_client(handler: Any, **options: Any) -> FluxClient:
+    return FluxClient(
+        api_key=API_KEY,
+        base_url=API,
+        transport=MockTransport(handler),
+        retry=options.pop("retry", RetryPolicy.for_tests()),
+        **options,
+    )
+
+
+def names(directory: Path, pattern: str = "*") -> list[str]:
+    """The sorted names in ``directory`` (a plain function: tests call it between awaits)."""
+    return sorted(p.name for p in directory.glob(pattern))
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temporary files an atomic write may leave behind: none, ever."""
+    return [p.name for p in directory.rglob("*") if p.name.endswith(".part")]
+
+
+# -- saving one image -----------------------------------------------------------------------
+
+
+async def test_url_image_is_downloaded_through_the_client_and_named_by_its_type(
+    tmp_path: Path, client: FluxClient, emulator: Emulator
+) -> None:
+    """A url image from the emulator: a real PNG on disk, its suffix from the bytes."""
+    response = await client.generate("a red fox", n=2)
+    paths = await response.save(tmp_path / "out", stem="fox", client=client)
+    assert [p.name for p in paths] == ["fox-0.png", "fox-1.png"]
+    for path in paths:
+        assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # The caller's suffix is replaced by the real one; the same through client.save.
+    one = await client.save(response.data[0], tmp_path / "best.jpg")
+    assert one == tmp_path / "best.png"
+    assert one.read_bytes() == paths[0].read_bytes()
+    assert await client.save(response, tmp_path / "again") == [
+        tmp_path / "again" / "image-0.png",
+        tmp_path / "again" / "image-1.png",
+    ]
+    assert leftovers(tmp_path) == []
+
+
+async def test_b64_image_is_decoded_without_a_client(tmp_path: Path, client: FluxClient) -> None:
+    """b64_json needs no download: Image.save works with no client at all."""
+    response = await client.generate("a crow", response_format="b64_json")
+    [path] = await response.save(tmp_path, stem="crow")
+    assert path == tmp_path / "crow.png"
+    assert path.read_bytes() == response.data[0].decode()
+
+
+async def test_url_image_without_a_client_is_a_validation_error(
+    tmp_path: Path, client: FluxClient
+) -> None:
+    """The URL needs a transport: the error names client and shows both ways to pass one."""
+    response = await client.generate("a fox")
+    with pytest.raises(ValidationError, match=r"client=None.*client\.save\(image, path\)"):
+        await response.data[0].save(tmp_path / "fox")
+
+
+@pytest.mark.parametrize(("body", "suffix"), [(PNG, ".png"), (JPEG, ".jpg"), (WEBP, ".webp")])
+async def test_type_is_sniffed_from_the_bytes_not_the_header(
+    tmp_path: Path, body: bytes, suffix: str
+) -> None:
+    """PNG, JPEG and WebP are told apart by their first bytes, whatever the header says."""
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        if request.method == "POST":
+            return answer("https://cdn.example/a")
+        return image(body, "application/octet-stream")
+
+    async with mock_client(handler) as client:
+        response = await client.generate("x")
+        path = await client.save(response.data[0], tmp_path / "a.png")
+    assert path == tmp_path / f"a{suffix}"
+    assert path.read_bytes() == body
+
+
+async def test_a_body_that_is_no_image_names_the_url_without_its_query(tmp_path: Path) -> None:
+    """An HTML page instead of an image: the error names the URL (query redacted) and type."""
+    signed = "https://cdn.example/img/a.png?X-Amz-Signature=secret123"
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        if request.method == "POST":
+            return answer(signed)
+        return image(b"<html>login</html>", "text/html; charset=utf-8")
+
+    async with mock_client(handler) as client:
+        response = await client.generate("x")
+        with pytest.raises(ImageDownloadError) as caught:
+            await client.save(response.data[0], tmp_path / "a")
+    message = str(caught.value)
+    assert "https://cdn.example/img/a.png?<redacted>" in message
+    assert "secret123" not in message
+    assert "text/html; charset=utf-8" in message
+    assert caught.value.url == signed  # the whole URL stays on the error
+    assert names(tmp_path) == []
+
+
+async def test_downloads_retry_5xx_and_connection_errors_like_api_calls(tmp_path: Path) -> None:
+    """503, a dropped connection, then the image: saved, after three GETs."""
+    gets: list[str] = []
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        if request.method == "POST":
+            return answer("https://cdn.example/a.png")
+        gets.append(request.url)
+        if len(gets) == 1:
+            return TransportResponse(503, body=b"busy")
+        if len(gets) == 2:
+            raise APIConnectionError("Connection error: reset")
+        return image(PNG)
+
+    async with mock_client(handler) as client:
+        response = await client.generate("x")
+        path = await client.save(response.data[0], tmp_path / "a")
+    assert path.read_bytes() == PNG
+    assert len(gets) == 3
+
+
+async def test_a_404_is_not_retried_and_the_retry_policy_bounds_the_rest(tmp_path: Path) -> None:
+    """404 ends the download at once; endless 500s end after max_attempts."""
+    gets: list[str] = []
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        if request.method == "POST":
+            return answer("https://cdn.example/gone.png", "https://cdn.example/busy.png")
+        gets.append(request.url)
+        if request.url.endswith("gone.png"):
+            return TransportResponse(404, json={"error": {"message": "no such key"}})
+        return TransportResponse(500, body=b"oops")
+
+    async with mock_client(handler, retry=RetryPolicy.for_tests(max_attempts=3)) as client:
+        response = await client.generate("x", n=2)
+        with pytest.raises(ImageDownloadError) as gone:
+            await client.save(response.data[0], tmp_path / "a")
+        with pytest.raises(ImageDownloadError) as busy:
+            await client.save(response.data[1], tmp_path / "b")
+    assert (gone.value.status_code, gone.value.download_attempts) == (404, 1)
+    assert (busy.value.status_code, busy.value.download_attempts) == (500, 3)
+    assert "after 3 attempt(s)" in str(busy.value)
+    assert gets.count("https://cdn.example/gone.png") == 1
+
+
+async def test_the_key_goes_to_the_api_origin_only(tmp_path: Path) -> None:
+    """Same scheme, host and port as base_url: Authorization; anything else: none."""
+    seen: dict[str, dict[str, str]] = {}
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        if request.method == "POST":
+            return answer(
+                "https://api.example/files/a.png",
+                "https://cdn.example/b.png",
+                "http://api.example/files/c.png",
+                "https://api.example:8443/d.png",
+            )
+        seen[request.url] = dict(request.headers)
+        return image(PNG)
+
+    async with mock_client(handler, default_headers={"X-Org": "mine"}) as client:
+        response = await client.generate("x", n=4)
+        await client.save(response, tmp_path)
+    auth = {url: "Authorization" in headers for url, headers in seen.items()}
+    assert auth == {
+        "https://api.example/files/a.png": True,
+        "https://cdn.example/b.png": False,
+        "http://api.example/files/c.png": False,
+        "https://api.example:8443/d.png": False,
+    }
+    # Nothing of the caller's own headers leaves for another origin either.
+    assert "X-Org" not in seen["https://cdn.example/b.png"]
+    assert seen["https://cdn.example/b.png"]["Accept"].startswith("image/png")
+
+
+@pytest.fixture
+async def cdn() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """An image server on its own port (so another origin), recording request headers."""
+    seen: list[dict[str, str]] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(body=PNG, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_default_transport_sends_no_key_to_another_origin(
+    tmp_path: Path, emulator: Emulator, cdn: tuple[str, list[dict[str, str]]]
+) -> None:
+    """Over real sockets: the pool's session carries the key by default; a download to
+    another origin goes out without it (and without the JSON content headers)."""
+    base, seen = cdn
+    async with FluxClient(api_key=API_KEY, base_url=emulator.base_url) as client:
+        await client.generate("warm the pool up")  # the session exists, with its defaults
+        own = await client.generate("a fox")
+        await client.save(own, tmp_path / "own")  # the emulator's URL: the API's origin
+        foreign = ImagesResponse.from_json({"created": 1, "data": [{"url": f"{base}/x.png"}]})
+        [path] = await client.save(foreign, tmp_path / "cdn")
+    assert path.read_bytes() == PNG
+    [headers] = seen
+    assert "Authorization" not in headers
+    assert "Content-Type" not in headers
+    assert headers["Accept"].startswith("image/png")
+    assert API_KEY not in str(headers)
+
+
+async def test_size_cap_stops_an_endless_body(tmp_path: Path) -> None:
+    """A body over the cap is not read into memory: ImageDownloadError names the cap."""
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        if request.method == "POST":
+            return answer("https://cdn.example/huge.png")
+        return image(PNG + b"\x00" * 5000)
+
+    async with mock_client(handler) as client:
+        response = await client.generate("x")
+        small = attrs.evolve(client.downloader, max_bytes=1024)
+        with pytest.raises(ImageDownloadError, match="over the 1024-byte cap"):
+            await small.save(response.data[0].url, None, tmp_path / "huge")
+    assert names(tmp_path) == []
+
+
+async def test_writes_are_atomic_and_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write runs on the writer's threads; a failed write leaves neither the file nor
+    its temporary file; an old file is replaced whole or not at all."""
+    threads: list[str] = []
+    real = save_module._stage
+
+    def spy(path: Path, data: bytes, *, sync: bool) -> Path:
+        threads.append(threading.current_thread().name)
+        return real(path, data, sync=sync)
+
+    monkeypatch.setattr(save_module, "_stage", spy)
+    await save_module.store_image(PNG, tmp_path / "a", url=None)
+    assert threads[0].startswith("flux-async-image-writer")
+
+    old = tmp_path / "a.png"
+    assert old.read_bytes() == PNG
+
+    def no_space(source: object, target: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        await save_module.store_image(PNG + b"new", tmp_path / "a", url=None)
+    assert old.read_bytes() == PNG  # the old file, untouched
+    assert leftovers(tmp_path) == []
+
+
+async def test_bad_b64_and_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    """Not base64, not an image, a directory as a file path, a stem with a slash."""
+    bad = ImagesResponse.from_json({"created": 1, "data": [{"b64_json": "!!notbase64"}]})
+    with pytest.raises(ImageDownloadError, match="not valid base64"):
+        await bad.save(tmp_path)
+    text = base64.b64encode(b"hello").decode()
+    not_image = ImagesResponse.from_json({"created": 1, "data": [{"b64_json": text}]})
+    with pytest.raises(ImageDownloadError, match="b64_json image is not a PNG, JPEG or WebP"):
+        await not_image.save(tmp_path)
+    with pytest.raises(ValidationError, match=r"path=.*not a directory"):
+        await not_image.data[0].save(tmp_path)
+    with pytest.raises(ValidationError, match="stem="):
+        await not_image.save(tmp_path, stem="a/b")
+    (tmp_path / "x").touch()
+    with pytest.raises(ValidationError, match="directory="):
+        await not_image.save(tmp_path / "x")
+
+
+# -- saving inside a fan-out ----------------------------------------------------------------
+
+
+async def test_save_to_writes_each_prompts_images_as_it_succeeds(
+    tmp_path: Path, client: FluxClient
+) -> None:
+    """gather_generate(save_to=): one file per image, named by index, listed in files."""
+    results = await client.gather_generate(["a fox", "a crow", "a cat"], save_to=tmp_path)
+    assert [r.files for r in results] == [
+        (tmp_path / "000000.png",),
+        (tmp_path / "000001.png",),
+        (tmp_path / "000002.png",),
+    ]
+    two = await client.gather_generate(
+        [{"prompt": "a whale", "n": 2}],
+        save_to=tmp_path / "named",
+        save_stem=lambda index, prompt: f"{index}-{prompt.replace(' ', '_')}",
+    )
+    assert [p.name for p in two[0].files] == ["0-a_whale-0.png", "0-a_whale-1.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for r in [*results, *two] for p in r.files)
+
+
+async def test_urls_that_expire_soon_are_still_saved(tmp_path: Path) -> None:
+    """URLs valid for 2 s: each is fetched right after its generation, so all are saved
+    although the batch takes longer than that; one fetched late is refused (403)."""
+    async with (
+        Emulator(url_ttl=2.0, rate_limit=20, burst=1) as emu,
+        FluxClient(base_url=emu.base_url) as client,
+    ):
+        prompts = [f"prompt {i}" for i in range(60)]  # ~3 s at 20/s
+        results = await client.gather_generate(prompts, concurrency=8, save_to=tmp_path)
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+        assert len(names(tmp_path, "*.png")) == 60
+        late = results[0].response
+        assert late is not None
+        with pytest.raises(ImageDownloadError) as expired:
+            await client.save(late, tmp_path / "late")
+    assert expired.value.status_code == 403
+
+
+async def test_a_failed_download_fails_the_prompt_but_keeps_the_generation(
+    tmp_path: Path,
+) -> None:
+    """The generation succeeded, the image could not be fetched: the result says both,
+    keeps the response and the URL, and the other prompts are saved."""
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        if request.method == "POST":
+            prompt = request.json()["prompt"]
+            return answer(f"https://cdn.example/{prompt}.png?sig=s3cr3t")
+        if "expired" in request.url:
+            return TransportResponse(403, body=b"<Error>Request has expired</Error>")
+        return image(PNG)
+
+    async with mock_client(handler) as client:
+        results = await client.gather_generate(["ok", "expired", "fine"], save_to=tmp_path)
+    ok, bad, fine = results
+    assert ok.ok
+    assert fine.ok
+    assert not bad.ok
+    error = bad.error
+    assert isinstance(error, ImageDownloadError)
+    assert str(error).startswith("The generation succeeded but its image could not be fetched")
+    assert "https://cdn.example/expired.png?<redacted>" in str(error)
+    assert "s3cr3t" not in str(error)
+    assert error.url == "https://cdn.example/expired.png?sig=s3cr3t"
+    assert error.status_code == 403
+    assert error.response is bad.response is not None
+    assert bad.attempts == 1
+    assert names(tmp_path) == ["000000.png", "000002.png"]
+
+
+async def test_a_failed_write_fails_the_prompt_with_image_save_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full while saving: ImageSaveError saying the generation succeeded."""
+
+    def full(path: Path, data: bytes, *, sync: bool) -> Path:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(save_module, "_stage", full)
+    async with mock_client(lambda r: answer(b64=PNG)) as client:
+        [result] = await client.gather_generate(["x"], save_to=tmp_path)
+    assert isinstance(result.error, ImageSaveError)
+    assert not isinstance(result.error, ImageDownloadError)
+    assert "generation succeeded but writing its image failed" in str(result.error)
+    assert isinstance(result.error.__cause__, OSError)
+    assert result.response is not None
+
+
+async def test_save_options_are_validated_before_anything_is_sent(
+    tmp_path: Path, client: FluxClient
+) -> None:
+    """save_to a file, save_stem not callable or without save_to, a bad stop_on."""
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for options, field in [
+        ({"save_to": a_file}, "save_to"),
+        ({"save_to": 42}, "save_to"),
+        ({"save_to": tmp_path, "save_stem": "x"}, "save_stem"),
+        ({"save_stem": lambda i, p: "x"}, "save_stem"),
+        ({"stop_on": "401"}, "stop_on"),
+        ({"stop_on": {401, 200}}, "stop_on"),
+    ]:
+        with pytest.raises(ValidationError, match=f"^{field}="):
+            client.iter_generate(["x"], **options)
+
+
+# -- stopping on fatal answers ----------------------------------------------------------------
+
+
+async def test_a_wrong_key_stops_the_batch_after_at_most_concurrency_answers(
+    emulator: Emulator,
+) -> None:
+    """500 prompts, concurrency 8, a key the server refuses: at most 8 requests; every
+    other prompt ends at once, unsent, with the reason and the library's hint."""
+    async with FluxClient(
+        api_key="sk-wrong", base_url=emulator.base_url, retry=RetryPolicy.for_tests()
+    ) as client:
+        fanout = client.iter_generate([f"p{i}" for i in range(500)], concurrency=8)
+        results = [r async for r in fanout]
+    assert emulator.stats.requests <= 8
+    assert len(results) == 500
+    refused = [r for r in results if isinstance(r.error, AuthenticationError)]
+    stopped = [r for r in results if isinstance(r.error, BatchStoppedError)]
+    assert 1 <= len(refused) <= 8
+    assert len(refused) + len(stopped) == 500
+    assert isinstance(fanout.stopped_by, AuthenticationError)
+    error = stopped[-1].error
+    assert isinstance(error, BatchStoppedError)
+    assert error.reason is fanout.stopped_by
+    assert error.attempts == 0
+    assert str(error).startswith("This prompt was not sent: the batch stopped")
+    assert "The API key was refused" in str(error)
+
+
+async def test_a_wrong_base_url_stops_with_the_base_url_hint(emulator: Emulator) -> None:
+    """404 on the endpoint: stopped; the hint says to check base_url."""
+    wrong = emulator.base_url.removesuffix("/v1")  # no /v1: every call is a 404
+    async with FluxClient(base_url=wrong, retry=RetryPolicy.for_tests()) as client:
+        results = await client.gather_generate([f"p{i}" for i in range(100)], concurrency=4)
+    assert isinstance(results[0].error, NotFoundError)
+    assert isinstance(results[-1].error, BatchStoppedError)
+    assert "Check base_url" in str(results[-1].error)
+
+
+async def test_stop_on_can_be_turned_off_and_a_400_never_stops(emulator: Emulator) -> None:
+    """stop_on=() sends every prompt; one prompt's 400 leaves the others alone."""
+    async with FluxClient(
+        api_key="sk-wrong", base_url=emulator.base_url, retry=RetryPolicy.for_tests()
+    ) as client:
+        results = await client.gather_generate(["a", "b", "c", "d"], stop_on=())
+    assert all(isinstance(r.error, AuthenticationError) for r in results)
+    assert emulator.stats.requests == 4
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        if request.json()["prompt"] == "bad":
+            return TransportResponse(400, json={"error": {"message": "content policy"}})
+        return answer("https://cdn.example/a.png")
+
+    async with mock_client(handler) as client:
+        results = await client.gather_generate(["a", "bad", *"bcdefgh"], concurrency=1)
+    assert isinstance(results[1].error, BadRequestError)
+    assert sum(r.ok for r in results) == 8
+
+
+async def test_a_call_waiting_to_retry_is_not_sent_after_the_stop() -> None:
+    """A prompt backing off after a 503 when another gets a 401: its retry is not sent."""
+    posts: list[str] = []
+
+    async def handler(request: TransportRequest) -> TransportResponse:
+        prompt = request.json()["prompt"]
+        posts.append(prompt)
+        if prompt == "busy":
+            return TransportResponse(503, headers={"retry-after-ms": "300"}, body=b"busy")
+        await asyncio.sleep(0.05)
+        return TransportResponse(401, json={"error": {"message": "bad key"}})
+
+    async with mock_client(handler, retry=RetryPolicy()) as client:
+        busy, refused = await client.gather_generate(["busy", "refused"], concurrency=2)
+    assert posts == ["busy", "refused"]
+    assert isinstance(refused.error, AuthenticationError)
+    assert isinstance(busy.error, BatchStoppedError)
+    assert busy.error.attempts == busy.attempts == 1
+    assert "was not retried after 1 attempt(s)" in str(busy.error)
+
+
+def test_group_sync_shares_one_flush_among_writers_that_wait_together(tmp_path: Path) -> None:
+    """20 writers at once: far fewer flushes than writers, and each writer returns only
+    after a flush that started after it asked."""
+    import time
+
+    flushes: list[tuple[float, float]] = []
+
+    def slow_syncfs(fd: int) -> None:
+        started = time.monotonic()
+        time.sleep(0.02)
+        flushes.append((started, time.monotonic()))
+
+    group = save_module._GroupSync(slow_syncfs)
+    asked: dict[int, float] = {}
+    returned: dict[int, float] = {}
+
+    def writer(i: int) -> None:
+        asked[i] = time.monotonic()
+        group.sync(tmp_path)
+        returned[i] = time.monotonic()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(returned) == 20
+    assert len(flushes) <= 4
+    for i in range(20):
+        assert any(asked[i] <= start and end <= returned[i] for start, end in flushes)
