@@ -1,15 +1,19 @@
-"""The ``flux-async`` command line: bulk generation from a prompts file, and a demo.
+"""The ``flux-async`` command line: bulk jobs from a prompts file, and a demo.
 
 It comes with the ``cli`` extra (``pip install 'flux-async[cli]'``: click and tqdm); the
 library never imports this module. Run it as ``flux-async`` or ``python -m flux_async``.
 
 Examples::
 
+    $ flux-async batch prompts.txt --out run1 --aspect-ratio 16:9     # images, manifest, gallery
+    $ flux-async batch prompts.txt --out run1                          # again: resumes
     $ flux-async generate prompts.txt --out results.jsonl --aspect-ratio 16:9 --rate-limit 20
     $ jq -c '{prompt: .title, n: 2}' items.json | flux-async generate --jsonl
     $ flux-async generate prompts.txt --emulator --emulator-rate-limit 20   # offline dry run
     $ flux-async demo                                                      # no key, no network
 
+``batch`` saves every prompt's images into a directory with a manifest, resumes after a
+crash and ends with a gallery (the engine is ``_batch.py``; the guide "Bulk jobs").
 ``generate`` writes one JSON line per prompt as soon as it finishes (completion order;
 ``index`` says which prompt it was) and a summary to stderr. Exit status: 0 when every
 prompt succeeded, 1 when some failed, 2 for bad usage or input, 130 when interrupted.
@@ -430,7 +434,7 @@ def cli() -> None:
     """Bulk image generation against OpenAI-format /v1/images/generations APIs.
 
     Try `flux-async demo` (no key, no network), then
-    `flux-async generate prompts.txt --out results.jsonl`.
+    `flux-async batch prompts.txt --out run1`.
     """
 
 
