@@ -54,6 +54,10 @@ from .emulator.__main__ import main as emulator_main
 
 __all__ = ["cli", "main", "sample_prompts"]
 
+#: The Redis of a shared quota, for `batch --redis` (read only by the command line).
+ENV_REDIS_URL = "FLUX_REDIS_URL"
+#: The shared quota's name when `--limiter-name` is not given.
+DEFAULT_LIMITER_NAME = "flux-async"
 #: The demo's emulator: a capacity the default concurrency overruns, so 429s happen and
 #: the adaptive limiter has to find the rate, and a latency like a (very fast) model's.
 DEMO_RATE_LIMIT = 40.0
@@ -605,6 +609,35 @@ class _BatchRun:
     emulator_note: str = ""
     progress: bool = False
     emulator_stats: dict[str, Any] = field(default_factory=dict)
+    #: (URL, name) of a shared Redis quota, or None for this process's own limiter.
+    redis: tuple[str, str] | None = None
+
+
+def _check_redis_extra() -> None:
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise click.UsageError(
+            "--redis needs the redis extra: pip install 'flux-async[redis]'"
+        ) from None
+
+
+async def _shared_limiter(stack: contextlib.AsyncExitStack, run: _BatchRun) -> None:
+    """Swap this run's own rate for the quota shared in Redis (same rate options)."""
+    from .redis import RedisRateLimiter  # the optional extra, checked before the run
+
+    assert run.redis is not None
+    url, name = run.redis
+    options = run.fanout_options
+    limiter = RedisRateLimiter.from_url(
+        url,
+        name=name,
+        rate=options.pop("rate_limit", None),
+        per=options.pop("per", 1.0),
+        burst=options.pop("burst", 1),
+    )
+    stack.push_async_callback(limiter.aclose)
+    options["limiter"] = limiter
 
 
 async def _run_batch(run: _BatchRun) -> None:
@@ -616,6 +649,8 @@ async def _run_batch(run: _BatchRun) -> None:
             stack.callback(lambda: run.emulator_stats.update(emulator.stats.snapshot()))
             api_key, base_url = _EMULATOR_KEY, emulator.base_url
             click.echo(run.emulator_note.format(url=base_url), err=True)
+        if run.redis is not None:
+            await _shared_limiter(stack, run)
         concurrency = run.fanout_options["concurrency"]
         # Downloads use the pool's connections beyond `concurrency`: twice as many
         # connections leave each generation slot one for its images.
@@ -842,6 +877,22 @@ def _prepare(
 @click.option(
     "--max-attempts", type=click.IntRange(min=1), help="Attempts per prompt, 429s aside (4)."
 )
+@click.option(
+    "--redis",
+    "redis_url",
+    envvar=ENV_REDIS_URL,
+    metavar="URL",
+    help=(
+        "Share the key's quota with every process using the same Redis and "
+        f"--limiter-name (${ENV_REDIS_URL}; needs flux-async[redis])."
+    ),
+)
+@click.option(
+    "--limiter-name",
+    default=DEFAULT_LIMITER_NAME,
+    show_default=True,
+    help="Which shared quota to use in --redis: the same name for every process of one key.",
+)
 @click.option("--emulator", is_flag=True, help="Send everything to the bundled emulator.")
 @click.option(
     "--emulator-rate-limit",
@@ -871,6 +922,8 @@ def batch(
     deadline: float | None,
     batch_deadline: float | None,
     max_attempts: int | None,
+    redis_url: str | None,
+    limiter_name: str,
     emulator: bool,
     emulator_rate_limit: float | None,
     progress: bool | None,
@@ -901,6 +954,8 @@ def batch(
     )
     if emulator_rate_limit is not None and not emulator:
         raise click.UsageError("--emulator-rate-limit needs --emulator")
+    if redis_url:
+        _check_redis_extra()
     fields = _request_fields(request_options)
     try:
         # Checked now, before the input is read or anything is started or sent.
@@ -924,6 +979,7 @@ def batch(
             "no real API is used and the images are placeholders."
         ),
         progress=sys.stderr.isatty() if progress is None else progress,
+        redis=(redis_url, limiter_name) if redis_url else None,
     )
     with _verbose_logging(verbose):
         elapsed, interrupted = _execute_batch(ctx, run)

@@ -658,3 +658,34 @@ async def test_acl_user_limited_to_the_documented_commands(
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(limiter.acquire(), 0.3)
         assert limiter.statistics().redis_errors == 0
+
+
+def test_batch_command_shares_its_quota_through_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`flux-async batch --redis URL --limiter-name NAME` paces through the shared limiter."""
+    import redis as sync_redis
+    from click.testing import CliRunner
+
+    from flux_async._cli import cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a fox, take {i}\n" for i in range(12)))
+    name = f"cli-{uuid.uuid4().hex}"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "batch", str(prompts), "--out", str(tmp_path / "run"), "--emulator",
+            "--redis", redis_server.url, "--limiter-name", name, "--rate-limit", "40",
+            "--no-progress",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 12
+    state_key = _limiter_class().from_url(redis_server.url, name=name).keys[0]
+    admin = sync_redis.Redis.from_url(redis_server.url)
+    try:
+        assert admin.hgetall(state_key), "this name's shared state is in Redis"
+    finally:
+        admin.close()
