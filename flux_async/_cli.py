@@ -442,6 +442,84 @@ def cli() -> None:
     """
 
 
+#: A click command function, as the option decorators see it.
+_F = Callable[..., None]
+
+
+def _run_options(*, deadline: str, batch_deadline: str) -> Callable[[_F], _F]:
+    """The options every command that runs prompts takes: key, URL, request fields, rates,
+    deadlines and attempts (``deadline`` / ``batch_deadline``: their help texts)."""
+    options: list[Callable[[_F], _F]] = [
+        click.option("--api-key", envvar=ENV_API_KEY, help=f"API key (default: ${ENV_API_KEY})."),
+        click.option(
+            "--base-url", envvar=ENV_BASE_URL, help=f"Base URL ending in /v1 (${ENV_BASE_URL})."
+        ),
+        _request_options,
+        click.option(
+            "--concurrency",
+            type=click.IntRange(min=1),
+            default=DEFAULT_CONCURRENCY,
+            show_default=True,
+            help="HTTP requests in flight at once.",
+        ),
+        click.option(
+            "--rate-limit",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Requests per second, never exceeded (default: adapt to the server's 429s).",
+        ),
+        click.option(
+            "--rate-limit-per-minute",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Requests per minute, instead of --rate-limit.",
+        ),
+        click.option(
+            "--burst", type=click.IntRange(min=1), help="Burst for the rate limit (default 1)."
+        ),
+        click.option("--deadline", type=click.FloatRange(min=0, min_open=True), help=deadline),
+        click.option(
+            "--batch-deadline", type=click.FloatRange(min=0, min_open=True), help=batch_deadline
+        ),
+        click.option(
+            "--max-attempts",
+            type=click.IntRange(min=1),
+            help="Attempts per prompt, 429s aside (4).",
+        ),
+    ]
+
+    def apply(command: _F) -> _F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def _local_options(command: _F) -> _F:
+    """--emulator, --emulator-rate-limit, --progress and -v, shared by the run commands."""
+    for option in reversed(
+        [
+            click.option(
+                "--emulator", is_flag=True, help="Send everything to the bundled emulator."
+            ),
+            click.option(
+                "--emulator-rate-limit",
+                type=click.FloatRange(min=0, min_open=True),
+                help="The emulator's capacity in requests/s (shows 429 handling).",
+            ),
+            click.option(
+                "--progress/--no-progress",
+                default=None,
+                help="Progress bar on stderr (default: when stderr is a terminal).",
+            ),
+            click.option(
+                "-v", "--verbose", is_flag=True, help="Log retries and rate cuts to stderr."
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("prompts", type=click.File("rb"), default="-")
 @click.option(
@@ -456,52 +534,11 @@ def cli() -> None:
     default="-",
     help="Where the JSON lines go (default: stdout).",
 )
-@click.option("--api-key", envvar=ENV_API_KEY, help=f"API key (default: ${ENV_API_KEY}).")
-@click.option("--base-url", envvar=ENV_BASE_URL, help=f"Base URL ending in /v1 (${ENV_BASE_URL}).")
-@_request_options
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=DEFAULT_CONCURRENCY,
-    show_default=True,
-    help="HTTP requests in flight at once.",
+@_run_options(
+    deadline="Seconds per prompt, retries included.",
+    batch_deadline="Seconds for the whole run; prompts not done by then fail.",
 )
-@click.option(
-    "--rate-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Requests per second, never exceeded (default: adapt to the server's 429s).",
-)
-@click.option(
-    "--rate-limit-per-minute",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Requests per minute, instead of --rate-limit.",
-)
-@click.option("--burst", type=click.IntRange(min=1), help="Burst for the rate limit (default 1).")
-@click.option(
-    "--deadline",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds per prompt, retries included.",
-)
-@click.option(
-    "--batch-deadline",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds for the whole run; prompts not done by then fail.",
-)
-@click.option(
-    "--max-attempts", type=click.IntRange(min=1), help="Attempts per prompt, 429s aside (4)."
-)
-@click.option("--emulator", is_flag=True, help="Send everything to the bundled emulator.")
-@click.option(
-    "--emulator-rate-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    help="The emulator's capacity in requests/s (shows 429 handling).",
-)
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bar on stderr (default: when stderr is a terminal).",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Log retries and rate cuts to stderr.")
+@_local_options
 @click.pass_context
 def generate(
     ctx: click.Context,
@@ -843,39 +880,9 @@ def _prepare(
     is_flag=True,
     help="Rerun only the prompts the manifest records as failed.",
 )
-@click.option("--api-key", envvar=ENV_API_KEY, help=f"API key (default: ${ENV_API_KEY}).")
-@click.option("--base-url", envvar=ENV_BASE_URL, help=f"Base URL ending in /v1 (${ENV_BASE_URL}).")
-@_request_options
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=DEFAULT_CONCURRENCY,
-    show_default=True,
-    help="HTTP requests in flight at once.",
-)
-@click.option(
-    "--rate-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Requests per second, never exceeded (default: adapt to the server's 429s).",
-)
-@click.option(
-    "--rate-limit-per-minute",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Requests per minute, instead of --rate-limit.",
-)
-@click.option("--burst", type=click.IntRange(min=1), help="Burst for the rate limit (default 1).")
-@click.option(
-    "--deadline",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds per prompt, retries and image downloads included.",
-)
-@click.option(
-    "--batch-deadline",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds for the whole run; prompts not done by then are left for a rerun.",
-)
-@click.option(
-    "--max-attempts", type=click.IntRange(min=1), help="Attempts per prompt, 429s aside (4)."
+@_run_options(
+    deadline="Seconds per prompt, retries and image downloads included.",
+    batch_deadline="Seconds for the whole run; prompts not done by then are left for a rerun.",
 )
 @click.option(
     "--redis",
@@ -893,18 +900,7 @@ def _prepare(
     show_default=True,
     help="Which shared quota to use in --redis: the same name for every process of one key.",
 )
-@click.option("--emulator", is_flag=True, help="Send everything to the bundled emulator.")
-@click.option(
-    "--emulator-rate-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    help="The emulator's capacity in requests/s (shows 429 handling).",
-)
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bar on stderr (default: when stderr is a terminal).",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Log retries and rate cuts to stderr.")
+@_local_options
 @click.pass_context
 def batch(
     ctx: click.Context,
