@@ -40,6 +40,7 @@ from ._fanout import (
     DEFAULT_CONCURRENCY,
     DEFAULT_STOP_ON,
     Fanout,
+    FanoutSettings,
     FanoutStatistics,
     GenerationResult,
     PromptInput,
@@ -736,14 +737,11 @@ class FluxClient:
         )
         # Batch-wide fields are checked once, now, not once per prompt later.
         self.build_request("check", fields)
-        return Fanout(
-            self._context,
-            self.build_request,
-            prompts,
+        settings = FanoutSettings(
             concurrency=concurrency,
             limiter=self.limiter if own_limiter is None else own_limiter,
             policy=policy,
-            client_timeout=client_timeout,
+            timeout=client_timeout,
             fields={"model": self.model, **fields},
             fail_fast=fail_fast,
             batch_deadline=batch_deadline,
@@ -751,6 +749,7 @@ class FluxClient:
             save=save,
             stop_on=stop_statuses,
         )
+        return Fanout(self._context, self.build_request, prompts, settings)
 
     async def gather_generate(
         self,

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_STOP_ON",
     "Fanout",
+    "FanoutSettings",
     "FanoutStatistics",
     "GenerationResult",
     "PromptInput",
@@ -357,6 +358,30 @@ def _fail_fast_error(result: GenerationResult) -> BaseException:
     return error
 
 
+@attrs.frozen(kw_only=True)
+class FanoutSettings:
+    """How one fan-out runs: the arguments of `FluxClient.iter_generate`, checked and
+    resolved (the limiter and policy to use, the batch's fields with the model filled in).
+
+    Example::
+
+        FanoutSettings(concurrency=16, limiter=client.limiter, policy=RetryPolicy(),
+                       timeout=DEFAULT_TIMEOUT, fields={"model": "flux-kontext-pro"},
+                       fail_fast=False, batch_deadline=None, on_progress=None)
+    """
+
+    concurrency: int
+    limiter: Limiter
+    policy: RetryPolicy
+    timeout: Timeout
+    fields: Mapping[str, Any]
+    fail_fast: bool
+    batch_deadline: float | None
+    on_progress: Callable[[FanoutStatistics], None] | None
+    save: SaveTo | None = None
+    stop_on: frozenset[int] = DEFAULT_STOP_ON
+
+
 class Fanout:
     """An async iterator of `GenerationResult` s, in completion order.
 
@@ -380,33 +405,9 @@ class Fanout:
         ctx: CallContext,
         build: BuildRequest,
         items: Iterable[PromptInput] | AsyncIterable[PromptInput],
-        *,
-        concurrency: int,
-        limiter: Limiter,
-        policy: RetryPolicy,
-        client_timeout: Timeout,
-        fields: Mapping[str, Any],
-        fail_fast: bool,
-        batch_deadline: float | None,
-        on_progress: Callable[[FanoutStatistics], None] | None,
-        save: SaveTo | None = None,
-        stop_on: frozenset[int] = DEFAULT_STOP_ON,
+        settings: FanoutSettings,
     ) -> None:
-        engine = _Engine(
-            ctx,
-            build,
-            items,
-            concurrency=concurrency,
-            limiter=limiter,
-            policy=policy,
-            client_timeout=client_timeout,
-            fields=fields,
-            fail_fast=fail_fast,
-            batch_deadline=batch_deadline,
-            on_progress=on_progress,
-            save=save,
-            stop_on=stop_on,
-        )
+        engine = _Engine(ctx, build, items, settings)
         self._engine = engine
         # The workers refer to the engine, never to this handle: once the caller drops
         # the handle it is collected, and the workers stop instead of billing prompts
@@ -490,17 +491,7 @@ class _Engine:
         ctx: CallContext,
         build: BuildRequest,
         items: Iterable[PromptInput] | AsyncIterable[PromptInput],
-        *,
-        concurrency: int,
-        limiter: Limiter,
-        policy: RetryPolicy,
-        client_timeout: Timeout,
-        fields: Mapping[str, Any],
-        fail_fast: bool,
-        batch_deadline: float | None,
-        on_progress: Callable[[FanoutStatistics], None] | None,
-        save: SaveTo | None = None,
-        stop_on: frozenset[int] = DEFAULT_STOP_ON,
+        settings: FanoutSettings,
     ) -> None:
         self._ctx = ctx
         self._build = build
@@ -517,18 +508,19 @@ class _Engine:
                 "an iterable or async iterable of prompts (a lone string "
                 "is one prompt: wrap it in a list)",
             )
+        concurrency = settings.concurrency
         self._concurrency = concurrency
         self._slot = ConcurrencyLimit(concurrency)
-        self._limiter = limiter
-        self._policy = policy
-        self._client_timeout = client_timeout
+        self._limiter = settings.limiter
+        self._policy = settings.policy
+        self._client_timeout = settings.timeout
         # Carries the model: the caller fills it in from its client.
-        self._fields = dict(fields)
+        self._fields = dict(settings.fields)
         # String prompts are this template with their own prompt (see `_to_request`).
         self._template = ImageRequest(prompt="x", **self._fields)
-        self._fail_fast = fail_fast
-        self._batch_deadline = batch_deadline
-        self._on_progress = on_progress
+        self._fail_fast = settings.fail_fast
+        self._batch_deadline = settings.batch_deadline
+        self._on_progress = settings.on_progress
         self._counters = Counters(self._on_backoff)
         self._queue: asyncio.Queue[GenerationResult | object] | None = None
         self._workers: set[asyncio.Task[None]] = set()
@@ -546,9 +538,11 @@ class _Engine:
         self._sink: Callable[[GenerationResult], None] | None = None
         self._failure: GenerationResult | None = None
         self._closed = False
-        self._save = save
-        self._downloads = None if save is None else asyncio.Semaphore(save.downloads)
-        self._stop_on = stop_on
+        self._save = settings.save
+        self._downloads = (
+            None if settings.save is None else asyncio.Semaphore(settings.save.downloads)
+        )
+        self._stop_on = settings.stop_on
         self.stopped_by: APIStatusError | None = None
         self._stopped_index = -1
         self._not_sent = 0
