@@ -257,6 +257,14 @@ class EmulatorProcess:
             raise RuntimeError("the emulator is not running")
         return self._proc.pid
 
+    #: A server that exits when its stdin closes (so it dies with us) gets a pipe that is
+    #: never written; others get /dev/null.
+    stdin_pipe = False
+
+    def command(self) -> list[str]:
+        """The server's command line; subclasses start other servers the same way."""
+        return [sys.executable, "-m", "flux_async.emulator", *self.args]
+
     def start(self) -> EmulatorProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -264,12 +272,11 @@ class EmulatorProcess:
         )
         # Kept open for the process's life (closed in stop()), so no `with` here.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
-        cmd = [sys.executable, "-m", "flux_async.emulator", *self.args]
         self._proc = subprocess.Popen(
-            cmd,
+            self.command(),
             cwd=REPO_ROOT,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             # Its own session: a Ctrl-C reaches only us, and we stop it in order.

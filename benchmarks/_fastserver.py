@@ -31,9 +31,7 @@ import gc
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +202,7 @@ if __name__ == "__main__":
 else:
     # Only the parent needs the harness (it imports aiohttp and flux_async): the server
     # process stays standard-library only, and starts whatever state flux_async/ is in.
-    from _common import _LIVE, REPO_ROOT, EmulatorProcess, _die_with_parent
+    from _common import EmulatorProcess
 
     class FastServerProcess(EmulatorProcess):
         """``python benchmarks/_fastserver.py --port 0`` as a context manager.
@@ -222,27 +220,10 @@ else:
         def __init__(self, *args: str, ready_timeout: float = 30.0) -> None:
             super().__init__(*args, ready_timeout=ready_timeout)
 
-        def start(self) -> FastServerProcess:
-            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
-            cmd = [sys.executable, str(Path(__file__).resolve()), *self.args]
-            self._proc = subprocess.Popen(
-                cmd,
-                cwd=REPO_ROOT,
-                # Kept open and never written: the server exits when it reads EOF.
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self._stderr,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
-            _LIVE.add(self)
-            try:
-                line = self._read_ready_line()
-            except BaseException:
-                self.stop()
-                raise
-            self._base_url = line.split(maxsplit=1)[1].strip()
-            return self
+        stdin_pipe = True
+
+        def command(self) -> list[str]:
+            return [sys.executable, str(Path(__file__).resolve()), *self.args]
 
         def stop(self) -> None:
             proc = self._proc

@@ -39,10 +39,7 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -50,13 +47,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from _common import (
-    _LIVE,
     API_KEY,
-    REPO_ROOT,
     BenchOutput,
     EmulatorProcess,
     Row,
-    _die_with_parent,
     run_main,
 )
 
@@ -78,30 +72,8 @@ class FaultServerProcess(EmulatorProcess):
     def __init__(self, scenario: str, *args: str) -> None:
         super().__init__("--scenario", scenario, "--keys", *args)
 
-    def start(self) -> FaultServerProcess:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faultserver", *self.args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        _LIVE.add(self)
-        try:
-            line = self._read_ready_line()
-        except BaseException:
-            self.stop()
-            raise
-        self._base_url = line.split(maxsplit=1)[1].strip()
-        return self
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tests.faultserver", *self.args]
 
     def finish(self) -> dict[str, Any]:
         """SIGTERM the server and return the counts it prints as it exits."""

@@ -187,35 +187,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> BenchOutput:
     import shutil
-    import subprocess
     import tempfile
     import time
     from pathlib import Path
 
-    from _common import _LIVE, REPO_ROOT, BenchOutput, EmulatorProcess, Row, median, prompts
+    from _common import BenchOutput, EmulatorProcess, Row, median, prompts
 
     from flux_async import FluxClient
 
     class ImageServerProcess(EmulatorProcess):
         """This file with ``--serve MODE``, started and stopped like the emulator."""
 
-        def start(self) -> ImageServerProcess:
-            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
-            self._proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), *self.args],
-                cwd=REPO_ROOT,
-                stdout=subprocess.PIPE,
-                stderr=self._stderr,
-                start_new_session=True,
-            )
-            _LIVE.add(self)
-            try:
-                line = self._read_ready_line()
-            except BaseException:
-                self.stop()
-                raise
-            self._base_url = line.split(maxsplit=1)[1].strip()
-            return self
+        def command(self) -> list[str]:
+            return [sys.executable, str(Path(__file__).resolve()), *self.args]
 
         def stats(self) -> dict[str, object]:
             return self._get_json("/_fast/stats")
