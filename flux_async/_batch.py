@@ -57,6 +57,7 @@ __all__ = [
     "request_key",
     "run_batch",
     "slug",
+    "thread_lines",
 ]
 
 STATE: Final = "batch.json"
@@ -232,10 +233,14 @@ def _check_key(
         )
 
 
-async def _thread_lines(opener: Callable[[], Iterable[bytes]]) -> AsyncIterator[bytes]:
+async def thread_lines(opener: Callable[[], Iterable[bytes]]) -> AsyncIterator[bytes]:
     """The lines ``opener()`` gives, read by a daemon thread: a pipe blocks for as long
     as its writer likes, and the loop (requests in flight, Ctrl-C) must never wait on it.
     A daemon thread, not the executor: a thread stuck on a read would hold up the exit.
+
+    Example::
+
+        async for raw in thread_lines(lambda: open("prompts.txt", "rb")): ...
     """
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
@@ -596,9 +601,9 @@ class Plan:
         if source.lines is not None:
             lines: AsyncIterator[bytes] = _memory_lines(source.lines)
         elif source.streaming:
-            lines = _thread_lines(_stdin_lines)
+            lines = thread_lines(_stdin_lines)
         else:
-            lines = _thread_lines(source.open_lines)
+            lines = thread_lines(source.open_lines)
         index = 0
         number = 0
         taken = 0

@@ -27,9 +27,7 @@ import itertools
 import json
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ import click
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ._batch import BatchDirectory, BatchError, Plan, Source, run_batch
+from ._batch import BatchDirectory, BatchError, Plan, Source, run_batch, thread_lines
 from ._client import ENV_API_KEY, ENV_BASE_URL, FluxClient, RequestFields
 from ._exceptions import APIStatusError, ValidationError
 from ._fanout import DEFAULT_CONCURRENCY, Fanout, FanoutStatistics, GenerationResult, PromptInput
@@ -71,8 +69,6 @@ _DEMO_INPUT = "flux-async demo sample prompts"
 # Sent to the emulator instead of the user's key: a real key has no business on a fake
 # server, and FluxClient would otherwise fall back to $FLUX_API_KEY.
 _EMULATOR_KEY = "sk-emulator"
-# Lines read ahead of the fan-out from a pipe; bounds memory however long the input is.
-_READ_AHEAD = 1024
 _EXIT_FAILED = 1
 _EXIT_USAGE = 2
 _EXIT_INTERRUPTED = 130
@@ -145,46 +141,21 @@ async def _lines(stream: BinaryIO) -> AsyncIterator[bytes]:
         for line in stream:
             yield line
         return
-    # A pipe or a terminal blocks for as long as its writer likes. A daemon thread reads it
-    # so that the requests in flight keep going meanwhile and Ctrl-C is never stuck behind
-    # a read; the bounded queue bounds memory. It reads the raw descriptor, not ``stream``:
-    # a daemon thread stuck inside a buffered reader's lock aborts the interpreter's exit.
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-    lines: queue.Queue[bytes | Exception | None] = queue.Queue(maxsize=_READ_AHEAD)
+    # A pipe or a terminal blocks for as long as its writer likes: a daemon thread reads
+    # it, so the requests in flight keep going and Ctrl-C is never stuck behind a read. It
+    # reads the raw descriptor, not ``stream``: a daemon thread stuck inside a buffered
+    # reader's lock aborts the interpreter's exit.
+    async for line in thread_lines(lambda: _fd_lines(fd)):
+        yield line
 
-    def put(item: bytes | Exception | None) -> None:
-        lines.put(item)
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-            loop.call_soon_threadsafe(ready.set)
 
-    def pump() -> None:
-        pending = b""
-        try:
-            while chunk := os.read(fd, 65536):
-                *complete, pending = (pending + chunk).split(b"\n")
-                for line in complete:
-                    put(line)
-        except OSError as exc:
-            put(exc)
-            return
-        if pending:
-            put(pending)
-        put(None)
-
-    threading.Thread(target=pump, name="flux-async-input", daemon=True).start()
-    while True:
-        ready.clear()
-        try:
-            item = lines.get_nowait()
-        except queue.Empty:
-            await ready.wait()
-            continue
-        if item is None:
-            return
-        if isinstance(item, Exception):
-            raise item
-        yield item
+def _fd_lines(fd: int) -> Iterator[bytes]:
+    pending = b""
+    while chunk := os.read(fd, 65536):
+        *complete, pending = (pending + chunk).split(b"\n")
+        yield from complete
+    if pending:
+        yield pending
 
 
 async def _prompts(stream: BinaryIO, *, jsonl: bool, problems: list[str]) -> AsyncIterator[Any]:
