@@ -597,7 +597,11 @@ class AiohttpTransport(AsyncTransport):
 
     def _route(self, url: str) -> _Route:
         """How to reach ``url``: direct, the ``proxy=`` given, or the environment's proxy."""
-        route = self._routes.get(url)
+        # The route depends only on the scheme and host, so it is cached per origin: image
+        # downloads go to a new URL each, and the environment is read once per origin.
+        end = url.find("/", url.find("//") + 2)
+        origin = url if end < 0 else url[:end]
+        route = self._routes.get(origin)
         if route is None:
             if self._proxy is not None:
                 route = _route_via(self._proxy, url)
@@ -605,8 +609,8 @@ class AiohttpTransport(AsyncTransport):
                 route = _route_via(environment_proxy(url), url)
             else:
                 route = _DIRECT
-            if len(self._routes) < 64:  # downloads go to many URLs: keep the cache small
-                self._routes[url] = route
+            if len(self._routes) < 64:  # a CDN may shard over many hosts: stay small
+                self._routes[origin] = route
         return route
 
     def _timeout(self, timeout: Timeout) -> aiohttp.ClientTimeout:
