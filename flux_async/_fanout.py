@@ -525,7 +525,11 @@ class _Engine:
         self._queue: asyncio.Queue[GenerationResult | object] | None = None
         self._workers: set[asyncio.Task[None]] = set()
         self._sleeping = 0  # workers in a backoff sleep
-        self._max_workers = 4 * concurrency
+        # Stand-ins keep the wire full while workers sleep in backoff. When saving, none:
+        # a prompt is in progress from its first attempt until its images are on disk,
+        # and at most `concurrency` of them may be (a crash then costs at most that many
+        # generations paid twice); woken sleepers and stand-ins would briefly exceed it.
+        self._max_workers = concurrency if settings.save is not None else 4 * concurrency
         self._input_lock: asyncio.Lock | None = None
         self._deadline_at: float | None = None
         self._started_at = 0.0
