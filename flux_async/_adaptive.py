@@ -149,6 +149,90 @@ _UNSET = object()
 _MIN_EVIDENCE = 10
 
 
+class _Traffic:
+    """What the controller measures: the permits and 429s of the last window, and the
+    successes per second over the last full window.
+
+    Grant and 429 times are kept oldest first: each is appended once and popped once, so
+    keeping the measured send rate costs O(1) amortised.
+    """
+
+    __slots__ = (
+        "first_grant",
+        "grants",
+        "limited",
+        "limited_total",
+        "success_mark",
+        "success_rate",
+        "successes",
+        "window",
+    )
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.grants: collections.deque[float] = collections.deque()  # times, last window
+        self.limited: collections.deque[float] = collections.deque()  # 429 times, likewise
+        self.first_grant = NEVER
+        self.successes = 0
+        self.limited_total = 0
+        self.success_mark = (NEVER, 0)  # (start of the current count, count then)
+        self.success_rate = 0.0  # successes/s over the last full window
+
+    def on_grant(self, now: float) -> None:
+        grants = self.grants
+        if not grants and self.first_grant == NEVER:
+            self.first_grant = now
+        grants.append(now)
+        cutoff = now - self.window
+        while grants[0] <= cutoff:
+            grants.popleft()
+        started, count = self.success_mark
+        if now - started >= self.window:
+            if started != NEVER:
+                self.success_rate = (self.successes - count) / (now - started)
+            self.success_mark = (now, self.successes)
+
+    def on_rate_limited(self, now: float) -> tuple[int, int]:
+        """Record a 429; return the 429s and the permits of the last window."""
+        limited = self.limited
+        cutoff = now - self.window
+        limited.append(now)
+        self.limited_total += 1
+        while limited[0] <= cutoff:
+            limited.popleft()
+        grants = self.grants
+        while grants and grants[0] <= cutoff:
+            grants.popleft()
+        return len(limited), len(grants)
+
+    def sent_rate(self, now: float, gate_opened: float) -> float | None:
+        """Permits per second over the last window, or the part of it the gate was open.
+
+        None when that part is too short to measure (just after a pause): a near-empty
+        window after a pause would read as a tiny send rate and cut the rate to nothing.
+        """
+        grants = self.grants
+        cutoff = now - self.window
+        while grants and grants[0] <= cutoff:
+            grants.popleft()
+        # Measure from the latest of: a window ago, the gate's last opening, the first
+        # permit ever (a window in which traffic just began is not a send rate either).
+        began = max(cutoff, gate_opened, self.first_grant)
+        span = now - began
+        if span < _MIN_SPAN * self.window:
+            return None
+        if span >= self.window:
+            return len(grants) / self.window
+        start = now - span
+        return sum(1 for t in grants if t > start) / span
+
+    def forget_times(self) -> None:
+        self.grants.clear()
+        self.limited.clear()
+        self.first_grant = NEVER
+        self.success_mark = (NEVER, self.successes)
+
+
 class AdaptiveController:
     """Cut the rate on overload 429s, grow it back in calm windows; never above a ceiling.
 
@@ -184,23 +268,17 @@ class AdaptiveController:
         "_ceiling",
         "_cuts",
         "_decrease_factor",
-        "_first_grant",
         "_futility",
-        "_grants",
         "_increase",
         "_last_cut",
-        "_limited",
-        "_limited_total",
         "_min_rate",
         "_probing",
         "_recovering",
         "_server_rate",
         "_step",
-        "_success_mark",
-        "_success_rate",
-        "_successes",
         "_target",
         "_tolerance",
+        "_traffic",
         "_window",
     )
 
@@ -235,18 +313,11 @@ class AdaptiveController:
         self._min_rate = check_positive("min_rate", min_rate)
         self._tolerance = float(tolerance)
 
-        self._grants: collections.deque[float] = collections.deque()  # times, last window
-        self._limited: collections.deque[float] = collections.deque()  # 429 times, likewise
-        self._first_grant = NEVER
+        self._traffic = _Traffic(self._window)
         self._last_cut = NEVER
         self._calm_since = NEVER  # the last overload 429 or growth step
         self._recovering = False  # below the ceiling after a cut (always, with no ceiling)
         self._probing = False  # after the first cut from unpaced: grow multiplicatively
-        # Successes per window, for the floor under a cut and the futility test.
-        self._successes = 0
-        self._limited_total = 0
-        self._success_mark = (NEVER, 0)  # (start of the current count, count then)
-        self._success_rate = 0.0  # successes/s over the last full window
         self._futility = _Futility()
         # The rate the server states in its quota headers (see `on_server_rate`).
         self._server_rate: float | None = None
@@ -293,20 +364,7 @@ class AdaptiveController:
 
     def on_grant(self, now: float) -> None:
         """Record a permit granted at ``now``: the send rate is measured from these."""
-        # Grant times of the last window, oldest first: each is appended once and popped
-        # once, so keeping the measured send rate costs O(1) amortised.
-        grants = self._grants
-        if not grants and self._first_grant == NEVER:
-            self._first_grant = now
-        grants.append(now)
-        cutoff = now - self._window
-        while grants[0] <= cutoff:
-            grants.popleft()
-        started, count = self._success_mark
-        if now - started >= self._window:
-            if started != NEVER:
-                self._success_rate = (self._successes - count) / (now - started)
-            self._success_mark = (now, self._successes)
+        self._traffic.on_grant(now)
 
     def on_success(self, clock: Callable[[], float]) -> None:
         """Count a success; after a full window without an overload 429, grow the rate.
@@ -314,7 +372,7 @@ class AdaptiveController:
         ``clock()`` is read only when a step may be due, so most successes cost one
         increment. Each call grows the rate by at most one step: an idle spell is no credit.
         """
-        self._successes += 1
+        self._traffic.successes += 1
         if not self._recovering:
             return
         now = clock()
@@ -383,60 +441,30 @@ class AdaptiveController:
 
     def forget_times(self) -> None:
         """Drop every time recorded (a new clock: old times mean nothing); keep the rate."""
-        self._grants.clear()
-        self._limited.clear()
-        self._first_grant = self._last_cut = self._calm_since = NEVER
-        self._success_mark = (NEVER, self._successes)
+        self._traffic.forget_times()
+        self._last_cut = self._calm_since = NEVER
         self._futility.clear()
 
     # -- decisions ---------------------------------------------------------------------
 
     def _overloaded(self, now: float) -> bool:
         """Record a 429; True when 429s are more than ``tolerance`` of the window's sends."""
-        limited = self._limited
-        cutoff = now - self._window
-        limited.append(now)
-        self._limited_total += 1
-        while limited[0] <= cutoff:
-            limited.popleft()
-        grants = self._grants
-        while grants and grants[0] <= cutoff:
-            grants.popleft()
-        return len(limited) > self._tolerance * max(len(grants), 1)
-
-    def _sent_rate(self, now: float, gate_opened: float) -> float | None:
-        """Permits per second over the last window, or the part of it the gate was open.
-
-        None when that part is too short to measure (just after a pause): a near-empty
-        window after a pause would read as a tiny send rate and cut the rate to nothing.
-        """
-        grants = self._grants
-        cutoff = now - self._window
-        while grants and grants[0] <= cutoff:
-            grants.popleft()
-        # Measure from the latest of: a window ago, the gate's last opening, the first
-        # permit ever (a window in which traffic just began is not a send rate either).
-        began = max(cutoff, gate_opened, self._first_grant)
-        span = now - began
-        if span < _MIN_SPAN * self._window:
-            return None
-        if span >= self._window:
-            return len(grants) / self._window
-        start = now - span
-        return sum(1 for t in grants if t > start) / span
+        limited, grants = self._traffic.on_rate_limited(now)
+        return limited > self._tolerance * max(grants, 1)
 
     def _cut(self, now: float, gate_opened: float) -> None:
-        sent = self._sent_rate(now, gate_opened)
+        traffic = self._traffic
+        sent = traffic.sent_rate(now, gate_opened)
         old = self._target.rate
         if old is None and sent is None:
             # The first 429 of an unpaced limiter, a moment after traffic began: the
             # window's sends are the only estimate there is; probing corrects it.
-            sent = len(self._grants) / self._window
+            sent = len(traffic.grants) / self._window
         current = math.inf if old is None else old
         measured = current if sent is None else min(current, sent)
         # The rate the server has just been serving is no overload: never cut below half
         # of it, so a cut cannot collapse the rate while successes keep coming.
-        floor = max(self._min_rate, 0.5 * self._success_rate)
+        floor = max(self._min_rate, 0.5 * traffic.success_rate)
         rate = max(floor, self._decrease_factor * measured)
         cap = self._cap()
         if cap is not None and rate > cap:
@@ -459,7 +487,8 @@ class AdaptiveController:
         rate = self._target.rate
         if now - self._last_cut + SLACK < self._window or rate is None:
             return self._futility.futile
-        if self._futility.observe(rate, self._successes, self._limited_total):
+        traffic = self._traffic
+        if self._futility.observe(rate, traffic.successes, traffic.limited_total):
             # Give back what the futile cuts took: the rate before the storm (unpaced, if it
             # was), within the ceiling, and find the server's pace again fast from there.
             origin = self._futility.origin
@@ -485,5 +514,5 @@ class AdaptiveController:
         return (
             f"<{type(self).__name__} rate={'unpaced' if rate is None else f'{rate:g}/s'}"
             f" ceiling={'none' if self._ceiling is None else f'{self._ceiling:g}/s'}"
-            f" cuts={self._cuts} mode={mode} success_rate={self._success_rate:g}/s>"
+            f" cuts={self._cuts} mode={mode} success_rate={self._traffic.success_rate:g}/s>"
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._timing import NEVER, SLACK
 
-__all__ = ["PauseGate"]
+__all__ = ["PauseGate", "pauses_everyone"]
 
 
 class PauseGate:
@@ -54,3 +54,26 @@ class PauseGate:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} pause_until={self._pause_until:g}>"
+
+
+def pauses_everyone(
+    retry_after: float | None, *, overloaded: bool, now: float, opened: float, window: float
+) -> bool:
+    """Whether a 429 at ``now`` shuts the gate for everyone (else it delays only its retry).
+
+    A tolerated 429 with a short Retry-After (jitter at a strict server's edge) makes only
+    its own request wait: shutting the gate for everyone would cost a slot per 429.
+    Overload, or a Retry-After longer than ``window`` (a spent quota), pauses everyone. A
+    short pause is not renewed within a window of the gate's last opening (``opened``):
+    the answers to the first permits after a pause would otherwise shut it again at once,
+    again and again, letting one attempt a second through; those 429s wait their own
+    Retry-After while the rate cut (once a window) does the slowing.
+
+    Example::
+
+        pauses_everyone(30.0, overloaded=False, now=5.0, opened=-math.inf, window=1.0)  # True
+        pauses_everyone(0.5, overloaded=False, now=5.0, opened=-math.inf, window=1.0)   # False
+    """
+    if not retry_after:
+        return False
+    return retry_after > window or (overloaded and now - opened + SLACK >= window)

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import math
-import re
-from collections.abc import Mapping
 
 import attrs
 
@@ -50,9 +47,11 @@ from ._adaptive import (
 )
 from ._concurrency import ConcurrencyLimit
 from ._exceptions import EventLoopError, ValidationError
-from ._gate import PauseGate
+from ._gate import PauseGate, pauses_everyone
 from ._pacer import DEFAULT_BURST, DEFAULT_HORIZON, Pacer
-from ._timing import SLACK, check_positive
+from ._quota import REMAINING_HEADER, ServerRate, parse_quota
+from ._ramp import StartRamp
+from ._timing import Alarm, check_positive, check_retry_after
 
 __all__ = [
     "DEFAULT_BURST",
@@ -66,6 +65,7 @@ __all__ = [
     "DEFAULT_PROBE_GROWTH",
     "DEFAULT_TOLERANCE",
     "DEFAULT_WINDOW",
+    "REMAINING_HEADER",
     "ConcurrencyLimit",
     "Limiter",
     "LimiterStatistics",
@@ -75,52 +75,6 @@ __all__ = [
 
 #: ``rate`` counts requests per this many seconds (60.0 makes it a per-minute rate).
 DEFAULT_PER = 1.0
-
-#: Seconds a learnt server rate is trusted as a bound before a fresh reading replaces it.
-_QUOTA_MEMORY = 10.0
-#: The request quota headers of OpenAI and the gateways that copy it.
-LIMIT_HEADER = "x-ratelimit-limit-requests"
-REMAINING_HEADER = "x-ratelimit-remaining-requests"
-RESET_HEADER = "x-ratelimit-reset-requests"
-# "1s", "6m0s", "20ms", "1h2m3.5s" (Go durations, as OpenAI sends them) or plain seconds.
-_DURATION = re.compile(
-    r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
-    r"(?:(?P<s>\d+(?:\.\d+)?)s)?(?:(?P<ms>\d+(?:\.\d+)?)ms)?"
-)
-
-
-def parse_quota(headers: Mapping[str, str]) -> tuple[int, int, float] | None:
-    """``(limit, remaining, reset seconds)`` from a response's ``x-ratelimit-*-requests``
-    headers; None when they are missing or make no sense (never raises).
-
-    Example::
-
-        parse_quota({"x-ratelimit-limit-requests": "60",
-                     "x-ratelimit-remaining-requests": "59",
-                     "x-ratelimit-reset-requests": "1s"})   # (60, 59, 1.0)
-    """
-    try:
-        limit = int(headers[LIMIT_HEADER])
-        remaining = int(headers[REMAINING_HEADER])
-        text = headers[RESET_HEADER].strip()
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return None
-    try:
-        reset = float(text)
-    except ValueError:
-        match = _DURATION.fullmatch(text)
-        if match is None or not text:
-            return None
-        parts = match.groupdict()
-        reset = (
-            3600 * float(parts["h"] or 0)
-            + 60 * float(parts["m"] or 0)
-            + float(parts["s"] or 0)
-            + float(parts["ms"] or 0) / 1000
-        )
-    if limit < 1 or not 0 <= remaining <= limit or not 0 <= reset < math.inf:
-        return None
-    return limit, remaining, reset
 
 
 @attrs.frozen(kw_only=True)
@@ -225,22 +179,19 @@ class RateLimiter(Limiter):
       ``max(pause_until, now + retry_after)`` when the 429 is overload (below) or its
       ``retry_after`` is longer than ``window``; a tolerated one only delays its own
       retry. Nobody gets a permit before then, and a permit booked inside the pause is
-      booked again after it. When the gate opens, waiters
-      leave at the paced rate, not all at once (unless the limiter is unpaced).
-    * ``adaptive``: on a 429 that makes 429s more than ``tolerance`` (5 %) of the
-      permits granted in the last ``window`` (a lone 429 from network jitter is retried,
-      not punished), at most once per ``window`` seconds, cut the rate to
-      ``max(min_rate, decrease_factor * min(rate, sent))`` where ``sent`` is the number of
-      permits granted in the last ``window`` seconds divided by ``window``. The next permit
-      comes one new interval after the last one booked. Recovery: a success reported a
-      full ``window`` or more after the last 429 (or the last growth step) adds
-      ``increase`` req/s, up to the ceiling. ``increase`` defaults to 5 % of the ceiling,
-      or with no ceiling 10 % of the rate the last cut set, and at least 0.5 req/s. With
-      no ceiling the rate keeps growing by that step until the next 429 cuts it; it never
-      goes back to unpaced. The first cut of an unpaced limiter measures a send rate that
-      began a moment ago, so until the next 429 it grows by ``DEFAULT_PROBE_GROWTH``
-      (x1.25) per window instead, to find the server's capacity in a few windows.
-      (`AdaptiveController` has the details: the floor under a cut, futility.)
+      booked again after it. When the gate opens, waiters leave at the paced rate.
+    * ``adaptive``: a 429 that makes 429s more than ``tolerance`` (5 %) of the window's
+      permits is overload (a lone 429 from network jitter is retried, not punished): at
+      most once per ``window`` seconds it cuts the rate to ``max(min_rate,
+      decrease_factor * min(rate, sent))``, ``sent`` being the permits per second of the
+      last window. A success a full ``window`` after the last overload adds ``increase``
+      req/s, up to the ceiling (default: 5 % of it; with none, 10 % of the rate the last
+      cut set; at least 0.5 req/s). `AdaptiveController` has the details: probing after
+      the first cut, the floor under a cut, futility.
+    * ``slow_start``: a fresh adaptive limiter with no ceiling grants 16 permits at once,
+      then twice as many every 50 ms, and two more for each success (`StartRamp`), until
+      a 429 or the server's quota headers set a pace, so a first spike of 200 calls meets
+      a rate-limited server with a few 429s instead of 180. ``False`` grants all at once.
 
     Cancelling a task inside `acquire` is safe: ``waiting`` drops and nothing stays locked.
     If the task had already booked a slot, that slot is wasted: it is not handed back to
@@ -271,6 +222,7 @@ class RateLimiter(Limiter):
         min_rate: float = DEFAULT_MIN_RATE,
         horizon: float = DEFAULT_HORIZON,
         tolerance: float = DEFAULT_TOLERANCE,
+        slow_start: bool = True,
     ) -> None:
         per = check_positive("per", per)
         ceiling = None if rate is None else check_positive("rate", rate) / per
@@ -288,18 +240,22 @@ class RateLimiter(Limiter):
             tolerance=tolerance,
         )
         self._adaptive = bool(adaptive)
+        if not isinstance(slow_start, bool):
+            raise ValidationError("slow_start", slow_start, "True or False")
+        # Only an unpaced limiter ramps: one with a ceiling paces from its first permit.
+        self._ramp = StartRamp() if slow_start and self._adaptive and ceiling is None else None
 
         # Per-loop state, made lazily in the running loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._line: asyncio.Lock | None = None  # the queue beyond the horizon or the gate
         self._queued = 0  # tasks in (or entering) the line
+        # Rung by a success while the head of the line waits for the ramp to widen.
+        self._ramp_alarm = Alarm()
 
         self._permits = 0
         self._waiting = 0
         self._rate_limited = 0
-        # The server's stated refill rate (`on_quota`) and when it was last set.
-        self._server_rate: float | None = None
-        self._server_rate_at = -math.inf
+        self._server_rate = ServerRate()  # read off the quota headers (`on_quota`)
 
     # -- the hot path ------------------------------------------------------------------
 
@@ -315,7 +271,7 @@ class RateLimiter(Limiter):
         now = loop.time()
         gate = self._gate
         slot: float | None = None
-        if not self._queued and gate.is_open(now):
+        if not self._queued and self._ramp is None and gate.is_open(now):
             # try_acquire found the permit not yet due: book it (within the horizon).
             slot = self._pacer.reserve(now)
         self._waiting += 1
@@ -341,10 +297,25 @@ class RateLimiter(Limiter):
         if loop is not self._loop:
             self._rebind(loop)
         now = loop.time()
-        if self._queued or not self._gate.is_open(now) or not self._pacer.take_due(now):
+        if self._queued or not self._gate.is_open(now):
+            return False
+        if self._ramp is not None and not self._ramp_takes(now):
+            return False  # the ramp holds it back: acquire() queues it
+        if not self._pacer.take_due(now):
             return False  # not due yet: acquire() books it and sleeps
         self._grant(now)
         return True
+
+    def _ramp_takes(self, now: float) -> bool:
+        """Whether the start ramp lets a permit go now; ends the ramp once it is moot."""
+        ramp = self._ramp
+        assert ramp is not None
+        if self._pacer.rate is not None or ramp.finished(now):
+            # Pacing has begun (a 429 or the server's headers set a rate), or the
+            # allowance outgrew any spike: from here the pacer alone decides.
+            self._ramp = None
+            return True
+        return ramp.take(now)
 
     async def _book_in_line(self, loop: asyncio.AbstractEventLoop) -> float:
         """Queue (FIFO) behind the pause gate and the horizon, then book a slot."""
@@ -360,6 +331,10 @@ class RateLimiter(Limiter):
                     now = loop.time()
                     if not gate.is_open(now):
                         await asyncio.sleep(gate.pause_until - now)
+                        continue
+                    ramp = self._ramp
+                    if ramp is not None and not self._ramp_takes(now):
+                        await self._ramp_alarm.sleep_until(loop, ramp.due_at(now))
                         continue
                     slot = pacer.reserve(now)
                     if slot is not None:
@@ -386,35 +361,25 @@ class RateLimiter(Limiter):
             # `_now` rebinds to the running loop; the controller reads it only when a
             # growth step may be due, so most successes touch no clock.
             self._controller.on_success(self._now)
+            ramp = self._ramp
+            if ramp is not None:
+                ramp.on_success()
+                self._ramp_alarm.ring()  # the head of the line may go now
 
     def on_rate_limited(self, retry_after: float | None) -> None:
         """Report a 429: shut the pause gate for ``retry_after`` seconds, cut the rate.
 
         ``retry_after=None`` (no Retry-After sent) leaves the gate as it is.
         """
-        if retry_after is not None and (
-            isinstance(retry_after, bool)
-            or not isinstance(retry_after, int | float)
-            or not 0 <= retry_after < math.inf
-        ):
-            raise ValidationError("retry_after", retry_after, "a finite number >= 0, or None")
+        check_retry_after(retry_after)
         now = self._now()
         self._rate_limited += 1
         gate = self._gate
+        opened, window = gate.pause_until, self._controller.window
         # Not adaptive, every 429 counts as overload (there is nothing else to tell).
-        overloaded = not self._adaptive or self._controller.on_rate_limited(
-            now, gate_opened=gate.pause_until
-        )
-        # A tolerated 429 with a short Retry-After (jitter at a strict server's edge) makes
-        # only its own request wait; shutting the gate for everyone would cost a slot per
-        # 429. Overload, or a long Retry-After (a spent quota), pauses everyone. A short
-        # pause is not renewed within a window of the gate opening: answers to the first
-        # permits after a pause would otherwise shut it again at once, again and again,
-        # letting one attempt a second through; those 429s just wait their own Retry-After
-        # while the rate cut (once a window) does the slowing.
-        window = self._controller.window
-        if retry_after and (
-            retry_after > window or (overloaded and now - gate.pause_until + SLACK >= window)
+        overloaded = not self._adaptive or self._controller.on_rate_limited(now, gate_opened=opened)
+        if retry_after and pauses_everyone(
+            retry_after, overloaded=overloaded, now=now, opened=opened, window=window
         ):
             gate.shut_until(now + retry_after)
         if gate.pause_until > now:
@@ -433,19 +398,7 @@ class RateLimiter(Limiter):
             return
         now = self._now()
         controller = self._controller
-        used = limit - remaining
-        rate = self._server_rate
-        if 2 * used >= limit:
-            # The headers count whole requests, so the true rate lies between
-            # (used - 1) / reset and used / reset. The upper end never holds the rate
-            # below what the server serves (a 429 or two find the rest); the lowest
-            # upper end of recent answers is the tightest, and it is forgotten after a
-            # while in case the server's quota grew. Only a bucket at least half spent
-            # is read: there the error is at most a request in `used`.
-            estimate = used / reset
-            if rate is None or estimate < rate or now - self._server_rate_at > _QUOTA_MEMORY:
-                rate = self._server_rate = estimate
-                self._server_rate_at = now
+        rate = self._server_rate.read(limit, remaining, reset, now)
         if rate is None:
             return
         controller.on_server_rate(rate, remaining=remaining)
@@ -475,6 +428,8 @@ class RateLimiter(Limiter):
         # rate learnt so far is kept.
         self._loop = loop
         self._line = None
+        if self._ramp is not None:
+            self._ramp = StartRamp()  # times of the old clock mean nothing here
         self._pacer.forget_times()
         self._gate.forget_times()
         self._controller.forget_times()

@@ -3,12 +3,13 @@ duration goes through."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
 from ._exceptions import ValidationError
 
-__all__ = ["NEVER", "SLACK", "check_positive"]
+__all__ = ["NEVER", "SLACK", "Alarm", "check_positive", "check_retry_after"]
 
 # A deadline closer than this counts as reached. asyncio runs a timer up to one clock tick
 # early (BaseEventLoop uses the same resolution), and float sums miss by an ulp
@@ -30,3 +31,54 @@ def check_positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
         raise ValidationError(name, value, "a finite number > 0")
     return float(value)
+
+
+def check_retry_after(value: float | None) -> float | None:
+    """Return a 429's ``retry_after`` if it is None or a finite number >= 0; raise
+    ValidationError if not.
+
+    Example::
+
+        check_retry_after(1.5)   # 1.5
+    """
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf
+    ):
+        raise ValidationError("retry_after", value, "a finite number >= 0, or None")
+    return value
+
+
+class Alarm:
+    """A sleep until a given time that `ring` can cut short, for one sleeper at a time.
+
+    Example::
+
+        alarm = Alarm()
+        # one task:                                   # another, later:
+        await alarm.sleep_until(loop, loop.time() + 5)  alarm.ring()   # wakes it now
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    async def sleep_until(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """Sleep until ``when`` (a time of ``loop``) or until `ring`, whichever is first."""
+        future = self._future = loop.create_future()
+        timer = loop.call_at(when, _ring, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self._future = None
+
+    def ring(self) -> None:
+        """Wake the sleeper now, if there is one."""
+        if self._future is not None:
+            _ring(self._future)
+
+
+def _ring(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -117,8 +117,9 @@ async def test_late_callers_do_not_drift() -> None:
 
 @pytest.mark.looptime
 async def test_unpaced_fast_path() -> None:
-    """With no rate and no 429, acquire never suspends and virtual time never moves."""
-    for limiter in (RateLimiter(), RateLimiter(adaptive=False)):
+    """With no rate and no 429, acquire never suspends and virtual time never moves (once
+    past the start ramp, which `tests/test_ramp.py` covers)."""
+    for limiter in (RateLimiter(slow_start=False), RateLimiter(adaptive=False)):
         probe = limiter.acquire()
         with pytest.raises(StopIteration):
             probe.send(None)
