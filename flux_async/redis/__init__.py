@@ -22,16 +22,11 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "flux_async.redis needs the redis package: pip install 'flux-async[redis]'"
     ) from exc
 
-from ._limiter import (
-    DEFAULT_KEY_TTL,
-    DEFAULT_LEASE,
-    DEFAULT_PREFIX,
-    DEFAULT_REDIS_TIMEOUT,
-    RedisLimiterError,
-    RedisLimiterSettings,
-    RedisLimiterStatistics,
-    RedisRateLimiter,
-)
+from ._connection import DEFAULT_REDIS_TIMEOUT
+from ._fallback import RedisLimiterError
+from ._limiter import RedisRateLimiter
+from ._settings import DEFAULT_KEY_TTL, DEFAULT_LEASE, DEFAULT_PREFIX, RedisLimiterSettings
+from ._stats import RedisLimiterStatistics
 
 __all__ = [
     "DEFAULT_KEY_TTL",

@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import redis.exceptions
 
-__all__ = ["ACQUIRE", "FEEDBACK", "RENEW", "Script"]
+__all__ = ["ACQUIRE", "FEEDBACK", "RENEW", "Script", "as_text", "float_arg"]
 
 # Shared by every script: the server's clock, the hash's epoch, the rate in force.
 _PRELUDE = """
@@ -295,6 +295,28 @@ class Script:
         except redis.exceptions.NoScriptError:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+def float_arg(value: float) -> str:
+    """``value`` as a script argument: the float's ``repr``, which ``tonumber`` reads back
+    exactly.
+
+    Example::
+
+        float_arg(0.25)   # '0.25'
+        float_arg(10)     # '10.0'
+    """
+    return repr(float(value))
+
+
+def as_text(value: object) -> str:
+    """A string from a script's answer (redis-py gives bytes unless it decodes).
+
+    Example::
+
+        as_text(b"ok")   # 'ok'
+    """
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 ACQUIRE = Script("acquire", _ACQUIRE)
