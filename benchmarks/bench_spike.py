@@ -29,7 +29,7 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -84,9 +84,9 @@ class Spike:
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[98]
 
 
-async def _timed(start: float, call: asyncio.Future[object] | object, spike: Spike) -> None:
+async def _timed(start: float, call: Awaitable[object], spike: Spike) -> None:
     try:
-        await call  # type: ignore[misc]
+        await call
     except Exception:
         spike.failures += 1
         return
@@ -151,12 +151,12 @@ def run(args: argparse.Namespace) -> BenchOutput:
             first, second = asyncio.run(flux_spike(limited.base_url, args.calls))
             firsts.append(first)
             seconds.append(second)
-            pair = [
-                lambda: open_flux.append(asyncio.run(flux_spike(unlimited.base_url, args.calls))[0]),
-                lambda: open_raw.append(asyncio.run(raw_spike(unlimited.base_url, args.calls))),
-            ]
-            for go in pair if round_ % 2 == 0 else reversed(pair):
-                go()
+            # Interleave the contenders, alternating which goes first.
+            for contender in ("flux", "raw") if round_ % 2 == 0 else ("raw", "flux"):
+                if contender == "flux":
+                    open_flux.append(asyncio.run(flux_spike(unlimited.base_url, args.calls))[0])
+                else:
+                    open_raw.append(asyncio.run(raw_spike(unlimited.base_url, args.calls)))
             time.sleep(BURST / RATE + 0.3)
     ideal = (args.calls - BURST) / RATE + LATENCY
     share = median(s.rate_limited for s in firsts) / args.calls

@@ -1,7 +1,7 @@
 """Run the whole benchmark suite and print one results table.
 
 Runs, in order: fan-out overhead, latency-bound, pacing, 429 storm, memory, import time,
-faults, web app, redis, saving (``bench_*.py`` in this folder; each also runs on its
+faults, web app, first spike, redis, saving (``bench_*.py`` in this folder; each also runs on its
 own). Every figure is a ratio against peers measured in the same invocation (a raw
 aiohttp loop, the ``openai`` client), or against the ideal / configured value, never an
 absolute target.
@@ -10,7 +10,7 @@ absolute target.
 * ``--write-docs``: also write ``docs/benchmarks.md`` (table, machine, date, command,
   how to read and reproduce; embeds ``docs/img/storm.png``, which the storm run saves);
 * ``--only NAME``: run only these benchmarks (fanout, overhead, latency, pacing, storm,
-  memory, import, faults, webapp, redis, save; repeatable). ``redis`` needs ``redis-server``
+  memory, import, faults, webapp, spike, redis, save; repeatable). ``redis`` needs ``redis-server``
   on PATH and the ``redis`` extra.
 
 The full run takes about 3 minutes on 2 cores.
@@ -38,6 +38,7 @@ import bench_overhead
 import bench_pacing
 import bench_redis
 import bench_save
+import bench_spike
 import bench_storm
 import bench_webapp
 from _common import (
@@ -61,6 +62,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "import": bench_import,
     "faults": bench_faults,
     "webapp": bench_webapp,
+    "spike": bench_spike,
     "redis": bench_redis,
     "save": bench_save,
 }
@@ -249,14 +251,22 @@ The figures:
    200 requests per app, the second timed; median of 3 interleaved rounds. Targets: p50
    ≤ 1.15x and p99 ≤ 1.25x raw, 0 failed. An information row runs the old default pool
    (100 connections), under which half the handlers waited a round trip for a connection.
-8. **Redis** (`bench_redis.py`): 4 OS processes sharing one `RedisRateLimiter` (a
+8. **First spike** (`bench_spike.py`): a fresh default `FluxClient` gets 200 concurrent
+   calls at once (a web app's first requests), against the emulator in its own process:
+   rate limited at 100/s with a burst of 20 (0.2 s per generation), where sending all at
+   once draws 180 429s, and unlimited (0.2 s), where holding calls back only costs time,
+   compared with a raw aiohttp session sending all 200 at once; median of 3 rounds, each
+   with a fresh client. Targets: first-spike 429s ≤ 10 % of calls, 0 failed; p99 on the
+   unlimited server ≤ 1.5x raw. Information rows: the limited spike's wall ÷ the ideal
+   (20 at once, then 100/s: 2.0 s) and the second spike's 429s.
+9. **Redis** (`bench_redis.py`): 4 OS processes sharing one `RedisRateLimiter` (a
    `redis-server` the script starts), against the emulator, 20 s per run. Pacing at
    100/s shared: achieved within ±3 % of 100/s, no sliding 1 s window above 103, 0 lost.
    Shared adaptation, ceiling 100/s against a server admitting 60/s (burst 5): goodput
    ≥ 0.85x capacity, ≤ 1.3 attempts per prompt, 0 failed. The `peer` column runs the
    same with an in-process `RateLimiter(100)` per process. Cost: permits per second one
    process takes from the local Redis, ≥ 2,000/s.
-9. **Saving images** (`bench_save.py`): 3,000 prompts, concurrency 64, generated
+10. **Saving images** (`bench_save.py`): 3,000 prompts, concurrency 64, generated
    prompts/s with `save_to=` on ÷ off, against a constant-answer server in its own
    process: `b64_json` images (decode and write) and `url` images (a GET through the
    pool, then write), each file written durably and atomically on local disk; median of
