@@ -16,7 +16,7 @@ zero a request counter, so a benchmark can check every request reached the serve
 Run on its own (it prints ``READY http://127.0.0.1:PORT/v1`` once listening, and exits on
 SIGTERM, SIGINT or when its stdin closes, i.e. when the parent dies):
 
-    python benchmarks/_fastserver.py [--port 0]
+    python benchmarks/_fastserver.py [--port 0] [--latency SECONDS]
 
 From a benchmark, `FastServerProcess` starts and stops it like `EmulatorProcess` (whose
 ``base_url`` / ``cpu_seconds`` it shares, so `_common.measure` takes either).
@@ -65,6 +65,7 @@ NOT_IMPLEMENTED = _response(
 
 class _Stats:
     requests = 0
+    latency = 0.0  # seconds each generation answer is held back (--latency)
 
 
 class HTTPProtocol(asyncio.Protocol):
@@ -121,7 +122,12 @@ class HTTPProtocol(asyncio.Protocol):
             method, target, _ = request_line
             if method == b"POST" and target == ENDPOINT:
                 _Stats.requests += 1
-                self._reply(OK, close=close)
+                if _Stats.latency:
+                    # One request at a time per connection (no pipelining from clients),
+                    # so a constant delay keeps answers in order.
+                    asyncio.get_running_loop().call_later(_Stats.latency, self._reply_later, close)
+                else:
+                    self._reply(OK, close=close)
             elif target.startswith(b"/_fast/"):
                 self._control(method, target, close)
             else:
@@ -138,6 +144,9 @@ class HTTPProtocol(asyncio.Protocol):
             self._reply(_response(b"200 OK", b"{}"), close=close)
         else:
             self._reply(NOT_FOUND, close=close)
+
+    def _reply_later(self, close: bool) -> None:
+        self._reply(OK, close=close)
 
     def _reply(self, payload: bytes, *, close: bool = False) -> None:
         transport = self._transport
@@ -187,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port (the default)")
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds before each generation answer"
+    )
     args = parser.parse_args(argv)
+    _Stats.latency = args.latency
     # Long-lived, allocation-light: keep the collector off the request path.
     gc.freeze()
     with contextlib.suppress(KeyboardInterrupt):

@@ -219,13 +219,14 @@ The figures:
    machine. A client-bound run keeps the client on the CPU ~100% of the wall time; when
    the details say it was much less, the run was bound by the emulator or by other load,
    which pulls the req/s ratio toward 1, and the CPU ratio is the better guide.
-2. **Latency-bound** (`bench_latency.py`): 2,000 prompts, concurrency 100, 0.1 s per
-   request; wall ÷ ideal, ideal = ceil(n / c) x latency = 2.0 s, median of 3 interleaved
-   rounds. Target ≤ 1.05. The ideal assumes a client and server that cost nothing: in
-   truth every one of the 20 round trips in a chain also waits for its turn while the
-   client (and the emulator) handle the rest of the burst of 100, a few ms per hop on this
-   machine. The raw loop's figure is the part no aiohttp client avoids here; flux-async's
-   excess over it is its own.
+2. **Latency-bound** (`bench_latency.py`): 2,000 prompts, concurrency 100, against the
+   fast server of `_fastserver.py` holding each answer 0.1 s (not the emulator, whose own
+   CPU would set the pace on two cores); median of 3 interleaved rounds. Target:
+   flux-async's wall ≤ 1.05x raw aiohttp's. Information: wall ÷ ideal, ideal = ceil(n / c)
+   x latency = 2.0 s, which assumes a client that costs nothing: in truth the answers of
+   each of the 20 waves arrive together and every client handles them one by one, a few
+   hundred µs each on this machine. The raw loop's figure is the part no aiohttp client
+   avoids here; flux-async's excess over it is its own.
 3. **Pacing** (`bench_pacing.py`): 1,000 prompts with `rate_limit=50`; from the emulator's
    arrival times, achieved = (count - 1) / (last - first) and the busiest sliding 1 s
    window. Targets: within ±2 % of 50/s, no window above 52.
