@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 import attrs
 
@@ -34,7 +35,7 @@ from ._exceptions import (
     RateLimitError,
 )
 from ._limits import REMAINING_HEADER, ConcurrencyLimit, Limiter, parse_quota
-from ._models import ImageRequest, ImagesResponse
+from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
 from ._outage import FREE_PROBE_FAILURES, OutageGuard
 from ._retry import RetryBudget, RetryDecision, RetryPolicy, decide_retry
 from ._transport import (
@@ -105,7 +106,7 @@ class CallContext:
     check_loop: Callable[[], None] = attrs.field(default=lambda: None)
 
 
-async def run_request(
+def run_request(
     ctx: CallContext,
     request: ImageRequest,
     policy: RetryPolicy,
@@ -114,13 +115,30 @@ async def run_request(
     slot: ConcurrencyLimit | None = None,
     limiter: Limiter | None = None,
     counters: Counters | None = None,
-) -> tuple[ImagesResponse, int]:
-    """One request, split into calls of at most 10 images: (response, attempts sent)."""
-    chunks = request.chunks()
-    if len(chunks) == 1:
-        return await Call(
+) -> Coroutine[Any, Any, tuple[ImagesResponse, int]]:
+    """One request, split into calls of at most 10 images: (response, attempts sent).
+
+    Not itself a coroutine: a request of one call (the common case) is that call's own
+    coroutine, so a fan-out prompt costs no extra frame.
+    """
+    if request.n <= MAX_N_PER_REQUEST:
+        return Call(
             ctx, request, None, policy, timeout, idempotency_key, slot, limiter, counters
         ).run()
+    return _run_chunks(ctx, request, policy, timeout, idempotency_key, slot, limiter, counters)
+
+
+async def _run_chunks(
+    ctx: CallContext,
+    request: ImageRequest,
+    policy: RetryPolicy,
+    timeout: Timeout,
+    idempotency_key: str | None,
+    slot: ConcurrencyLimit | None,
+    limiter: Limiter | None,
+    counters: Counters | None,
+) -> tuple[ImagesResponse, int]:
+    """A request for more than 10 images: its calls run concurrently, images joined."""
     loop = asyncio.get_running_loop()
     tasks = [
         loop.create_task(
@@ -136,7 +154,7 @@ async def run_request(
                 counters,
             ).run()
         )
-        for i, size in enumerate(chunks)
+        for i, size in enumerate(request.chunks())
     ]
     try:
         # Not a TaskGroup: its ExceptionGroup would hide the typed error a caller

@@ -32,11 +32,9 @@ class Counters:
         "on_backoff",
         "rate_limited",
         "retries",
-        "submitted",
     )
 
     def __init__(self, on_backoff: Callable[[int], None] | None = None) -> None:
-        self.submitted = 0
         self.in_flight = 0
         self.done = 0
         self.failed = 0

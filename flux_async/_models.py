@@ -55,6 +55,8 @@ __all__ = [
     "Image",
     "ImageRequest",
     "ImagesResponse",
+    "make_request",
+    "save_to_path",
 ]
 
 DEFAULT_MODEL = "flux-kontext-pro"
@@ -558,6 +560,42 @@ Example::
     list(FIELD_SPECS)[:3]  # ['model', 'n', 'aspect_ratio']
 """
 
+#: The keyword fields of a request besides its prompt (extra_body included).
+_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(ImageRequest) if a.init) - {"prompt"}
+
+
+def make_request(
+    prompt: str | ImageRequest, fields: Mapping[str, Any] | None, model: str
+) -> ImageRequest:
+    """``prompt`` plus ``fields`` validated into an `ImageRequest` (what
+    `FluxClient.build_request` does): a string prompt gets ``model`` unless ``fields``
+    names one; an `ImageRequest` has ``fields`` applied over it.
+
+    Example::
+
+        make_request("a fox", {"n": 2}, DEFAULT_MODEL)
+    """
+    if fields:
+        unknown = set(fields) - _REQUEST_FIELDS
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ValidationError(
+                name,
+                fields[name],
+                "a request field: one of "
+                + ", ".join(sorted(_REQUEST_FIELDS))
+                + " (provider-specific fields go in extra_body)",
+            )
+    if isinstance(prompt, ImageRequest):
+        # _evolve: a ratio the request only had by default follows a new size.
+        return prompt._evolve(fields) if fields else prompt
+    if fields:
+        if "model" in fields:
+            return ImageRequest(prompt=prompt, **fields)
+        return ImageRequest(prompt=prompt, model=model, **fields)
+    return ImageRequest(prompt=prompt, model=model)
+
+
 _FIELD_NAMES = frozenset(FIELD_SPECS) | {"prompt"}
 #: The fields sent as JSON fields of their own after ``prompt``, in body order.
 _BODY_FIELDS = tuple(name for name, spec in FIELD_SPECS.items() if not spec.in_prompt)
@@ -795,7 +833,6 @@ class ImagesResponse:
 
             ImagesResponse.from_json({"created": 1, "data": [{"url": "https://x"}]})
         """
-
         if type(payload) is dict and len(payload) == 2:
             fast = _plain_urls(payload, request_id)
             if fast is not None:
@@ -807,55 +844,11 @@ class ImagesResponse:
             raise _bad("the body has no 'data' list", payload, request_id)
         if not data:
             raise _bad("'data' is empty: no image came back", payload, request_id)
-        created = payload.get("created")
-        # bool is an int; JSON true is not a timestamp.
-        if type(created) is not int:
-            if type(created) is not float or not math.isfinite(created):
-                raise _bad(
-                    f"'created' is {short_repr(created)}, not a unix timestamp",
-                    payload,
-                    request_id,
-                )
-            created = int(created)
-        # This runs once per image of a million-prompt batch: exact type checks and no
-        # copies unless the server sent keys we do not model.
-        images = []
-        for i, item in enumerate(data):
-            if type(item) is not dict:
-                raise _bad(f"data[{i}] is not an object", payload, request_id)
-            url = item.get("url")
-            b64 = item.get("b64_json")
-            revised = item.get("revised_prompt")
-            if type(url) is not str:
-                url = None
-            if type(b64) is not str:
-                b64 = None
-                if url is None:
-                    raise _bad(
-                        f"data[{i}] has neither a 'url' nor 'b64_json' string",
-                        payload,
-                        request_id,
-                    )
-            if _IMAGE_KEYS.issuperset(item):
-                extra: Mapping[str, Any] = _EMPTY
-            else:
-                extra = MappingProxyType({k: v for k, v in item.items() if k not in _IMAGE_KEYS})
-            images.append(
-                Image(
-                    url=url,
-                    b64_json=b64,
-                    revised_prompt=revised if type(revised) is str else None,
-                    extra=extra,
-                )
-            )
-        if _RESPONSE_KEYS.issuperset(payload):
-            extra = _EMPTY
-        else:
-            extra = MappingProxyType({k: v for k, v in payload.items() if k not in _RESPONSE_KEYS})
+        created = _created(payload, request_id)
         return cls(
             created=created,
-            data=tuple(images),
-            extra=extra,
+            data=tuple(_image(i, item, payload, request_id) for i, item in enumerate(data)),
+            extra=_unmodelled(payload, _RESPONSE_KEYS),
             request_id=request_id,
         )
 
@@ -876,6 +869,69 @@ class ImagesResponse:
             extra=first.extra,
             request_id=first.request_id,
         )
+
+
+def _created(payload: dict[str, Any], request_id: str | None) -> int:
+    """The body's ``created`` timestamp: an integer, or a finite float cut to one."""
+    created = payload.get("created")
+    # bool is an int; JSON true is not a timestamp.
+    if type(created) is int:
+        return created
+    if type(created) is not float or not math.isfinite(created):
+        raise _bad(f"'created' is {short_repr(created)}, not a unix timestamp", payload, request_id)
+    return int(created)
+
+
+def _image(index: int, item: object, payload: object, request_id: str | None) -> Image:
+    """``data[index]`` as an `Image`: a ``url`` or ``b64_json`` string is required."""
+    # This runs once per image of a million-prompt batch: exact type checks and no
+    # copies unless the server sent keys we do not model.
+    if type(item) is not dict:
+        raise _bad(f"data[{index}] is not an object", payload, request_id)
+    url = item.get("url")
+    b64 = item.get("b64_json")
+    revised = item.get("revised_prompt")
+    if type(url) is not str:
+        url = None
+    if type(b64) is not str:
+        b64 = None
+        if url is None:
+            raise _bad(
+                f"data[{index}] has neither a 'url' nor 'b64_json' string", payload, request_id
+            )
+    return Image(
+        url=url,
+        b64_json=b64,
+        revised_prompt=revised if type(revised) is str else None,
+        extra=_unmodelled(item, _IMAGE_KEYS),
+    )
+
+
+def _unmodelled(mapping: dict[str, Any], known: frozenset[str]) -> Mapping[str, Any]:
+    """The keys of ``mapping`` not in ``known``, read-only (the shared empty one if none)."""
+    if known.issuperset(mapping):
+        return _EMPTY
+    return MappingProxyType({k: v for k, v in mapping.items() if k not in known})
+
+
+async def save_to_path(
+    target: object, path: str | os.PathLike[str], stem: str | None, client: HasDownloader
+) -> Path | list[Path]:
+    """What `FluxClient.save` does: an `Image` saved to the file ``path``, or every image
+    of an `ImagesResponse` into the directory ``path`` (named ``stem``, default
+    ``"image"``).
+
+    Example::
+
+        paths = await save_to_path(response, "out", "fox", client)  # out/fox-0.png ...
+    """
+    if isinstance(target, Image):
+        if stem is not None:
+            raise ValidationError("stem", stem, "None when saving one Image (name it in path)")
+        return await target.save(path, client=client)
+    if isinstance(target, ImagesResponse):
+        return await target.save(path, stem="image" if stem is None else stem, client=client)
+    raise ValidationError("target", target, "an Image or an ImagesResponse to save")
 
 
 _set_url, _set_b64, _set_revised, _set_image_extra = (

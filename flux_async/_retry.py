@@ -61,6 +61,7 @@ __all__ = [
     "RetryBudgetStatistics",
     "RetryDecision",
     "RetryPolicy",
+    "call_policy",
     "decide_retry",
     "parse_retry_after",
 ]
@@ -227,6 +228,22 @@ class RetryPolicy:
         return isinstance(exc, APIConnectionError) and not isinstance(exc, DeadlineExceededError)
 
 
+def call_policy(default: RetryPolicy, retry: object, deadline: float | None) -> RetryPolicy:
+    """The policy of one call: ``retry`` when given (checked), else ``default``; with the
+    call's ``deadline`` when given.
+
+    Example::
+
+        call_policy(client.retry, None, 30.0)  # the client's policy, 30 s per call
+    """
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ValidationError("retry", retry, "a flux_async.RetryPolicy or None")
+    policy = default if retry is None else retry
+    if deadline is not None:
+        policy = attrs.evolve(policy, deadline=deadline)
+    return policy
+
+
 @attrs.frozen(kw_only=True)
 class RetryDecision:
     """What `decide_retry` concluded about one failed attempt.
@@ -275,38 +292,13 @@ def decide_retry(
         return RetryDecision(retry=False, reason=f"{type(exc).__name__} is not retried")
     if jitter is None:
         jitter = random.random()
-    retry_after: float | None = None
     if isinstance(exc, RateLimitError):
-        if rate_limited >= policy.max_rate_limited_attempts:
-            return RetryDecision(
-                retry=False,
-                reason=f"max_rate_limited_attempts ({policy.max_rate_limited_attempts}) reached",
-            )
-        retry_after = exc.retry_after
-        if retry_after is not None and retry_after > policy.retry_after_max:
-            return RetryDecision(
-                retry=False,
-                reason=(
-                    f"Retry-After {retry_after:g}s is longer than retry_after_max "
-                    f"({policy.retry_after_max:g}s)"
-                ),
-            )
+        refusal = _rate_limited_refusal(policy, exc, rate_limited)
     else:
-        if failures >= policy.max_attempts:
-            return RetryDecision(
-                retry=False, reason=f"max_attempts ({policy.max_attempts}) reached"
-            )
-        if isinstance(exc, APIStatusError):
-            # A 503 may say when the server expects to be back.
-            retry_after = parse_retry_after(exc.headers)
-            if retry_after is not None:
-                retry_after = min(retry_after, policy.retry_after_max)
-    if retry_after is not None:
-        wait = retry_after * (1.0 + _RETRY_AFTER_JITTER * jitter)
-        reason = f"{_describe(exc)} with Retry-After {retry_after:g}s"
-    else:
-        wait = policy.backoff_ceiling(failures or rate_limited) * jitter
-        reason = f"{_describe(exc)}, backoff"
+        refusal = _failure_refusal(policy, failures)
+    if refusal is not None:
+        return RetryDecision(retry=False, reason=refusal)
+    wait, reason = _wait(policy, exc, failures or rate_limited, jitter)
     if remaining is not None and wait >= remaining:
         return RetryDecision(
             retry=False,
@@ -315,6 +307,51 @@ def decide_retry(
             reason=f"a wait of {wait:.2f}s would pass the deadline ({max(remaining, 0):.2f}s left)",
         )
     return RetryDecision(retry=True, wait=wait, reason=reason)
+
+
+def _rate_limited_refusal(
+    policy: RetryPolicy, exc: RateLimitError, rate_limited: int
+) -> str | None:
+    """Why a 429 is not retried, or None when it may be."""
+    if rate_limited >= policy.max_rate_limited_attempts:
+        return f"max_rate_limited_attempts ({policy.max_rate_limited_attempts}) reached"
+    retry_after = exc.retry_after
+    if retry_after is not None and retry_after > policy.retry_after_max:
+        return (
+            f"Retry-After {retry_after:g}s is longer than retry_after_max "
+            f"({policy.retry_after_max:g}s)"
+        )
+    return None
+
+
+def _failure_refusal(policy: RetryPolicy, failures: int) -> str | None:
+    """Why any other retryable failure is not retried, or None when it may be."""
+    if failures >= policy.max_attempts:
+        return f"max_attempts ({policy.max_attempts}) reached"
+    return None
+
+
+def _server_wait(policy: RetryPolicy, exc: APIError) -> float | None:
+    """The wait the server asked for, if any, no longer than ``retry_after_max``."""
+    if isinstance(exc, RateLimitError):
+        # Not capped: one over retry_after_max was refused, never shortened.
+        return exc.retry_after
+    if isinstance(exc, APIStatusError):
+        # A 503 may say when the server expects to be back.
+        retry_after = parse_retry_after(exc.headers)
+        if retry_after is not None:
+            return min(retry_after, policy.retry_after_max)
+    return None
+
+
+def _wait(policy: RetryPolicy, exc: APIError, failures: int, jitter: float) -> tuple[float, str]:
+    """The wait before the retry, and why: the server's wait plus up to 10 % jitter, or
+    full-jitter backoff after ``failures`` failures."""
+    retry_after = _server_wait(policy, exc)
+    if retry_after is not None:
+        wait = retry_after * (1.0 + _RETRY_AFTER_JITTER * jitter)
+        return wait, f"{_describe(exc)} with Retry-After {retry_after:g}s"
+    return policy.backoff_ceiling(failures) * jitter, f"{_describe(exc)}, backoff"
 
 
 def _describe(exc: APIError) -> str:

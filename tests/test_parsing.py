@@ -279,10 +279,8 @@ def local_client() -> FluxClient:
 def test_status_error_never_raises_and_is_bounded(
     local_client: FluxClient, raw: bytes, content_type: str
 ) -> None:
-    """_status_error builds a typed error from any body, keeping at most a bounded excerpt."""
-    error = local_client._status_error(
-        502, raw, {"Content-Type": content_type}, "req_2", local_client.limiter, False
-    )
+    """The client's status errors: a typed error from any body, at most a bounded excerpt."""
+    error = local_client._context.status_error(502, raw, {"Content-Type": content_type}, "req_2")
     assert isinstance(error, InternalServerError)
     assert error.request_id == "req_2"
     assert len(str(error)) <= 320
@@ -295,13 +293,11 @@ def test_status_error_never_raises_and_is_bounded(
 def test_status_error_keeps_small_json_parsed(local_client: FluxClient) -> None:
     """A small JSON error body is kept parsed; the message comes from it."""
     raw = b'{"error": {"message": "slow down", "type": "rate_limit"}}'
-    error = local_client._status_error(
+    error = local_client._context.status_error(
         429,
         raw,
         CIMultiDict({"Content-Type": "Application/JSON; charset=utf-8", "Retry-After": "2"}),
         None,
-        local_client.limiter,
-        False,
     )
     assert isinstance(error, RateLimitError)
     assert error.body == {"error": {"message": "slow down", "type": "rate_limit"}}
@@ -318,9 +314,7 @@ def test_status_error_keeps_small_json_parsed(local_client: FluxClient) -> None:
 def test_status_error_fuzz(status: int, raw: bytes, content_type: str) -> None:
     """Any status and body give an APIStatusError with a short message and bounded body."""
     client = FluxClient(base_url="http://127.0.0.1:9/v1")
-    error = client._status_error(
-        status, raw, {"Content-Type": content_type}, None, client.limiter, False
-    )
+    error = client._context.status_error(status, raw, {"Content-Type": content_type}, None)
     assert isinstance(error, APIStatusError)
     assert error.status_code == status
     assert len(str(error)) <= 320

@@ -1,0 +1,89 @@
+"""How many worker tasks a fan-out runs: one per concurrency slot, plus stand-ins while
+workers sleep in backoff (``docs/design.md``, "The fan-out").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+__all__ = ["Workers"]
+
+
+class Workers:
+    """The worker tasks of one fan-out.
+
+    One worker per slot: in the common case no worker ever waits for a slot, so a
+    request costs no hand-over between tasks. While workers sleep in backoff,
+    `add_stand_in` puts others on the wire, up to ``limit`` tasks in all; a worker that
+    finds itself `surplus` (a sleeper woke up) retires after its prompt.
+
+    Example::
+
+        workers = Workers(worker, concurrency=16, limit=64, on_start=lambda: None)
+        workers.start(asyncio.get_running_loop())
+        await workers.wait()
+    """
+
+    __slots__ = ("_concurrency", "_loop", "_on_start", "_work", "limit", "sleeping", "tasks")
+
+    def __init__(
+        self,
+        work: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        concurrency: int,
+        limit: int,
+        on_start: Callable[[], None],
+    ) -> None:
+        self._work = work
+        self._concurrency = concurrency
+        self.limit = limit
+        self._on_start = on_start
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        #: Workers in a backoff sleep.
+        self.sleeping = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start one worker per slot in ``loop``."""
+        self._loop = loop
+        for _ in range(self._concurrency):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        assert self._loop is not None
+        self._on_start()
+        task = self._loop.create_task(self._work())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def add_stand_in(self) -> None:
+        """A worker went to sleep: add one, if fewer than ``concurrency`` are awake and
+        the pool has room."""
+        awake = len(self.tasks) - self.sleeping
+        if awake < self._concurrency and len(self.tasks) < self.limit:
+            self._spawn()
+
+    def surplus(self) -> bool:
+        """More workers are awake than slots: the caller was a stand-in and may retire."""
+        return len(self.tasks) - self.sleeping > self._concurrency
+
+    def cancel(self, spare: asyncio.Task[Any] | None = None) -> None:
+        """Cancel every worker but ``spare``."""
+        for task in self.tasks:
+            if task is not spare:
+                task.cancel()
+
+    async def stop(self) -> None:
+        """Cancel every worker and wait until each has ended."""
+        tasks, self.tasks = self.tasks, set()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait(self) -> None:
+        """Wait until every worker has ended, stand-ins started meanwhile included."""
+        while self.tasks:
+            await asyncio.wait(set(self.tasks))
