@@ -34,9 +34,10 @@ from ._exceptions import (
     DeadlineExceededError,
     RateLimitError,
 )
-from ._limits import REMAINING_HEADER, ConcurrencyLimit, Limiter, parse_quota
+from ._limits import ConcurrencyLimit, Limiter
 from ._models import MAX_N_PER_REQUEST, ImageRequest, ImagesResponse
 from ._outage import FREE_PROBE_FAILURES, OutageGuard
+from ._quota import REMAINING_HEADER, parse_quota
 from ._retry import RetryBudget, RetryDecision, RetryPolicy, decide_retry
 from ._transport import (
     DEFAULT_MAX_RESPONSE_BYTES,

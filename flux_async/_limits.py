@@ -49,7 +49,7 @@ from ._concurrency import ConcurrencyLimit
 from ._exceptions import EventLoopError, ValidationError
 from ._gate import PauseGate, pauses_everyone
 from ._pacer import DEFAULT_BURST, DEFAULT_HORIZON, Pacer
-from ._quota import REMAINING_HEADER, ServerRate, parse_quota
+from ._quota import ServerRate
 from ._ramp import StartRamp
 from ._timing import Alarm, check_positive, check_retry_after
 
@@ -65,12 +65,10 @@ __all__ = [
     "DEFAULT_PROBE_GROWTH",
     "DEFAULT_TOLERANCE",
     "DEFAULT_WINDOW",
-    "REMAINING_HEADER",
     "ConcurrencyLimit",
     "Limiter",
     "LimiterStatistics",
     "RateLimiter",
-    "parse_quota",
 ]
 
 #: ``rate`` counts requests per this many seconds (60.0 makes it a per-minute rate).

@@ -10,8 +10,8 @@ import pytest
 
 from flux_async import FluxClient, RateLimiter
 from flux_async._adaptive import AdaptiveController
-from flux_async._limits import parse_quota
 from flux_async._pacer import Pacer
+from flux_async._quota import parse_quota
 from flux_async.emulator import Emulator
 
 
