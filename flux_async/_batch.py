@@ -3,16 +3,23 @@
 A batch directory holds::
 
     DIR/batch.json       the input's fingerprint, its size and the file-name width
-    DIR/manifest.jsonl   one JSON object per finished prompt, appended as each ends
+    DIR/manifest.jsonl   JSON records, appended as prompts are generated and finished
     DIR/images/          the images, named <index>-<slug of the prompt>.<png|jpg|webp>
     DIR/gallery.html     every saved image with its prompt, failures with their error
 
-The manifest is the truth: a prompt is done when its last record says ``"ok"`` and its
-files exist. Images are written atomically before their record, and a record is one
-``write`` of a whole line, so after a ``kill -9`` at any moment the manifest holds
-complete records of complete files (a torn last line is ignored and fenced off with a
-newline before anything is appended). Rerunning resumes: prompts done are skipped, the
-rest run; the only prompts generated twice are those in flight at the kill.
+The manifest is the truth, and its last record of a prompt is the one that counts: a
+prompt is done when that record says ``"ok"`` and its files exist. Images are written
+atomically before their record, and a record is one ``write`` of a whole line, so after
+a ``kill -9`` at any moment the manifest holds complete records of complete files (a
+torn last line is ignored and fenced off with a newline before anything is appended).
+
+Every generation is paid for, so one whose images come as URLs is recorded
+``"generated"``, with them, before they are fetched. Rerunning resumes: prompts done are
+skipped; a prompt generated but not saved (``generated``, or ``failed`` with its URLs) is
+fetched from its URLs first, and generated again only when they no longer work; the rest
+run. The prompts generated twice are those in progress at the kill and not recorded
+(at most ``concurrency``: answers on their way, ``b64_json`` images being written) and
+those whose URLs had expired.
 
 A file input is read twice: once before anything is sent (every line validated into a
 request, the fingerprint computed), then lazily while the batch runs, so memory stays
@@ -28,29 +35,49 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
 import threading
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeAlias
 
-from ._exceptions import APIStatusError, BatchStoppedError, ValidationError
+import attrs
+
+from ._exceptions import (
+    APIStatusError,
+    BatchStoppedError,
+    DeadlineExceededError,
+    ImageDownloadError,
+    ImageSaveError,
+    ValidationError,
+)
 from ._fanout import BuildRequest, Fanout, GenerationResult, to_request
-from ._models import ImageRequest
-from ._save import write_atomic
+from ._models import ImageRequest, ImagesResponse
+from ._save import Downloader, write_atomic
 
 __all__ = [
     "GALLERY",
+    "GENERATED",
     "IMAGES",
     "MANIFEST",
     "STATE",
     "BatchDirectory",
     "BatchError",
+    "MakeFanout",
     "Plan",
     "Source",
     "effective_records",
@@ -61,6 +88,8 @@ __all__ = [
 ]
 
 STATE: Final = "batch.json"
+#: The status of a prompt generated, its images (URLs) not yet saved.
+GENERATED: Final = "generated"
 MANIFEST: Final = "manifest.jsonl"
 IMAGES: Final = "images"
 GALLERY: Final = "gallery.html"
@@ -68,6 +97,8 @@ _STATE_VERSION: Final = 1
 # Lines read ahead of the fan-out; bounds memory however long the input is.
 _READ_AHEAD: Final = 1024
 _SLUG_LENGTH: Final = 40
+
+logger = logging.getLogger("flux_async")
 
 
 class BatchError(Exception):
@@ -454,6 +485,58 @@ class _ManifestWriter:
 # -- the run ---------------------------------------------------------------------------------
 
 
+def _read_input(
+    source: Source, build: BuildRequest, fields: Mapping[str, Any], records: Mapping[int, Any]
+) -> _Scan | None:
+    """Pass 1 over a file input (None for stdin, checked as it is read instead)."""
+    if source.streaming:
+        return None
+    try:
+        scan = _scan(source, build, fields, records)
+    except OSError as exc:
+        raise BatchError(f"cannot read {source.name}: {exc.strerror or exc}") from None
+    if scan.total == 0:
+        raise BatchError(f"{source.name} holds no prompt (only blank or # lines)")
+    return scan
+
+
+def _check_made_from(
+    state: Mapping[str, Any] | None, scan: _Scan | None, source: Source, root: Path
+) -> None:
+    """Refuse a directory whose batch.json names another input than ``source``."""
+    if state is None or scan is None:
+        return
+    made_from = state.get("fingerprint")
+    if made_from is not None and made_from != scan.fingerprint:
+        raise BatchError(
+            f"{root} was made from another input ({state.get('input')}, "
+            f"{state.get('prompts')} prompts, fingerprint {str(made_from)[:12]}); "
+            f"{source.name} has fingerprint {scan.fingerprint[:12]}: use another --out"
+        )
+
+
+def _recorded_urls(record: Mapping[str, Any]) -> list[str] | None:
+    """The image URLs of a prompt generated but not saved, from its last record
+    (``generated``, or ``failed`` with the URLs of its answer); else None."""
+    urls = record.get("urls")
+    if record.get("status") not in (GENERATED, "failed") or not isinstance(urls, list):
+        return None
+    if not urls or not all(isinstance(url, str) for url in urls):
+        return None
+    return urls if isinstance(record.get("prompt"), str) else None
+
+
+def _error_info(error: BaseException) -> dict[str, Any]:
+    """A record's ``error``: its type, message, status and whether it was sent."""
+    info: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
+    status = getattr(error, "status_code", None)
+    if isinstance(error, APIStatusError) or isinstance(status, int):
+        info["status_code"] = status
+    if isinstance(error, BatchStoppedError):
+        info["not_sent"] = error.attempts == 0
+    return info
+
+
 @dataclass(kw_only=True)
 class Plan:
     """One run of a batch: what to read, where to write, what to skip.
@@ -479,14 +562,18 @@ class Plan:
     records: dict[int, dict[str, Any]]
     done: set[int]
     run: int
-    #: Filled in while running: prompts read, results recorded, the input's first bad
-    #: line (stdin), the fan-out (for its statistics).
+    #: Filled in while running: prompts read, prompts finished (ok or failed), the
+    #: input's first bad line (stdin), the fan-out (for its statistics).
     read: int = 0
     recorded: int = 0
     input_error: BatchError | None = None
     fanout: Fanout | None = None
     lock: IO[bytes] | None = None
     started: float = field(default_factory=time.monotonic)
+    #: Prompts an earlier run generated but did not save that this run took from the
+    #: URLs it recorded (not sent again), and how many of them it saved.
+    refetched: set[int] = field(default_factory=set)
+    resumed: int = 0
 
     @classmethod
     def prepare(
@@ -512,31 +599,14 @@ class Plan:
             raise BatchError(f"--out {root} is a file, not a directory")
         state = directory.read_state()
         records = effective_records(directory.manifest)
-        if source.streaming:
-            total = None
-            fingerprint = None
-        else:
-            try:
-                scan = _scan(source, build, fields, records)
-            except OSError as exc:
-                raise BatchError(f"cannot read {source.name}: {exc.strerror or exc}") from None
-            total, fingerprint = scan.total, scan.fingerprint
-            if total == 0:
-                raise BatchError(f"{source.name} holds no prompt (only blank or # lines)")
-        if state is not None and fingerprint is not None:
-            made_from = state.get("fingerprint")
-            if made_from is not None and made_from != fingerprint:
-                raise BatchError(
-                    f"{root} was made from another input ({state.get('input')}, "
-                    f"{state.get('prompts')} prompts, fingerprint {str(made_from)[:12]}); "
-                    f"{source.name} has fingerprint {fingerprint[:12]}: use another --out"
-                )
+        scan = _read_input(source, build, fields, records)
+        _check_made_from(state, scan, source, root)
         lock = directory.claim()
         if state is not None:
             width = int(state.get("width", 6))
             run = int(state.get("runs", 0)) + 1
         else:
-            width = 6 if total is None else max(4, len(str(total - 1)))
+            width = 6 if scan is None else max(4, len(str(scan.total - 1)))
             run = 1
         return cls(
             source=source,
@@ -544,8 +614,8 @@ class Plan:
             build=build,
             fields=fields,
             retry_failed=retry_failed,
-            total=total,
-            fingerprint=fingerprint,
+            total=None if scan is None else scan.total,
+            fingerprint=None if scan is None else scan.fingerprint,
             width=width,
             records=records,
             done=directory.done(records),
@@ -578,12 +648,27 @@ class Plan:
 
             [i for i in range(plan.total) if plan.wanted(i)]
         """
-        if index in self.done:
+        if index in self.done or index in self.refetched:
             return False
         if self.retry_failed:
             record = self.records.get(index)
             return record is not None
         return True
+
+    def resumable(self) -> list[tuple[int, list[str]]]:
+        """The prompts to run that an earlier run generated but did not save, with the
+        image URLs it recorded: a rerun fetches these before generating anything.
+
+        Example::
+
+            plan.resumable()  # [(7, ['https://cdn.example/7.png?sig=...'])]
+        """
+        found = []
+        for index, record in sorted(self.records.items()):
+            urls = _recorded_urls(record)
+            if urls is not None and self.wanted(index):
+                found.append((index, urls))
+        return found
 
     def stem(self, index: int, prompt: str) -> str:
         """The file name of prompt ``index``'s images, without suffix.
@@ -594,7 +679,7 @@ class Plan:
         """
         return f"{index:0{self.width}d}-{slug(prompt)}"
 
-    async def items(self, origin: dict[int, int]) -> AsyncIterator[ImageRequest]:
+    async def items(self, origin: dict[int, int]) -> AsyncGenerator[ImageRequest, None]:
         """Pass 2: the requests to run, read as the fan-out asks; ``origin`` maps the
         fan-out's index of each to the prompt's index in the input."""
         source = self.source
@@ -634,7 +719,7 @@ class Plan:
         self.read = index
 
     def record(self, index: int, result: GenerationResult) -> dict[str, Any]:
-        """The manifest record of one finished prompt.
+        """The manifest record of one finished prompt (``ok`` or ``failed``).
 
         Example::
 
@@ -652,18 +737,60 @@ class Plan:
             "key": None if result.request is None else request_key(result.request),
             "run": self.run,
         }
-        error = result.error
-        if error is not None:
-            info: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
-            status = getattr(error, "status_code", None)
-            if isinstance(error, APIStatusError) or isinstance(status, int):
-                info["status_code"] = status
-            if isinstance(error, BatchStoppedError):
-                info["not_sent"] = error.attempts == 0
-            record["error"] = info
-            if result.response is not None:
-                # Generated but not saved: the URLs, while they last.
-                record["urls"] = result.response.urls
+        if result.error is not None:
+            record["error"] = _error_info(result.error)
+            response = result.response
+            if response is not None and len(response.urls) == len(response.data):
+                # Generated but not saved: the URLs, while they last (a rerun tries
+                # them before generating again).
+                record["urls"] = response.urls
+        return record
+
+    def generated(self, index: int, result: GenerationResult) -> dict[str, Any]:
+        """The record of a prompt whose images came as URLs, written before they are
+        fetched: what a rerun fetches them from if this run dies before saving them.
+
+        Example::
+
+            plan.generated(7, result)  # {'index': 7, 'status': 'generated', 'urls': [...]}
+        """
+        record = self.record(index, result)
+        assert result.response is not None
+        record["status"] = GENERATED
+        record["urls"] = result.response.urls
+        return record
+
+    def refetch_record(
+        self,
+        index: int,
+        earlier: Mapping[str, Any],
+        elapsed: float,
+        outcome: Sequence[Path] | BaseException,
+    ) -> dict[str, Any]:
+        """The record of a prompt saved from the URLs an earlier run recorded, without
+        generating it again: ``outcome`` is its files, or the error that kept them from
+        being written (the URLs are then kept for the next run).
+
+        Example::
+
+            plan.refetch_record(7, plan.records[7], 0.2, [Path("out/images/0007-a-fox.png")])
+        """
+        files = [] if isinstance(outcome, BaseException) else outcome
+        record: dict[str, Any] = {
+            "index": index,
+            "prompt": earlier.get("prompt"),
+            "status": "failed" if isinstance(outcome, BaseException) else "ok",
+            "files": [p.relative_to(self.directory.root).as_posix() for p in files],
+            "attempts": earlier.get("attempts"),
+            "elapsed": round(elapsed, 3),
+            "request_id": earlier.get("request_id"),
+            "key": earlier.get("key"),
+            "run": self.run,
+            "resumed": True,
+        }
+        if isinstance(outcome, BaseException):
+            record["urls"] = earlier["urls"]
+            record["error"] = _error_info(outcome)
         return record
 
 
@@ -672,38 +799,207 @@ async def _memory_lines(lines: list[bytes]) -> AsyncIterator[bytes]:
         yield line
 
 
+#: Makes the fan-out of a run from its requests and the seconds left of --batch-deadline
+#: (None: no deadline): the caller's client and options, without ``save_to``.
+MakeFanout: TypeAlias = Callable[[AsyncIterator[ImageRequest], float | None], Fanout]
+
+
+def _not_saved(exc: BaseException, response: ImagesResponse, count: int) -> BaseException:
+    """The error of a prompt generated but not saved: it says the generation succeeded."""
+    images = "its image" if count == 1 else f"one of its {count} images"
+    where = f" (request_id {response.request_id})" if response.request_id else ""
+    if isinstance(exc, TimeoutError):
+        return DeadlineExceededError(
+            f"The generation succeeded{where} but the batch deadline passed before {images} "
+            "was saved"
+        )
+    if isinstance(exc, ImageSaveError):
+        verb = "could not be fetched" if exc.url is not None else "could not be saved"
+        exc.message = f"The generation succeeded{where} but {images} {verb}: {exc.message}"
+        exc.args = (exc.message,)
+        return exc
+    return ImageSaveError(
+        f"The generation succeeded{where} but writing {images} failed: {exc}",
+        path=getattr(exc, "filename", None),
+    )
+
+
+class _Run:
+    """One run of a plan: the manifest, the bound on prompts in progress, the saving.
+
+    The fan-out runs without ``save_to``: this saves each generated prompt itself, so
+    that a prompt whose images come as URLs is recorded ``generated`` (with them) before
+    they are fetched, and ``ok`` once its files are written. A prompt holds a place from
+    the moment it is read until its last record is written, so at most ``concurrency``
+    prompts are ever in progress: generating, or generated and being saved.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        writer: _ManifestWriter,
+        downloader: Downloader,
+        concurrency: int,
+        on_record: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.plan = plan
+        self.writer = writer
+        self.downloader = downloader
+        self.on_record = on_record
+        self.places = asyncio.Semaphore(concurrency)
+        self.origin: dict[int, int] = {}
+        self.saves: set[asyncio.Task[None]] = set()
+        self.deadline_at: float | None = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.writer.write(record)
+        self.plan.records[record["index"]] = record
+        if record["status"] != GENERATED:
+            self.plan.recorded += 1
+        if self.on_record is not None:
+            self.on_record(record)
+
+    async def save_images(
+        self, images: Sequence[tuple[str | None, str | None]], index: int, prompt: str
+    ) -> list[Path]:
+        """Save one prompt's images under its stem; TimeoutError at --batch-deadline."""
+        stem = self.plan.stem(index, prompt)
+        # timeout_at(None) never expires.
+        async with asyncio.timeout_at(self.deadline_at):
+            return await self.downloader.save_all(images, self.plan.directory.images, stem)
+
+    async def refetch(self, index: int, urls: list[str]) -> None:
+        """Save prompt ``index`` from the URLs an earlier run recorded. URLs that no longer
+        work (expired, gone) leave it to be generated again; a write that fails records
+        it failed, URLs kept, and it is not generated again this run."""
+        earlier = self.plan.records[index]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with self.places:
+            try:
+                paths = await self.save_images(
+                    [(url, None) for url in urls], index, earlier["prompt"]
+                )
+            except (ImageDownloadError, TimeoutError) as exc:
+                logger.info(
+                    "prompt #%d: the image URLs recorded by run %s could not be fetched (%s); "
+                    "it is generated again",
+                    index,
+                    earlier.get("run"),
+                    exc,
+                )
+                return
+            except (ImageSaveError, OSError) as exc:
+                outcome: list[Path] | BaseException = exc
+            else:
+                outcome = paths
+                self.plan.resumed += 1
+            self.plan.refetched.add(index)
+            self.write(self.plan.refetch_record(index, earlier, loop.time() - started, outcome))
+
+    async def requests(self) -> AsyncIterator[ImageRequest]:
+        """The plan's requests, each handed over once it has a place."""
+        async with contextlib.aclosing(self.plan.items(self.origin)) as requests:
+            while True:
+                await self.places.acquire()
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    self.places.release()
+                    return
+                except BaseException:
+                    self.places.release()
+                    raise
+                yield request
+
+    def sink(self, result: GenerationResult) -> None:
+        """A generation has ended: record a failure; save what succeeded."""
+        index = self.origin.pop(result.index)
+        response = result.response
+        if result.error is not None or response is None:
+            self.write(self.plan.record(index, result))
+            self.places.release()
+            return
+        if len(response.urls) == len(response.data):
+            # Handed to the manifest before the first byte is fetched: if this run dies
+            # before the files are written, a rerun fetches them instead of paying again.
+            self.write(self.plan.generated(index, result))
+        task = asyncio.get_running_loop().create_task(self.save(index, result, response))
+        self.saves.add(task)
+        task.add_done_callback(self.saves.discard)
+
+    async def save(self, index: int, result: GenerationResult, response: ImagesResponse) -> None:
+        images = [(image.url, image.b64_json) for image in response.data]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            try:
+                paths = await self.save_images(images, index, result.prompt or "")
+            except (ImageSaveError, OSError, TimeoutError) as exc:
+                saved = attrs.evolve(result, error=_not_saved(exc, response, len(images)))
+            except Exception as exc:
+                # A bug must not stall a long batch: the prompt ends with it, and its
+                # place is freed for the next.
+                logger.exception("prompt #%d: saving its images failed unexpectedly", index)
+                saved = attrs.evolve(result, error=exc)
+            else:
+                saved = attrs.evolve(result, files=tuple(paths))
+            elapsed = result.elapsed + loop.time() - started
+            self.write(self.plan.record(index, attrs.evolve(saved, elapsed=elapsed)))
+        finally:
+            self.places.release()
+
+    async def run(self, fanout: MakeFanout, batch_deadline: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        if batch_deadline is not None:
+            self.deadline_at = loop.time() + batch_deadline
+        await asyncio.gather(*(self.refetch(i, urls) for i, urls in self.plan.resumable()))
+        left = None if self.deadline_at is None else self.deadline_at - loop.time()
+        if left is not None and left <= 0:
+            return
+        self.plan.fanout = fanout(self.requests(), left)
+        cancelled = False
+        try:
+            await self.plan.fanout.drain(self.sink)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            # Every prompt generated is saved, or recorded as not saved, before the run
+            # ends; only an interrupt cuts the saves short (their URLs are recorded).
+            if cancelled:
+                for task in self.saves:
+                    task.cancel()
+            await asyncio.gather(*self.saves, return_exceptions=True)
+
+
 async def run_batch(
     plan: Plan,
-    fanout: Callable[[AsyncIterator[ImageRequest], Path, Callable[[int, str], str]], Fanout],
+    fanout: MakeFanout,
+    downloader: Downloader,
+    *,
+    concurrency: int,
+    batch_deadline: float | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Run ``plan``: ``fanout(items, images_dir, stem)`` makes the fan-out (the caller's
-    client and options); each result becomes a manifest record as it ends.
+    """Run ``plan``: first save what an earlier run generated but did not save, from the
+    URLs it recorded; then ``fanout(requests, seconds_left)`` makes the fan-out (the
+    caller's client and options, without ``save_to``), and each generated prompt's images
+    are saved with ``downloader``. At most ``concurrency`` prompts are in progress; each
+    record is handed to ``on_record`` too.
 
     Example::
 
-        await run_batch(plan, lambda items, where, stem: client.iter_generate(
-            items, save_to=where, save_stem=stem, concurrency=32))
+        await run_batch(
+            plan,
+            lambda requests, left: client.iter_generate(requests, batch_deadline=left),
+            client.downloader,
+            concurrency=16,
+        )
     """
-    origin: dict[int, int] = {}
-
-    def stem(index: int, prompt: str) -> str:
-        return plan.stem(origin[index], prompt)
-
     writer = await asyncio.to_thread(_ManifestWriter, plan.directory.manifest)
     try:
-        plan.fanout = fanout(plan.items(origin), plan.directory.images, stem)
-
-        def sink(result: GenerationResult) -> None:
-            index = origin.pop(result.index)
-            record = plan.record(index, result)
-            writer.write(record)
-            plan.recorded += 1
-            plan.records[index] = record
-            if on_record is not None:
-                on_record(record)
-
-        await plan.fanout.drain(sink)
+        await _Run(plan, writer, downloader, concurrency, on_record).run(fanout, batch_deadline)
     finally:
         # Shielded: an interrupted run still writes every record it handed over.
         await asyncio.shield(asyncio.to_thread(writer.close))

@@ -34,18 +34,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, NoReturn
 
+import attrs
 import click
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ._batch import BatchDirectory, BatchError, Plan, Source, run_batch, thread_lines
+from ._batch import GENERATED, BatchDirectory, BatchError, Plan, Source, run_batch, thread_lines
 from ._client import ENV_API_KEY, ENV_BASE_URL, FluxClient, RequestFields
 from ._exceptions import APIStatusError, ValidationError
-from ._fanout import DEFAULT_CONCURRENCY, Fanout, FanoutStatistics, GenerationResult, PromptInput
+from ._fanout import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_STOP_ON,
+    Fanout,
+    FanoutStatistics,
+    GenerationResult,
+    PromptInput,
+)
 from ._gallery import render_gallery
 from ._models import FIELD_SPECS, ImageRequest
 from ._retry import RetryPolicy
-from ._save import write_atomic
+from ._save import Downloader, write_atomic
 from ._transport import DEFAULT_MAX_CONNECTIONS
 from .emulator import Emulator
 from .emulator.__main__ import main as emulator_main
@@ -72,6 +80,10 @@ _EMULATOR_KEY = "sk-emulator"
 _EXIT_FAILED = 1
 _EXIT_USAGE = 2
 _EXIT_INTERRUPTED = 130
+_EMULATOR_NOTE = (
+    "flux-async: --emulator: every request goes to the bundled emulator at {url}; "
+    "no real API is used and the images are placeholders."
+)
 
 _SUBJECTS = (
     "a lighthouse at dusk",
@@ -211,17 +223,19 @@ def _record(result: GenerationResult) -> dict[str, Any]:
     return record
 
 
-def _progress_updater(bar: tqdm[Any], initial: int = 0) -> Callable[[FanoutStatistics], None]:
-    """Progress from a fan-out's statistics; ``initial`` prompts were done before it."""
+def _postfix(stats: FanoutStatistics) -> str:
+    """What the progress bar shows after the count: failures, retries, 429s, the rate."""
+    rate = "unpaced" if stats.rate is None else f"{stats.rate:.1f}/s"
+    return f"failed={stats.failed} retries={stats.retries} 429s={stats.rate_limited} rate={rate}"
+
+
+def _progress_updater(bar: tqdm[Any]) -> Callable[[FanoutStatistics], None]:
+    """Progress from a fan-out's statistics."""
 
     def update(stats: FanoutStatistics) -> None:
-        rate = "unpaced" if stats.rate is None else f"{stats.rate:.1f}/s"
         # refresh=False: update() below redraws, at most every tqdm's mininterval.
-        bar.set_postfix_str(
-            f"failed={stats.failed} retries={stats.retries} 429s={stats.rate_limited} rate={rate}",
-            refresh=False,
-        )
-        bar.update(initial + stats.done - bar.n)
+        bar.set_postfix_str(_postfix(stats), refresh=False)
+        bar.update(stats.done - bar.n)
 
     return update
 
@@ -491,6 +505,73 @@ def _local_options(command: _F) -> _F:
     return command
 
 
+@dataclass(kw_only=True)
+class _Common:
+    """The options `generate` and `batch` share (`_run_options`, `_local_options` and
+    one per request field), checked: see `_common_options`."""
+
+    api_key: str | None
+    base_url: str | None
+    fields: RequestFields
+    fanout_options: dict[str, Any]
+    emulator: dict[str, Any] | None
+    progress: bool
+    verbose: bool
+
+
+def _fanout_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The fan-out's keywords from the rate, deadline and attempt options (taken out of
+    ``options``); a click usage error for a combination that means nothing."""
+    rate_limit = options.pop("rate_limit")
+    per_minute = options.pop("rate_limit_per_minute")
+    burst = options.pop("burst")
+    max_attempts = options.pop("max_attempts")
+    if rate_limit is not None and per_minute is not None:
+        raise click.UsageError("use --rate-limit or --rate-limit-per-minute, not both")
+    if burst is not None and rate_limit is None and per_minute is None:
+        raise click.UsageError("--burst needs --rate-limit or --rate-limit-per-minute")
+    fanout: dict[str, Any] = {
+        "concurrency": options.pop("concurrency"),
+        "deadline": options.pop("deadline"),
+        "batch_deadline": options.pop("batch_deadline"),
+        "retry": None if max_attempts is None else RetryPolicy(max_attempts=max_attempts),
+    }
+    if rate_limit is not None or per_minute is not None:
+        fanout["rate_limit"] = rate_limit or per_minute
+        fanout["per"] = 1.0 if rate_limit is not None else 60.0
+        fanout["burst"] = burst or 1
+    return fanout
+
+
+def _common_options(ctx: click.Context, options: dict[str, Any]) -> _Common:
+    """The shared options, checked before any input is read, any file opened or anything
+    sent: a usage error, or exit 2 with one line for a bad value (`_bad_value`)."""
+    fanout_options = _fanout_options(options)
+    emulator = options.pop("emulator")
+    emulator_rate_limit = options.pop("emulator_rate_limit")
+    if emulator_rate_limit is not None and not emulator:
+        raise click.UsageError("--emulator-rate-limit needs --emulator")
+    api_key, base_url = options.pop("api_key"), options.pop("base_url")
+    progress, verbose = options.pop("progress"), options.pop("verbose")
+    # What is left is one option per request field.
+    fields = _request_fields(options)
+    try:
+        ImageRequest(prompt="check", **fields)
+        if not emulator and base_url is not None:
+            FluxClient(base_url=base_url, api_key=_EMULATOR_KEY)
+    except ValidationError as exc:
+        _bad_value(ctx, exc)
+    return _Common(
+        api_key=api_key,
+        base_url=base_url,
+        fields=fields,
+        fanout_options=fanout_options,
+        emulator=None if not emulator else {"rate_limit": emulator_rate_limit},
+        progress=sys.stderr.isatty() if progress is None else progress,
+        verbose=verbose,
+    )
+
+
 @cli.command()
 @click.argument("prompts", type=click.File("rb"), default="-")
 @click.option(
@@ -513,25 +594,12 @@ def _local_options(command: _F) -> _F:
 @click.pass_context
 def generate(
     ctx: click.Context,
-    # Positional-only: with **request_options, mypy cannot otherwise type pass_context.
+    # Positional-only: with **options, mypy cannot otherwise type pass_context.
     /,
     prompts: BinaryIO,
     jsonl: bool,
     out: str,
-    api_key: str | None,
-    base_url: str | None,
-    concurrency: int,
-    rate_limit: float | None,
-    rate_limit_per_minute: float | None,
-    burst: int | None,
-    deadline: float | None,
-    batch_deadline: float | None,
-    max_attempts: int | None,
-    emulator: bool,
-    emulator_rate_limit: float | None,
-    progress: bool | None,
-    verbose: bool,
-    **request_options: Any,
+    **options: Any,
 ) -> None:
     """Generate images for every prompt in PROMPTS (a file, or - for stdin: the default).
 
@@ -543,30 +611,8 @@ def generate(
     Example:
       flux-async generate prompts.txt -o results.jsonl --aspect-ratio 16:9 --rate-limit 20
     """
-    if rate_limit is not None and rate_limit_per_minute is not None:
-        raise click.UsageError("use --rate-limit or --rate-limit-per-minute, not both")
-    if burst is not None and rate_limit is None and rate_limit_per_minute is None:
-        raise click.UsageError("--burst needs --rate-limit or --rate-limit-per-minute")
-    if emulator_rate_limit is not None and not emulator:
-        raise click.UsageError("--emulator-rate-limit needs --emulator")
-    fields = _request_fields(request_options)
-    fanout_options: dict[str, Any] = {
-        "concurrency": concurrency,
-        "deadline": deadline,
-        "batch_deadline": batch_deadline,
-        "retry": None if max_attempts is None else RetryPolicy(max_attempts=max_attempts),
-    }
-    if rate_limit is not None or rate_limit_per_minute is not None:
-        fanout_options["rate_limit"] = rate_limit or rate_limit_per_minute
-        fanout_options["per"] = 1.0 if rate_limit is not None else 60.0
-        fanout_options["burst"] = burst or 1
-    try:
-        # Checked now, before the output file is opened or anything is started or sent.
-        ImageRequest(prompt="check", **fields)
-        if not emulator and base_url is not None:
-            FluxClient(base_url=base_url, api_key=_EMULATOR_KEY)
-    except ValidationError as exc:
-        _bad_value(ctx, exc)
+    # Checked now, before the output file is opened or anything is started or sent.
+    common = _common_options(ctx, options)
     if prompts.isatty():
         click.echo("Reading prompts from the terminal, one per line; end with Ctrl-D.", err=True)
     problems: list[str] = []
@@ -575,20 +621,26 @@ def generate(
         items=_prompts(prompts, jsonl=jsonl, problems=problems),
         out=output,
         out_path=out,
-        fields=fields,
-        api_key=api_key,
-        base_url=base_url,
-        fanout_options=fanout_options,
-        emulator=None if not emulator else {"rate_limit": emulator_rate_limit},
-        emulator_note=(
-            "flux-async: --emulator: every request goes to the bundled emulator at {url}; "
-            "no real API is used and the images are placeholders."
-        ),
-        progress=sys.stderr.isatty() if progress is None else progress,
+        fields=common.fields,
+        api_key=common.api_key,
+        base_url=common.base_url,
+        fanout_options=common.fanout_options,
+        emulator=common.emulator,
+        emulator_note=_EMULATOR_NOTE,
+        progress=common.progress,
     )
-    with _verbose_logging(verbose):
+    with _verbose_logging(common.verbose):
         elapsed = _execute(ctx, job)
+    # An in-memory stream (a test's) has no name.
+    _finish_generate(ctx, job, elapsed, getattr(prompts, "name", "<stdin>"), problems)
+
+
+def _finish_generate(
+    ctx: click.Context, job: _Job, elapsed: float, name: str, problems: list[str]
+) -> NoReturn:
+    """The summary on stderr, then the exit status."""
     click.echo(_summary(job, elapsed), err=True)
+    batch_deadline = job.fanout_options.get("batch_deadline")
     if batch_deadline is not None and elapsed >= batch_deadline:
         # Prompts still unread then were never taken from the input, so they have no line.
         click.echo(
@@ -597,7 +649,7 @@ def generate(
             err=True,
         )
     if problems:
-        click.echo(f"Error: {prompts.name}: {problems[0]}", err=True)
+        click.echo(f"Error: {name}: {problems[0]}", err=True)
         ctx.exit(_EXIT_USAGE)
     ctx.exit(_EXIT_FAILED if _statistics(job).failed else 0)
 
@@ -648,44 +700,83 @@ async def _shared_limiter(stack: contextlib.AsyncExitStack, run: _BatchRun) -> N
     options["limiter"] = limiter
 
 
-async def _run_batch(run: _BatchRun) -> None:
+async def _batch_client(stack: contextlib.AsyncExitStack, run: _BatchRun) -> FluxClient:
+    """The client of a batch run: on the emulator with --emulator, paced through Redis
+    with --redis."""
+    api_key, base_url = run.api_key, run.base_url
+    if run.emulator is not None:
+        emulator = await stack.enter_async_context(Emulator(**run.emulator))
+        stack.callback(lambda: run.emulator_stats.update(emulator.stats.snapshot()))
+        api_key, base_url = _EMULATOR_KEY, emulator.base_url
+        click.echo(run.emulator_note.format(url=base_url), err=True)
+    if run.redis is not None:
+        await _shared_limiter(stack, run)
+    concurrency = run.fanout_options["concurrency"]
+    # Downloads use the pool's connections beyond `concurrency`: twice as many
+    # connections leave each generation slot one for its images.
+    return await stack.enter_async_context(
+        FluxClient(
+            api_key=api_key,
+            base_url=base_url,
+            max_connections=max(DEFAULT_MAX_CONNECTIONS, 2 * concurrency),
+        )
+    )
+
+
+def _batch_progress(
+    stack: contextlib.AsyncExitStack, run: _BatchRun
+) -> tuple[Callable[[FanoutStatistics], None] | None, Callable[[dict[str, Any]], None] | None]:
+    """The progress bar of a batch run: (fan-out statistics, manifest record) callbacks.
+    The bar counts prompts finished, saving included; the fan-out's figures label it."""
     plan = run.plan
+    bar = stack.enter_context(
+        tqdm(
+            total=plan.total,
+            initial=len(plan.done),
+            unit="prompt",
+            file=sys.stderr,
+            disable=not run.progress,
+            dynamic_ncols=True,
+        )
+    )
+    if not run.progress:
+        return None, None
+
+    def on_stats(stats: FanoutStatistics) -> None:
+        bar.set_postfix_str(_postfix(stats), refresh=False)
+
+    def on_record(record: dict[str, Any]) -> None:
+        if record["status"] != GENERATED:
+            bar.update()
+
+    return on_stats, on_record
+
+
+def _downloader(client: FluxClient, options: dict[str, Any]) -> Downloader:
+    """What fetches a batch's images: the client's pool, with the prompts' own retry
+    policy and --deadline."""
+    policy: RetryPolicy = options.get("retry") or client.retry
+    if options.get("deadline") is not None:
+        policy = attrs.evolve(policy, deadline=options["deadline"])
+    return client.downloader.with_policy(policy)
+
+
+async def _run_batch(run: _BatchRun) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        api_key, base_url = run.api_key, run.base_url
-        if run.emulator is not None:
-            emulator = await stack.enter_async_context(Emulator(**run.emulator))
-            stack.callback(lambda: run.emulator_stats.update(emulator.stats.snapshot()))
-            api_key, base_url = _EMULATOR_KEY, emulator.base_url
-            click.echo(run.emulator_note.format(url=base_url), err=True)
-        if run.redis is not None:
-            await _shared_limiter(stack, run)
-        concurrency = run.fanout_options["concurrency"]
-        # Downloads use the pool's connections beyond `concurrency`: twice as many
-        # connections leave each generation slot one for its images.
-        client = await stack.enter_async_context(
-            FluxClient(
-                api_key=api_key,
-                base_url=base_url,
-                max_connections=max(DEFAULT_MAX_CONNECTIONS, 2 * concurrency),
-            )
-        )
-        bar = stack.enter_context(
-            tqdm(
-                total=plan.total,
-                initial=len(plan.done),
-                unit="prompt",
-                file=sys.stderr,
-                disable=not run.progress,
-                dynamic_ncols=True,
-            )
-        )
-        initial = len(plan.done)
-        update = _progress_updater(bar, initial) if run.progress else None
+        client = await _batch_client(stack, run)
+        on_stats, on_record = _batch_progress(stack, run)
+        options = dict(run.fanout_options)
+        # The batch's own deadline: it bounds the saving of images too (see run_batch).
+        batch_deadline = options.pop("batch_deadline", None)
         await run_batch(
-            plan,
-            lambda items, where, stem: client.iter_generate(
-                items, save_to=where, save_stem=stem, on_progress=update, **run.fanout_options
+            run.plan,
+            lambda requests, left: client.iter_generate(
+                requests, on_progress=on_stats, batch_deadline=left, **options
             ),
+            _downloader(client, options),
+            concurrency=options["concurrency"],
+            batch_deadline=batch_deadline,
+            on_record=on_record,
         )
 
 
@@ -711,27 +802,33 @@ def _batch_summary(plan: Plan, elapsed: float) -> tuple[str, bool]:
     """The closing paragraph, and whether every prompt of the input is ok."""
     records = plan.records
     ok = sum(1 for r in records.values() if r.get("status") == "ok")
-    failed = len(records) - ok
+    # Generated, images not saved: an interrupted run's; the rerun fetches them.
+    unsaved = sum(1 for r in records.values() if r.get("status") == GENERATED)
+    failed = len(records) - ok - unsaved
     not_sent = sum(1 for r in records.values() if (r.get("error") or {}).get("not_sent"))
-    this_run = [r for r in records.values() if r.get("run") == plan.run]
+    done = sum(
+        1 for r in records.values() if r.get("run") == plan.run and r.get("status") != GENERATED
+    )
     earlier = len(plan.done)
     total = plan.total if plan.total is not None else plan.read
-    pending = max(0, total - ok - failed)
+    pending = max(0, total - ok - failed - unsaved)
     stats = None if plan.fanout is None else plan.fanout.statistics()
-    done = len(this_run)
     rate = done / elapsed if elapsed > 0 else 0.0
+    resumed = f", {plan.resumed} from the URLs an earlier run recorded" if plan.resumed else ""
     parts = [
         f"{plan.directory.root}: {ok} of {total} prompts ok"
-        f" ({ok - earlier if ok >= earlier else ok} this run, {earlier} from earlier runs)",
+        f" ({ok - earlier if ok >= earlier else ok} this run{resumed}, "
+        f"{earlier} from earlier runs)",
         f", {failed} failed" if failed else "",
         f" ({not_sent} of them not sent)" if not_sent else "",
+        f", {unsaved} generated but not saved yet" if unsaved else "",
         f", {pending} not run" if pending else "",
         f". This run: {done} prompts in {elapsed:.1f} s ({rate:.1f} prompts/s)",
     ]
     if stats is not None:
         parts.append(f", {stats.retries} retries, {stats.rate_limited} x 429")
     parts.append(f". Manifest: {plan.directory.manifest}. Gallery: {plan.directory.gallery}.")
-    if failed or pending:
+    if failed or pending or unsaved:
         parts.append(" Rerun the same command to resume (--retry-failed: only the failed ones).")
     return "".join(parts), ok == total and total > 0
 
@@ -787,32 +884,6 @@ def _finish_batch(ctx: click.Context, run: _BatchRun, elapsed: float, interrupte
     ctx.exit(0 if all_ok else _EXIT_FAILED)
 
 
-def _fanout_options(
-    concurrency: int,
-    rate_limit: float | None,
-    rate_limit_per_minute: float | None,
-    burst: int | None,
-    deadline: float | None,
-    batch_deadline: float | None,
-    max_attempts: int | None,
-) -> dict[str, Any]:
-    if rate_limit is not None and rate_limit_per_minute is not None:
-        raise click.UsageError("use --rate-limit or --rate-limit-per-minute, not both")
-    if burst is not None and rate_limit is None and rate_limit_per_minute is None:
-        raise click.UsageError("--burst needs --rate-limit or --rate-limit-per-minute")
-    options: dict[str, Any] = {
-        "concurrency": concurrency,
-        "deadline": deadline,
-        "batch_deadline": batch_deadline,
-        "retry": None if max_attempts is None else RetryPolicy(max_attempts=max_attempts),
-    }
-    if rate_limit is not None or rate_limit_per_minute is not None:
-        options["rate_limit"] = rate_limit or rate_limit_per_minute
-        options["per"] = 1.0 if rate_limit is not None else 60.0
-        options["burst"] = burst or 1
-    return options
-
-
 def _prepare(
     ctx: click.Context, source: Source, out: Path, fields: RequestFields, retry_failed: bool
 ) -> Plan:
@@ -830,6 +901,27 @@ def _prepare(
     except BatchError as exc:
         click.echo(f"Error: {exc}", err=True)
         ctx.exit(_EXIT_USAGE)
+
+
+_STOP_ON_DEFAULT = ",".join(str(status) for status in sorted(DEFAULT_STOP_ON))
+_STOP_ON_ALLOWED = (
+    "comma-separated HTTP error statuses from 400 to 599, such as "
+    f"{_STOP_ON_DEFAULT} (the default), or none never to stop"
+)
+
+
+def _stop_statuses(ctx: click.Context, value: str) -> frozenset[int]:
+    """``--stop-on`` as the fan-out's ``stop_on``; exit 2 with one line when it is bad."""
+    text = value.strip().lower()
+    if text == "none":
+        return frozenset()
+    try:
+        statuses = frozenset(int(part) for part in text.split(","))
+    except ValueError:
+        statuses = frozenset({0})  # refused just below, like a status out of range
+    if not all(400 <= status <= 599 for status in statuses):
+        _bad_value(ctx, ValidationError("stop_on", value, _STOP_ON_ALLOWED))
+    return statuses
 
 
 @cli.command()
@@ -850,6 +942,15 @@ def _prepare(
     "--retry-failed",
     is_flag=True,
     help="Rerun only the prompts the manifest records as failed.",
+)
+@click.option(
+    "--stop-on",
+    metavar="STATUSES",
+    help=(
+        "The answers that stop the batch, since every prompt would get them: "
+        f"comma-separated statuses (default {_STOP_ON_DEFAULT}: wrong key, no access, "
+        "wrong URL or model), or none never to stop."
+    ),
 )
 @_run_options(
     deadline="Seconds per prompt, retries and image downloads included.",
@@ -880,22 +981,10 @@ def batch(
     out: Path,
     jsonl: bool,
     retry_failed: bool,
-    api_key: str | None,
-    base_url: str | None,
-    concurrency: int,
-    rate_limit: float | None,
-    rate_limit_per_minute: float | None,
-    burst: int | None,
-    deadline: float | None,
-    batch_deadline: float | None,
-    max_attempts: int | None,
+    stop_on: str | None,
     redis_url: str | None,
     limiter_name: str,
-    emulator: bool,
-    emulator_rate_limit: float | None,
-    progress: bool | None,
-    verbose: bool,
-    **request_options: Any,
+    **options: Any,
 ) -> None:
     """Generate and save the images of every prompt in PROMPTS into the directory --out.
 
@@ -903,52 +992,34 @@ def batch(
     (*.jsonl or --jsonl: per-line fields), or - for stdin. Images go to DIR/images/,
     one JSON record per finished prompt to DIR/manifest.jsonl, and DIR/gallery.html shows
     them all. Rerunning the same command resumes: prompts already ok are skipped. A file
-    is checked before anything is sent. A wrong key or base URL stops the batch at once.
-    Exit status: 0 all ok, 1 some failed, 2 bad usage or input, 130 interrupted.
+    is checked before anything is sent. A wrong key or base URL stops the batch at once
+    (--stop-on). Exit status: 0 all ok, 1 some failed, 2 bad usage or input, 130
+    interrupted.
 
     \b
     Example:
       flux-async batch prompts.txt --out run1 --aspect-ratio 16:9 --rate-limit 20
     """
-    fanout_options = _fanout_options(
-        concurrency,
-        rate_limit,
-        rate_limit_per_minute,
-        burst,
-        deadline,
-        batch_deadline,
-        max_attempts,
-    )
-    if emulator_rate_limit is not None and not emulator:
-        raise click.UsageError("--emulator-rate-limit needs --emulator")
+    # Checked now, before the input is read or anything is started or sent.
+    common = _common_options(ctx, options)
+    if stop_on is not None:
+        common.fanout_options["stop_on"] = _stop_statuses(ctx, stop_on)
     if redis_url:
         _check_redis_extra()
-    fields = _request_fields(request_options)
-    try:
-        # Checked now, before the input is read or anything is started or sent.
-        ImageRequest(prompt="check", **fields)
-        if not emulator and base_url is not None:
-            FluxClient(base_url=base_url, api_key=_EMULATOR_KEY)
-    except ValidationError as exc:
-        _bad_value(ctx, exc)
     source = Source(path=prompts, jsonl=jsonl or prompts.lower().endswith(".jsonl"))
     if source.streaming and sys.stdin.isatty():
         click.echo("Reading prompts from the terminal, one per line; end with Ctrl-D.", err=True)
-    plan = _prepare(ctx, source, out, fields, retry_failed)
     run = _BatchRun(
-        plan=plan,
-        api_key=api_key,
-        base_url=base_url,
-        fanout_options=fanout_options,
-        emulator=None if not emulator else {"rate_limit": emulator_rate_limit},
-        emulator_note=(
-            "flux-async: --emulator: every request goes to the bundled emulator at {url}; "
-            "no real API is used and the images are placeholders."
-        ),
-        progress=sys.stderr.isatty() if progress is None else progress,
+        plan=_prepare(ctx, source, out, common.fields, retry_failed),
+        api_key=common.api_key,
+        base_url=common.base_url,
+        fanout_options=common.fanout_options,
+        emulator=common.emulator,
+        emulator_note=_EMULATOR_NOTE,
+        progress=common.progress,
         redis=(redis_url, limiter_name) if redis_url else None,
     )
-    with _verbose_logging(verbose):
+    with _verbose_logging(common.verbose):
         elapsed, interrupted = _execute_batch(ctx, run)
     _finish_batch(ctx, run, elapsed, interrupted)
 

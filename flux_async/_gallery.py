@@ -12,9 +12,16 @@ import html
 import time
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
+
+from ._batch import GENERATED
 
 __all__ = ["render_gallery"]
+
+_UNSAVED: Final = (
+    "Generated, but the run ended before its images were saved: rerun the same command "
+    "to fetch them from the URLs the manifest keeps (while they last)"
+)
 
 _STYLE = """
 :root { color-scheme: light dark; --bg: #f6f6f4; --card: #fff; --ink: #1d1d1f;
@@ -57,9 +64,10 @@ def render_gallery(
 ) -> str:
     """The gallery page for a batch's effective manifest records (index -> last record).
 
-    Every ``ok`` record's files become a captioned tile, in index order; every failed
-    record a row of the failures table with its error. ``total`` is the input's size
-    (None when unknown, for stdin), for the "not run yet" count.
+    Every ``ok`` record's files become a captioned tile, in index order; every other
+    record (failed, or generated but not saved yet) a row of the table below with its
+    error. ``total`` is the input's size (None when unknown, for stdin), for the "not
+    run yet" count.
 
     Example::
 
@@ -67,51 +75,88 @@ def render_gallery(
         Path("out/gallery.html").write_text(page, "utf-8")
     """
     ok = {i: r for i, r in records.items() if r.get("status") == "ok"}
-    failed = {i: r for i, r in records.items() if r.get("status") != "ok"}
-    pending = None if total is None else max(0, total - len(ok) - len(failed))
-    esc = html.escape
+    others = {i: r for i, r in records.items() if r.get("status") != "ok"}
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)} - flux-async batch</title>",
+        f"<title>{html.escape(title)} - flux-async batch</title>",
         f"<style>{_STYLE}</style></head><body>",
-        f"<header><h1>{esc(title)}</h1><div class='summary'>",
-        f"<b class='ok'>{len(ok)} ok</b> &middot; <b class='bad'>{len(failed)} failed</b>",
+        _header(title, ok, others, total),
+        _tiles(ok),
+        _not_ok_table(others),
+        "</body></html>\n",
     ]
+    return "".join(parts)
+
+
+def _header(
+    title: str,
+    ok: Mapping[int, Mapping[str, Any]],
+    others: Mapping[int, Mapping[str, Any]],
+    total: int | None,
+) -> str:
+    """The title and the counts: ok, failed, not saved yet, not run yet."""
+    unsaved = sum(1 for r in others.values() if r.get("status") == GENERATED)
+    failed = len(others) - unsaved
+    pending = None if total is None else max(0, total - len(ok) - len(others))
+    parts = [
+        f"<header><h1>{html.escape(title)}</h1><div class='summary'>",
+        f"<b class='ok'>{len(ok)} ok</b> &middot; <b class='bad'>{failed} failed</b>",
+    ]
+    if unsaved:
+        parts.append(f" &middot; {unsaved} generated, not saved yet")
     if pending:
         parts.append(f" &middot; {pending} not run yet")
     parts.append(
-        f" &middot; written {esc(time.strftime('%Y-%m-%d %H:%M'))} by flux-async"
+        f" &middot; written {html.escape(time.strftime('%Y-%m-%d %H:%M'))} by flux-async"
         " (rerun the same command to resume or retry)</div></header>"
     )
-    if ok:
-        parts.append('<section class="grid">')
-        for index in sorted(ok):
-            record = ok[index]
-            prompt = str(record.get("prompt") or "")
-            files = [str(f) for f in record.get("files") or ()]
-            if not files:
-                continue
-            first = _href(files[0])
-            more = f' <span class="more">+{len(files) - 1} more</span>' if len(files) > 1 else ""
-            parts.append(
-                f'<figure><a href="{first}"><img src="{first}" loading="lazy" '
-                f'alt="{esc(prompt, quote=True)}"></a><figcaption><span class="index">'
-                f"#{index}</span>{esc(prompt)}{more}</figcaption></figure>"
-            )
-        parts.append("</section>")
-    if failed:
-        parts.append(f"<h2>Failed ({len(failed)})</h2><table>")
-        parts.append("<tr><th>#</th><th>prompt</th><th>error</th></tr>")
-        for index in sorted(failed):
-            record = failed[index]
+    return "".join(parts)
+
+
+def _tiles(ok: Mapping[int, Mapping[str, Any]]) -> str:
+    """One captioned tile per prompt saved, in index order (its first image, linked)."""
+    if not ok:
+        return ""
+    esc = html.escape
+    parts = ['<section class="grid">']
+    for index in sorted(ok):
+        record = ok[index]
+        prompt = str(record.get("prompt") or "")
+        files = [str(f) for f in record.get("files") or ()]
+        if not files:
+            continue
+        first = _href(files[0])
+        more = f' <span class="more">+{len(files) - 1} more</span>' if len(files) > 1 else ""
+        parts.append(
+            f'<figure><a href="{first}"><img src="{first}" loading="lazy" '
+            f'alt="{esc(prompt, quote=True)}"></a><figcaption><span class="index">'
+            f"#{index}</span>{esc(prompt)}{more}</figcaption></figure>"
+        )
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _not_ok_table(others: Mapping[int, Mapping[str, Any]]) -> str:
+    """The prompts without images: their error, or that they await a rerun to fetch them."""
+    if not others:
+        return ""
+    esc = html.escape
+    unsaved = any(r.get("status") == GENERATED for r in others.values())
+    heading = "Failed or not saved yet" if unsaved else "Failed"
+    parts = [f"<h2>{heading} ({len(others)})</h2><table>"]
+    parts.append("<tr><th>#</th><th>prompt</th><th>error</th></tr>")
+    for index in sorted(others):
+        record = others[index]
+        if record.get("status") == GENERATED:
+            text = _UNSAVED
+        else:
             error = record.get("error") or {}
             text = f"{error.get('type', 'Error')}: {error.get('message', '')}"
-            parts.append(
-                f'<tr><td class="index">{index}</td><td>{esc(str(record.get("prompt") or ""))}'
-                f'</td><td class="error">{esc(text)}</td></tr>'
-            )
-        parts.append("</table>")
-    parts.append("</body></html>\n")
+        parts.append(
+            f'<tr><td class="index">{index}</td><td>{esc(str(record.get("prompt") or ""))}'
+            f'</td><td class="error">{esc(text)}</td></tr>'
+        )
+    parts.append("</table>")
     return "".join(parts)

@@ -9,10 +9,12 @@ signed bucket that has no business seeing it. A ``b64_json`` image is decoded.
 
 Whatever the source, the bytes must be a PNG, JPEG or WebP image (sniffed from their
 first bytes, never from a header or a URL) and the file's extension is set from what they
-are. The file is written under a temporary name in the same directory, fsynced and
+are. The file is written under a temporary name in the same directory, made durable and
 renamed over the final name (`os.replace`), so no half-written file ever stands under a
-final name, even after ``kill -9``. The writes run in a worker thread: a batch writing
-hundreds of files a second never blocks the event loop.
+final name, even after ``kill -9`` or a power cut; `store_image` returns once the rename
+is durable too. The writes run on the event loop's default executor and are made durable
+in groups (`_ImageWriter`, one per `Downloader`): a batch writing hundreds of files a
+second never blocks the event loop, and pays one flush per group, not one per file.
 
 This module knows nothing of the models (`Image`, `ImagesResponse` call it), so it sits
 below them in the import order.
@@ -23,15 +25,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import concurrent.futures
 import contextlib
+import functools
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeAlias
 
 import attrs
 import yarl
@@ -151,6 +152,14 @@ def check_directory(field: str, value: object) -> Path:
 _STEM = re.compile(r"[^/\\\x00]+")
 
 
+def _names(stem: str, count: int) -> list[str]:
+    if not isinstance(stem, str) or not _STEM.fullmatch(stem) or stem in (".", ".."):
+        raise ValidationError("stem", stem, "a file name without a directory: no '/', '\\\\'")
+    if count == 1:
+        return [stem]
+    return [f"{stem}-{k}" for k in range(count)]
+
+
 def image_paths(directory: Path, stem: str, count: int) -> list[Path]:
     """Where the ``count`` images of one answer go, without their suffix (set from each
     image's bytes): ``stem`` for one image, ``stem-0`` .. ``stem-{count-1}`` for several
@@ -160,44 +169,140 @@ def image_paths(directory: Path, stem: str, count: int) -> list[Path]:
 
         image_paths(Path("out"), "fox", 2)  # [PosixPath('out/fox-0'), PosixPath('out/fox-1')]
     """
-    if not isinstance(stem, str) or not _STEM.fullmatch(stem) or stem in (".", ".."):
-        raise ValidationError("stem", stem, "a file name without a directory: no '/', '\\\\'")
-    if count == 1:
-        return [directory / stem]
-    return [directory / f"{stem}-{k}" for k in range(count)]
+    return [directory / name for name in _names(stem, count)]
 
 
-def _with_suffix(path: Path, kind: str) -> Path:
+def _with_suffix(name: str, kind: str) -> str:
+    """``name`` with the suffix of ``kind``: an image suffix it has is replaced, any
+    other kept (``fox.v2`` becomes ``fox.v2.png``)."""
     suffix = IMAGE_SUFFIXES[kind]
-    if path.suffix.lower() in _REPLACED_SUFFIXES:
-        return path.with_suffix(suffix)
-    return path.with_name(path.name + suffix)
+    # Path.suffix, on a bare name (strings: this runs once per image of a batch).
+    dot = name.rfind(".")
+    if 0 < dot < len(name) - 1 and name[dot:].lower() in _REPLACED_SUFFIXES:
+        return name[:dot] + suffix
+    return name + suffix
 
 
-def _stage(path: Path, data: bytes, *, sync: bool) -> Path:
+def _image_kind(
+    data: bytes, path: str, url: str | None, content_type: str | None, max_bytes: int
+) -> str:
+    """The type of ``data``; `ImageDownloadError` when it is too big or no image."""
+    if len(data) > max_bytes:
+        raise ImageDownloadError(
+            f"The image {'in b64_json' if url is None else 'from ' + redact_url(url)} is "
+            f"{len(data)} bytes, over the "
+            f"{max_bytes}-byte cap (max_image_bytes)",
+            url=url,
+            path=path,
+            content_type=content_type,
+        )
+    kind = image_type(data)
+    if kind is None:
+        source = (
+            "The server's b64_json image"
+            if url is None
+            else f"The body from {redact_url(url)} (Content-Type: {content_type or 'none'})"
+        )
+        raise ImageDownloadError(
+            f"{source} is not a PNG, JPEG or WebP image: {len(data)} bytes starting {data[:16]!r}",
+            url=url,
+            path=path,
+            content_type=content_type,
+        )
+    return kind
+
+
+class _Job:
+    """One image to write: where (a directory, and a name the suffix of its type is
+    added to), its bytes or its ``b64_json`` text, its source for error messages, and
+    the future its writer awaits (done with the path written)."""
+
+    __slots__ = (
+        "content_type",
+        "directory",
+        "future",
+        "loop",
+        "max_bytes",
+        "name",
+        "payload",
+        "url",
+    )
+
+    def __init__(
+        self,
+        directory: str,
+        name: str,
+        payload: bytes | str,
+        url: str | None,
+        content_type: str | None,
+        max_bytes: int,
+    ) -> None:
+        self.directory = directory
+        self.name = name
+        self.payload = payload
+        self.url = url
+        self.content_type = content_type
+        self.max_bytes = max_bytes
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[str] = self.loop.create_future()
+
+    def image(self) -> tuple[str, bytes]:
+        """Its final path and bytes: decoded, checked (`ImageDownloadError`), and named
+        by their type. Decoded here, on the writer's thread, not in the event loop."""
+        payload = self.payload
+        data = decode_b64(payload) if isinstance(payload, str) else payload
+        path = os.path.join(self.directory, self.name)
+        kind = _image_kind(data, path, self.url, self.content_type, self.max_bytes)
+        return os.path.join(self.directory, _with_suffix(self.name, kind)), data
+
+
+#: One file written: its final name, its temporary one, and its job.
+_Staged: TypeAlias = tuple[str, str, _Job]
+
+_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _stage(path: str, data: bytes, *, sync: bool) -> str:
     """Write ``data`` to a new temporary file beside ``path`` (fsynced when ``sync``);
-    return its name. Nothing stands under ``path`` yet."""
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
+    return its name. Nothing stands under ``path`` yet; a missing directory is made."""
+    directory, name = os.path.split(path)
     # A dot-name that no final file can have, unique per call: two writers of the same
     # path never share a temporary file.
-    temporary = directory / f".{path.name}.{os.urandom(6).hex()}.part"
-    # os.open with 0o666 (not mkstemp's 0o600): the image gets the caller's umask, like
-    # any file they write.
-    fd = os.open(
-        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
-    )
+    temporary = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.part")
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
+        # os.open with 0o666 (not mkstemp's 0o600): the image gets the caller's umask,
+        # like any file they write.
+        fd = os.open(temporary, _CREATE, 0o666)
+    except FileNotFoundError:
+        # Made on the first write rather than checked on every one.
+        os.makedirs(directory or ".", exist_ok=True)
+        fd = os.open(temporary, _CREATE, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             if sync:
-                os.fsync(file.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+        _remove(temporary)
         raise
     return temporary
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _rename(temporary: str, path: str) -> None:
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        _remove(temporary)
+        raise
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -205,37 +310,34 @@ def write_atomic(path: Path, data: bytes) -> None:
     all of ``data``: a temporary file in the same directory, fsync, `os.replace`, then an
     fsync of the directory so the new name survives a power cut too. Blocking (the batch
     command's own small files use it outside the event loop; images go through
-    `store_image`, which writes them in groups on a thread of its own).
+    `store_image`, which writes them on a worker thread).
 
     Example::
 
         write_atomic(Path("out/batch.json"), b"{}")
     """
-    temporary = _stage(path, data, sync=True)
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(path.parent)
+    target = os.fspath(path)
+    _rename(_stage(target, data, sync=True), target)
+    _fsync_directory(os.path.dirname(target) or ".")
 
 
-def _fsync_directory(directory: Path) -> None:
+def _fsync_directory(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # Windows cannot open a directory; its rename is durable enough
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # a filesystem without directory fsync: nothing more to do
         pass
     finally:
         os.close(fd)
 
 
+@functools.cache
 def _syncfs() -> Callable[[int], None] | None:
-    """Linux's syncfs(2), which flushes one filesystem in one call, or None elsewhere."""
+    """Linux's syncfs(2), which flushes one filesystem in one call, or None elsewhere.
+    Looked up once, on the first save (not at import: ctypes costs milliseconds)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -254,109 +356,129 @@ def _syncfs() -> Callable[[int], None] | None:
     return syncfs
 
 
-class _GroupSync:
-    """syncfs(2) with group commit: callers that arrive while a sync runs share the next.
+#: Threads writing one writer's image files at a time: one (see `_ImageWriter`).
+WRITER_THREADS: Final = 1
 
-    A flush of the disk's cache costs the same (0.1 to several ms) for one small file as
-    for many, and a batch against a fast server finishes thousands of images a second.
-    A caller takes a ticket after its file is written; a sync started after that covers
-    it. One thread runs a sync while the others wait; when it ends, every ticket it
-    covered returns together, and the next waiter starts the next sync for the rest.
-    """
 
-    def __init__(self, syncfs: Callable[[int], None]) -> None:
-        self._syncfs = syncfs
-        self._cond = threading.Condition()
-        self._next = 0  # the last ticket handed out
-        self._synced = 0  # every ticket up to this one is durable
-        self._busy = False
+def _flush(syncfs: Callable[[int], None], directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
 
-    def sync(self, path: Path) -> None:
-        """Return once a sync of ``path``'s filesystem started after this call has ended."""
-        with self._cond:
-            self._next += 1
-            ticket = self._next
-            while self._synced < ticket:
-                if self._busy:
-                    self._cond.wait()
-                    continue
-                self._busy = True
-                upto = self._next
-                self._cond.release()
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        self._syncfs(fd)
-                    finally:
-                        os.close(fd)
-                finally:
-                    self._cond.acquire()
-                    self._busy = False
-                    self._cond.notify_all()
-                self._synced = upto
+
+def _directories(items: list[_Staged]) -> set[str]:
+    return {os.path.dirname(path) or "." for path, _, _ in items}
 
 
 class _ImageWriter:
-    """Writes image files atomically and durably on a pool of threads of its own.
+    """Writes image files atomically and durably, off the event loop, in groups.
 
-    Each file: a temporary file beside its final name, made durable, then renamed over
-    the final name, so a final name only ever stands over complete bytes. On Linux the
-    durability step is a shared syncfs(2) (`_GroupSync`: one flush for every file that
-    is ready, instead of one fsync each); elsewhere an fsync per file. The rename itself
-    is not flushed per file: a power cut may lose the newest renames (never expose a
-    partial file), and the batch command redoes a prompt whose file is missing.
-    File creation and renames run in parallel: on a busy disk each costs a journal
-    write, and one thread alone would cap a batch at a few hundred images a second.
+    Rounds run one at a time on the event loop's default executor: a round takes every
+    image handed over since the last one began, decodes and checks each, creates it
+    under a temporary name beside its final one and writes it, makes the group's bytes
+    durable with one syncfs(2) of the filesystem (on Linux; elsewhere it fsyncs each file
+    as it writes it), renames each over its final name, and makes the renames durable
+    with one fsync of the directory. Only then are the awaiters woken: when a save
+    returns, the file would survive a power cut, name included (what the batch command's
+    manifest relies on), and a final name only ever stands over complete bytes.
+
+    One round at a time, not a pool: in a busy event loop a thread waits for the
+    interpreter lock each time it wakes, and a saving prompt waits for all of them; one
+    flush per group makes parallel fsyncs unnecessary. Decoding ``b64_json`` there keeps
+    that work out of the event loop's own turn. All of its state is touched on the event
+    loop's thread only (the round's result comes back as the executor future's
+    callback), so it needs no lock; each `Downloader` has its own.
+
+    Example::
+
+        writer = _ImageWriter(_syncfs())
+        path = await writer.write(_Job("out", "fox", png_bytes, None, None, 10**6))
     """
 
-    _THREADS = 16
+    __slots__ = ("_loop", "_pending", "_running", "_syncfs")
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._syncs: dict[int, _GroupSync] = {}
-        self._syncfs: Callable[[int], None] | None = None
+    def __init__(self, syncfs: Callable[[int], None] | None) -> None:
+        self._syncfs = syncfs
+        self._pending: list[_Job] = []  # handed over since the running round began
+        self._running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def submit(self, path: Path, data: bytes) -> concurrent.futures.Future[None]:
-        pool = self._pool
-        if pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._syncfs = _syncfs()
-                    self._pool = concurrent.futures.ThreadPoolExecutor(
-                        self._THREADS, thread_name_prefix="flux-async-image-writer"
-                    )
-                pool = self._pool
-        return pool.submit(self._write, path, data)
+    def write(self, job: _Job) -> asyncio.Future[str]:
+        """Write ``job``'s image; the future is done, with its path, once it is durable."""
+        if job.loop is not self._loop:
+            # A new event loop (the old one's round, if any, ended with it).
+            self._loop, self._running, self._pending = job.loop, False, []
+        self._pending.append(job)
+        if not self._running:
+            self._start()
+        return job.future
 
-    def _group(self, directory: Path) -> _GroupSync | None:
-        syncfs = self._syncfs
-        if syncfs is None:
-            return None
-        device = os.stat(directory).st_dev
-        group = self._syncs.get(device)
-        if group is None:
-            with self._lock:
-                group = self._syncs.setdefault(device, _GroupSync(syncfs))
-        return group
+    def _start(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        jobs, self._pending = self._pending, []
+        self._running = True
+        round_ = loop.run_in_executor(None, _write_group, jobs, self._syncfs)
+        round_.add_done_callback(functools.partial(self._finished, jobs))
 
-    def _write(self, path: Path, data: bytes) -> None:
-        group = self._group(path.parent) if path.parent.is_dir() else None
-        temporary = _stage(path, data, sync=self._syncfs is None)
+    def _finished(self, jobs: list[_Job], round_: asyncio.Future[list[_Written]]) -> None:
+        """On the event loop: wake the round's awaiters, then start the next round."""
+        self._running = False
+        if round_.cancelled():
+            outcomes: list[_Written] = [(job, asyncio.CancelledError()) for job in jobs]
+        elif (error := round_.exception()) is not None:
+            outcomes = [(job, error) for job in jobs]
+        else:
+            outcomes = round_.result()
+        for job, outcome in outcomes:
+            if job.future.done():  # its awaiter was cancelled meanwhile
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+        if self._pending and round_.get_loop() is self._loop:
+            self._start()
+
+
+#: A job and how it ended: the path written, or the error.
+_Written: TypeAlias = tuple["_Job", "str | BaseException"]
+
+
+def _write_group(jobs: list[_Job], syncfs: Callable[[int], None] | None) -> list[_Written]:
+    """On a worker thread: stage every job's file, flush them together, rename each, and
+    make the renames durable; return how each job ended."""
+    outcomes: list[_Written] = []
+    group: list[_Staged] = []
+    for job in jobs:
         try:
-            if self._syncfs is not None:
-                if group is None:
-                    group = self._group(path.parent)
-                assert group is not None
-                group.sync(path.parent)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-
-
-_WRITER = _ImageWriter()
+            path, data = job.image()
+            group.append((path, _stage(path, data, sync=syncfs is None), job))
+        except Exception as exc:
+            outcomes.append((job, exc))
+    try:
+        if syncfs is not None:
+            for directory in _directories(group):
+                _flush(syncfs, directory)
+    except Exception as exc:  # a flush that failed: nobody may wait forever
+        for _, temporary, job in group:
+            _remove(temporary)
+            outcomes.append((job, exc))
+        return outcomes
+    done = []
+    for path, temporary, job in group:
+        try:
+            _rename(temporary, path)
+        except Exception as exc:
+            outcomes.append((job, exc))
+        else:
+            done.append((path, temporary, job))
+    for directory in _directories(done):
+        _fsync_directory(directory)
+    outcomes.extend((job, path) for path, _, job in done)
+    return outcomes
 
 
 async def store_image(
@@ -368,7 +490,7 @@ async def store_image(
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Path:
     """Check that ``data`` is a PNG, JPEG or WebP image and write it atomically and
-    durably to ``path`` with the matching suffix, on a writer thread (never blocking the
+    durably to ``path`` with the matching suffix, on a worker thread (never blocking the
     event loop); return the path written.
 
     ``url`` (or None for a ``b64_json`` image) and ``content_type`` only name the source
@@ -378,32 +500,24 @@ async def store_image(
 
         await store_image(png_bytes, Path("out/fox"), url=None)  # PosixPath('out/fox.png')
     """
-    if len(data) > max_bytes:
-        raise ImageDownloadError(
-            f"The image {'in b64_json' if url is None else 'from ' + redact_url(url)} is "
-            f"{len(data)} bytes, over the "
-            f"{max_bytes}-byte cap (max_image_bytes)",
-            url=url,
-            path=str(path),
-            content_type=content_type,
-        )
-    kind = image_type(data)
-    if kind is None:
-        source = (
-            "The server's b64_json image"
-            if url is None
-            else f"The body from {redact_url(url)} (Content-Type: {content_type or 'none'})"
-        )
-        raise ImageDownloadError(
-            f"{source} is not a PNG, JPEG or WebP image: {len(data)} bytes starting {data[:16]!r}",
-            url=url,
-            path=str(path),
-            content_type=content_type,
-        )
-    target = _with_suffix(path, kind)
-    # Off the event loop, on the writer's threads; see _ImageWriter.
-    await asyncio.wrap_future(_WRITER.submit(target, data))
-    return target
+    directory, name = os.path.split(os.fspath(path))
+    return await _store(data, directory, name, url, content_type, max_bytes)
+
+
+async def _store(
+    payload: bytes | str,
+    directory: str,
+    name: str,
+    url: str | None,
+    content_type: str | None,
+    max_bytes: int,
+    writer: _ImageWriter | None = None,
+) -> Path:
+    """`store_image` for bytes or ``b64_json`` text, on a path split in two strings
+    (pathlib costs as much as the rest of the event loop's share of a save); through
+    ``writer`` (a downloader's own, so its saves share flushes) or a writer of its own."""
+    job = _Job(directory, name, payload, url, content_type, max_bytes)
+    return Path(await (writer or _ImageWriter(_syncfs())).write(job))
 
 
 def _content_type(headers: Mapping[str, str]) -> str | None:
@@ -417,6 +531,16 @@ def _content_type(headers: Mapping[str, str]) -> str | None:
 
 def _origin(url: yarl.URL) -> tuple[str, str, int | None]:
     return (url.scheme.lower(), (url.host or "").lower(), url.port)
+
+
+@attrs.frozen
+class _Refused:
+    """A download attempt that failed: its error, and the answer's status and content
+    type when there was an answer."""
+
+    error: APIError
+    status: int | None = None
+    content_type: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -444,6 +568,10 @@ class Downloader:
     is_closed: Callable[[], bool] = attrs.field(default=lambda: False, repr=False)
     _api: tuple[str, str, int | None] = attrs.field(init=False, repr=False)
     _plain_headers: Mapping[str, str] = attrs.field(init=False, repr=False)
+    # Its saves go through one writer, so the files of a fan-out share their flushes.
+    _writer: _ImageWriter = attrs.field(
+        init=False, repr=False, eq=False, factory=lambda: _ImageWriter(_syncfs())
+    )
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "_api", _origin(yarl.URL(self.api_origin)))
@@ -507,52 +635,63 @@ class Downloader:
             if self.is_closed():
                 raise ClientClosedError("this FluxClient is closed; create a new one")
             attempts += 1
-            error: APIError
-            status: int | None = None
-            content_type: str | None = None
-            try:
-                answer = await self.transport.send(request)
-            except APIConnectionError as exc:
-                error = exc
-            else:
-                status = answer.status
-                content_type = _content_type(answer.headers)
-                if status < 300:
-                    if answer.truncated:
-                        raise ImageDownloadError(
-                            f"The image at {redact_url(url)} is over the {self.max_bytes}-byte "
-                            "cap (max_image_bytes); it was not read",
-                            url=url,
-                            status_code=status,
-                            content_type=content_type,
-                            download_attempts=attempts,
-                        )
-                    return answer.body, content_type, attempts
-                json_like = (content_type or "").lower().startswith("application/json")
-                error = error_for_status(
-                    status,
-                    error_body(answer.body, expect_json=json_like),
-                    headers=answer.headers,
-                    retry_after=parse_retry_after(answer.headers),
-                )
-            if isinstance(error, RateLimitError):
+            outcome = await self._attempt(request, attempts)
+            if not isinstance(outcome, _Refused):
+                body, content_type = outcome
+                return body, content_type, attempts
+            if isinstance(outcome.error, RateLimitError):
                 rate_limited += 1
             else:
                 failures += 1
             remaining = None if deadline_at is None else deadline_at - loop.time()
             decision = decide_retry(
-                policy, error, failures=failures, rate_limited=rate_limited, remaining=remaining
+                policy,
+                outcome.error,
+                failures=failures,
+                rate_limited=rate_limited,
+                remaining=remaining,
             )
             if not decision.retry:
                 raise ImageDownloadError(
                     f"Could not download the image at {redact_url(url)} after {attempts} "
-                    f"attempt(s): {error}",
+                    f"attempt(s): {outcome.error}",
                     url=url,
-                    status_code=status,
-                    content_type=content_type,
+                    status_code=outcome.status,
+                    content_type=outcome.content_type,
                     download_attempts=attempts,
-                ) from error
+                ) from outcome.error
             await asyncio.sleep(0 if policy.testing else decision.wait)
+
+    async def _attempt(
+        self, request: TransportRequest, attempts: int
+    ) -> tuple[bytes, str | None] | _Refused:
+        """One GET: the body and its content type, or why not (a body over the cap is an
+        `ImageDownloadError` at once: another attempt would not shrink it)."""
+        try:
+            answer = await self.transport.send(request)
+        except APIConnectionError as exc:
+            return _Refused(exc)
+        status = answer.status
+        content_type = _content_type(answer.headers)
+        if status >= 300:
+            json_like = (content_type or "").lower().startswith("application/json")
+            error = error_for_status(
+                status,
+                error_body(answer.body, expect_json=json_like),
+                headers=answer.headers,
+                retry_after=parse_retry_after(answer.headers),
+            )
+            return _Refused(error, status, content_type)
+        if answer.truncated:
+            raise ImageDownloadError(
+                f"The image at {redact_url(request.url)} is over the {self.max_bytes}-byte "
+                "cap (max_image_bytes); it was not read",
+                url=request.url,
+                status_code=status,
+                content_type=content_type,
+                download_attempts=attempts,
+            )
+        return answer.body, content_type
 
     async def save(self, url: str | None, b64_json: str | None, path: Path) -> Path:
         """Fetch ``url`` (or decode ``b64_json``), check it is an image and write it to
@@ -562,17 +701,21 @@ class Downloader:
 
             await client.downloader.save(image.url, image.b64_json, Path("out/fox"))
         """
+        directory, name = os.path.split(os.fspath(path))
+        return await self._save(url, b64_json, directory, name)
+
+    async def _save(self, url: str | None, b64_json: str | None, directory: str, name: str) -> Path:
+        payload: bytes | str
         if b64_json is not None:
-            data = decode_b64(b64_json)
-            content_type = None
-            url = None
+            # Decoded on the writer's thread.
+            payload, content_type, url = b64_json, None, None
         elif url is not None:
-            data, content_type, _ = await self.fetch(url)
+            payload, content_type, _ = await self.fetch(url)
         else:
             raise ImageDownloadError("This image has neither a url nor b64_json: nothing to save")
         try:
-            return await store_image(
-                data, path, url=url, content_type=content_type, max_bytes=self.max_bytes
+            return await _store(
+                payload, directory, name, url, content_type, self.max_bytes, self._writer
             )
         except ImageDownloadError as exc:
             exc.url = url
@@ -588,13 +731,14 @@ class Downloader:
 
             await client.downloader.save_all([(i.url, i.b64_json) for i in r.data], out, "fox")
         """
-        paths = image_paths(directory, stem, len(images))
+        names = _names(stem, len(images))
+        folder = os.fspath(directory)
         if len(images) == 1:
             ((url, b64),) = images
-            return [await self.save(url, b64, paths[0])]
+            return [await self._save(url, b64, folder, names[0])]
         tasks = [
-            asyncio.ensure_future(self.save(url, b64, path))
-            for (url, b64), path in zip(images, paths, strict=True)
+            asyncio.ensure_future(self._save(url, b64, folder, name))
+            for (url, b64), name in zip(images, names, strict=True)
         ]
         try:
             # Not a TaskGroup: its ExceptionGroup would hide the ImageDownloadError.

@@ -68,9 +68,7 @@ async def test_a_fresh_limiter_ramps_its_first_spike() -> None:
     limiter = RateLimiter()
     times = await grant_times(limiter, 64)
     window, doubling = DEFAULT_START_WINDOW, DEFAULT_DOUBLING
-    expected = [
-        0.0 if k < window else doubling * math.log2((k + 1) / window) for k in range(64)
-    ]
+    expected = [0.0 if k < window else doubling * math.log2((k + 1) / window) for k in range(64)]
     # Virtual time ticks in whole microseconds: a permit may go up to 1 µs late.
     assert times == pytest.approx(expected, abs=2e-6)
     assert limiter.statistics().rate is None  # ramping is not pacing

@@ -294,18 +294,18 @@ async def test_size_cap_stops_an_endless_body(tmp_path: Path) -> None:
 async def test_writes_are_atomic_and_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The write runs on the writer's threads; a failed write leaves neither the file nor
-    its temporary file; an old file is replaced whole or not at all."""
+    """The write runs on a worker thread, not the event loop's; a failed write leaves
+    neither the file nor its temporary file; an old file is replaced whole or not at all."""
     threads: list[str] = []
     real = save_module._stage
 
-    def spy(path: Path, data: bytes, *, sync: bool) -> Path:
+    def spy(path: str, data: bytes, *, sync: bool) -> str:
         threads.append(threading.current_thread().name)
         return real(path, data, sync=sync)
 
     monkeypatch.setattr(save_module, "_stage", spy)
     await save_module.store_image(PNG, tmp_path / "a", url=None)
-    assert threads[0].startswith("flux-async-image-writer")
+    assert threads[0] != threading.current_thread().name  # not the event loop's thread
 
     old = tmp_path / "a.png"
     assert old.read_bytes() == PNG
@@ -415,8 +415,8 @@ async def test_a_failed_write_fails_the_prompt_with_image_save_error(
 ) -> None:
     """Disk full while saving: ImageSaveError saying the generation succeeded."""
 
-    def full(path: Path, data: bytes, *, sync: bool) -> Path:
-        raise OSError(28, "No space left on device", str(path))
+    def full(path: str, data: bytes, *, sync: bool) -> str:
+        raise OSError(28, "No space left on device", path)
 
     monkeypatch.setattr(save_module, "_stage", full)
     async with mock_client(lambda r: answer(b64=PNG)) as client:
@@ -525,33 +525,62 @@ async def test_a_call_waiting_to_retry_is_not_sent_after_the_stop() -> None:
     assert "was not retried after 1 attempt(s)" in str(busy.error)
 
 
-def test_group_sync_shares_one_flush_among_writers_that_wait_together(tmp_path: Path) -> None:
-    """20 writers at once: far fewer flushes than writers, and each writer returns only
-    after a flush that started after it asked."""
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-each"])
+async def test_group_commit_wakes_a_writer_after_a_flush_that_followed_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool
+) -> None:
+    """30 files at once, flushes made slow: far fewer flushes than files, every file
+    whole under its name, and each writer woken only after a flush (syncfs, or an fsync
+    of the directory) that started once its file was renamed: its name is durable."""
     import time
 
     flushes: list[tuple[float, float]] = []
 
-    def slow_syncfs(fd: int) -> None:
-        started = time.monotonic()
-        time.sleep(0.02)
-        flushes.append((started, time.monotonic()))
+    def slow(flush: Any) -> Any:
+        def timed(target: Any) -> None:
+            started = time.monotonic()
+            time.sleep(0.05)  # a disk's flush, so that files pile up meanwhile
+            flush(target)
+            flushes.append((started, time.monotonic()))
 
-    group = save_module._GroupSync(slow_syncfs)
-    asked: dict[int, float] = {}
-    returned: dict[int, float] = {}
+        return timed
 
-    def writer(i: int) -> None:
-        asked[i] = time.monotonic()
-        group.sync(tmp_path)
-        returned[i] = time.monotonic()
+    renamed: dict[str, float] = {}
+    real_rename = save_module._rename
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(returned) == 20
-    assert len(flushes) <= 4
-    for i in range(20):
-        assert any(asked[i] <= start and end <= returned[i] for start, end in flushes)
+    def rename(temporary: str, path: str) -> None:
+        real_rename(temporary, path)
+        renamed[path] = time.monotonic()
+
+    monkeypatch.setattr(save_module, "_rename", rename)
+    monkeypatch.setattr(save_module, "_fsync_directory", slow(save_module._fsync_directory))
+    writer = save_module._ImageWriter(slow(lambda fd: None) if syncfs else None)
+    returned: dict[str, float] = {}
+
+    async def write(i: int) -> None:
+        job = save_module._Job(str(tmp_path), f"{i:02d}", PNG + bytes([i]), None, None, 10**6)
+        path = await writer.write(job)
+        returned[path] = time.monotonic()
+
+    await asyncio.gather(*(write(i) for i in range(30)))
+    assert len(returned) == 30
+    assert 1 <= len(flushes) <= 10
+    for path, woken in returned.items():
+        assert any(renamed[path] <= start and end <= woken for start, end in flushes), path
+    assert names(tmp_path) == [f"{i:02d}.png" for i in range(30)]
+    assert all((tmp_path / f"{i:02d}.png").read_bytes() == PNG + bytes([i]) for i in range(30))
+    assert leftovers(tmp_path) == []
+
+
+async def test_a_failed_flush_fails_its_writers_and_leaves_nothing(tmp_path: Path) -> None:
+    """A flush that fails (EIO): the writers waiting on it get the error, not a hang,
+    and no file, final or temporary, is left."""
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    writer = save_module._ImageWriter(broken)
+    jobs = [save_module._Job(str(tmp_path), str(i), PNG, None, None, 10**6) for i in range(3)]
+    results = await asyncio.gather(*(writer.write(job) for job in jobs), return_exceptions=True)
+    assert [str(r) for r in results] == ["[Errno 5] Input/output error"] * 3
+    assert names(tmp_path) == []
