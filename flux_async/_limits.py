@@ -308,12 +308,15 @@ class RateLimiter(Limiter):
         """Whether the start ramp lets a permit go now; ends the ramp once it is moot."""
         ramp = self._ramp
         assert ramp is not None
-        if self._pacer.rate is not None or ramp.finished(now):
-            # Pacing has begun (a 429 or the server's headers set a rate), or the
-            # allowance outgrew any spike: from here the pacer alone decides.
+        if self._pacer.rate is not None:
+            # Pacing has begun (a 429 or the server's headers set a rate): from here the
+            # pacer alone decides.
             self._ramp = None
             return True
-        return ramp.take(now)
+        taken = ramp.take(now)
+        if ramp.done:  # the allowance outgrew any spike
+            self._ramp = None
+        return taken
 
     async def _book_in_line(self, loop: asyncio.AbstractEventLoop) -> float:
         """Queue (FIFO) behind the pause gate and the horizon, then book a slot."""

@@ -47,7 +47,7 @@ class StartRamp:
         ramp.take(0.0)                       # True
     """
 
-    __slots__ = ("_began", "_doubling", "_granted", "_successes", "_window")
+    __slots__ = ("_began", "_doubling", "_granted", "_successes", "_window", "done")
 
     def __init__(
         self, *, window: int = DEFAULT_START_WINDOW, doubling: float = DEFAULT_DOUBLING
@@ -57,6 +57,7 @@ class StartRamp:
         self._began = NEVER  # the first permit's time
         self._granted = 0
         self._successes = 0
+        self.done = False  # set by `take` once the allowance holds nothing back
 
     def _allowance(self, now: float) -> float:
         grown = self._window * math.exp2(min((now - self._began) / self._doubling, 64.0))
@@ -66,8 +67,11 @@ class StartRamp:
         """Grant one permit at ``now`` if the allowance has room; False otherwise."""
         if self._began == NEVER:
             self._began = now
+        allowance = self._allowance(now)
+        if allowance >= _END:
+            self.done = True  # the caller drops the ramp: one allowance per permit, not two
         # The tolerance makes `due_at`'s time enough despite rounding in log2 and exp2.
-        if self._granted + 1 <= self._allowance(now) + 1e-9:
+        if self._granted + 1 <= allowance + 1e-9:
             self._granted += 1
             return True
         return False
