@@ -50,8 +50,8 @@ from ._exceptions import EventLoopError, ValidationError
 from ._gate import PauseGate, pauses_everyone
 from ._pacer import DEFAULT_BURST, DEFAULT_HORIZON, Pacer
 from ._quota import ServerRate
-from ._ramp import StartRamp
-from ._timing import Alarm, check_positive, check_retry_after
+from ._ramp import RampLine
+from ._timing import check_positive, check_retry_after
 
 __all__ = [
     "DEFAULT_BURST",
@@ -173,27 +173,22 @@ class RateLimiter(Limiter):
     * ``horizon``: no permit is booked more than this many seconds ahead. Waiters beyond it
       queue (first in, first out) and book when their slot comes within reach, so a cut
       applies to them.
-    * The pause gate: ``on_rate_limited(retry_after)`` shuts it until
-      ``max(pause_until, now + retry_after)`` when the 429 is overload (below) or its
-      ``retry_after`` is longer than ``window``; a tolerated one only delays its own
-      retry. Nobody gets a permit before then, and a permit booked inside the pause is
-      booked again after it. When the gate opens, waiters leave at the paced rate.
+    * The pause gate: ``on_rate_limited(retry_after)`` shuts it until at least ``now +
+      retry_after`` when the 429 is overload (below) or ``retry_after`` exceeds
+      ``window``; a tolerated one only delays its own retry. A permit booked inside the
+      pause is booked again after it; then waiters leave at the paced rate.
     * ``adaptive``: a 429 that makes 429s more than ``tolerance`` (5 %) of the window's
-      permits is overload (a lone 429 from network jitter is retried, not punished): at
-      most once per ``window`` seconds it cuts the rate to ``max(min_rate,
-      decrease_factor * min(rate, sent))``, ``sent`` being the permits per second of the
-      last window. A success a full ``window`` after the last overload adds ``increase``
-      req/s, up to the ceiling (default: 5 % of it; with none, 10 % of the rate the last
-      cut set; at least 0.5 req/s). `AdaptiveController` has the details: probing after
-      the first cut, the floor under a cut, futility.
+      permits is overload (a lone 429 is just retried): at most once per ``window`` it
+      cuts the rate to ``max(min_rate, decrease_factor * min(rate, sent))``, ``sent``
+      being the last window's permits per second; a success a calm ``window`` later adds
+      ``increase`` req/s, up to the ceiling. `AdaptiveController` has the details.
     * ``slow_start``: a fresh adaptive limiter with no ceiling grants 16 permits at once,
-      then twice as many every 50 ms, and two more for each success (`StartRamp`), until
-      a 429 or the server's quota headers set a pace, so a first spike of 200 calls meets
-      a rate-limited server with a few 429s instead of 180. ``False`` grants all at once.
+      then twice as many every 50 ms and two more per success (`StartRamp`) until a pace
+      is set, so a first spike of 200 calls meets a rate-limited server with a few 429s
+      instead of 180; the waiters it frees leave together. ``False`` grants all at once.
 
-    Cancelling a task inside `acquire` is safe: ``waiting`` drops and nothing stays locked.
-    If the task had already booked a slot, that slot is wasted: it is not handed back to
-    the next waiter (the schedule runs a little below the rate, never above).
+    Cancelling a task inside `acquire` is safe: nothing stays locked; a slot it had booked
+    is wasted, not handed on (the schedule runs a little below the rate, never above).
 
     Created outside an event loop or inside one; it binds to the first running loop that
     uses it and rebinds (clearing its clock state) when idle under another.
@@ -241,18 +236,13 @@ class RateLimiter(Limiter):
         if not isinstance(slow_start, bool):
             raise ValidationError("slow_start", slow_start, "True or False")
         # Only an unpaced limiter ramps: one with a ceiling paces from its first permit.
-        self._ramp = StartRamp() if slow_start and self._adaptive and ceiling is None else None
+        self._ramp = RampLine() if slow_start and self._adaptive and ceiling is None else None
 
         # Per-loop state, made lazily in the running loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._line: asyncio.Lock | None = None  # the queue beyond the horizon or the gate
         self._queued = 0  # tasks in (or entering) the line
-        # Rung by a success while the head of the line waits for the ramp to widen.
-        self._ramp_alarm = Alarm()
-
-        self._permits = 0
-        self._waiting = 0
-        self._rate_limited = 0
+        self._permits = self._waiting = self._rate_limited = 0
         self._server_rate = ServerRate()  # read off the quota headers (`on_quota`)
 
     # -- the hot path ------------------------------------------------------------------
@@ -276,7 +266,9 @@ class RateLimiter(Limiter):
         try:
             while True:
                 if slot is None:
-                    slot = await self._book_in_line(loop)
+                    slot = await self._wait_for_ramp(loop)
+                    if slot is None:
+                        slot = await self._book_in_line(loop)
                 delay = slot - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -297,26 +289,33 @@ class RateLimiter(Limiter):
         now = loop.time()
         if self._queued or not self._gate.is_open(now):
             return False
-        if self._ramp is not None and not self._ramp_takes(now):
-            return False  # the ramp holds it back: acquire() queues it
+        if self._ramp is not None and self._ramp_holds(now):
+            return False  # acquire() waits for the ramp to widen
         if not self._pacer.take_due(now):
             return False  # not due yet: acquire() books it and sleeps
         self._grant(now)
         return True
 
-    def _ramp_takes(self, now: float) -> bool:
-        """Whether the start ramp lets a permit go now; ends the ramp once it is moot."""
-        ramp = self._ramp
-        assert ramp is not None
-        if self._pacer.rate is not None:
-            # Pacing has begun (a 429 or the server's headers set a rate): from here the
-            # pacer alone decides.
+    def _ramp_holds(self, now: float) -> bool:
+        """Whether the start ramp holds a permit back; drops the ramp once it is over."""
+        line = self._ramp
+        assert line is not None
+        held = line.holds(now, paced=self._pacer.rate is not None)
+        if line.over:
             self._ramp = None
-            return True
-        taken = ramp.take(now)
-        if ramp.done:  # the allowance outgrew any spike
+        return held
+
+    def _end_ramp(self) -> None:
+        if self._ramp is not None:
+            self._ramp.end()
             self._ramp = None
-        return taken
+
+    async def _wait_for_ramp(self, loop: asyncio.AbstractEventLoop) -> float | None:
+        """Wait while the start ramp holds permits back; None once it no longer applies."""
+        line = self._ramp
+        if line is None or self._pacer.rate is not None or not await line.wait(loop):
+            return None
+        return self._pacer.reserve(loop.time())
 
     async def _book_in_line(self, loop: asyncio.AbstractEventLoop) -> float:
         """Queue (FIFO) behind the pause gate and the horizon, then book a slot."""
@@ -328,14 +327,16 @@ class RateLimiter(Limiter):
             # Only the head of the line sleeps on a timer; the others wait on the lock, so
             # a permit costs O(1) wake-ups however long the line is.
             async with self._line:
+                ramped = False  # whether the ramp has granted our permit
                 while True:
                     now = loop.time()
                     if not gate.is_open(now):
                         await asyncio.sleep(gate.pause_until - now)
                         continue
-                    ramp = self._ramp
-                    if ramp is not None and not self._ramp_takes(now):
-                        await self._ramp_alarm.sleep_until(loop, ramp.due_at(now))
+                    line = self._ramp
+                    if not ramped and line is not None and self._ramp_holds(now):
+                        # Rare: the gate shut (a long Retry-After) before pacing began.
+                        ramped = await line.wait(loop)
                         continue
                     slot = pacer.reserve(now)
                     if slot is not None:
@@ -362,10 +363,9 @@ class RateLimiter(Limiter):
             # `_now` rebinds to the running loop; the controller reads it only when a
             # growth step may be due, so most successes touch no clock.
             self._controller.on_success(self._now)
-            ramp = self._ramp
-            if ramp is not None:
-                ramp.on_success()
-                self._ramp_alarm.ring()  # the head of the line may go now
+            line = self._ramp
+            if line is not None:
+                line.on_success(self._now())  # the next waiters may go now
 
     def on_rate_limited(self, retry_after: float | None) -> None:
         """Report a 429: shut the pause gate for ``retry_after`` seconds, cut the rate.
@@ -386,14 +386,15 @@ class RateLimiter(Limiter):
         if gate.pause_until > now:
             # The cut above (if any) has set the new pace: the gate releases at that pace.
             self._pacer.hold_until(gate.pause_until)
+        if self._pacer.rate is not None:
+            self._end_ramp()  # pacing has begun: whoever the ramp held books a slot
 
     def on_quota(self, limit: int, remaining: int, reset: float) -> None:
         """Learn the server's rate from its quota headers (adaptive limiters only).
 
         The refill rate is ``(limit - remaining) / reset``: the requests used up, won back
-        in ``reset`` seconds. It caps the rate's growth; pacing starts at it (or comes
-        down to it) once the server's bucket is empty, so a spike meets the server's pace
-        instead of a burst of 429s. A full bucket (``remaining == limit``) tells no rate.
+        in ``reset`` seconds. It caps the rate's growth; pacing starts at it (or comes down
+        to it) once the server's bucket is empty. A full bucket tells no rate.
         """
         if not self._adaptive or remaining > limit or not reset > 0:
             return
@@ -411,6 +412,7 @@ class RateLimiter(Limiter):
             if pacer.burst != limit:
                 pacer.set_burst(limit)
             pacer.hold_to(now, remaining)
+            self._end_ramp()  # pacing has begun: whoever the ramp held books a slot
 
     # -- the event loop ----------------------------------------------------------------
 
@@ -430,7 +432,7 @@ class RateLimiter(Limiter):
         self._loop = loop
         self._line = None
         if self._ramp is not None:
-            self._ramp = StartRamp()  # times of the old clock mean nothing here
+            self._ramp = RampLine()  # times of the old clock mean nothing here
         self._pacer.forget_times()
         self._gate.forget_times()
         self._controller.forget_times()

@@ -19,11 +19,13 @@ Like `Pacer`, it takes the time as a number and never waits.
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections import deque
 
 from ._timing import NEVER
 
-__all__ = ["DEFAULT_DOUBLING", "DEFAULT_START_WINDOW", "StartRamp"]
+__all__ = ["DEFAULT_DOUBLING", "DEFAULT_START_WINDOW", "RampLine", "StartRamp"]
 
 #: Permits a fresh limiter grants at once: below any spike worth the name, and still at
 #: or below the burst of the strictest gateways we have seen (20).
@@ -80,6 +82,10 @@ class StartRamp:
         """Count an answer that went well: it widens the allowance by two."""
         self._successes += 1
 
+    def give_back(self) -> None:
+        """Return a permit `take` granted but nobody used (its task was cancelled)."""
+        self._granted -= 1
+
     def due_at(self, now: float) -> float:
         """When the clock alone lets the next permit go (successes may let it go sooner)."""
         if self._began == NEVER:
@@ -98,3 +104,109 @@ class StartRamp:
             f"<{type(self).__name__} window={self._window} doubling={self._doubling:g}s"
             f" granted={self._granted} successes={self._successes}>"
         )
+
+
+class RampLine:
+    """The tasks a `StartRamp` holds back, let go together as soon as it has room.
+
+    A success widens the allowance by two, and the answers of a fast server arrive many at
+    a time. Letting the waiters go one per turn of the event loop (a lock's hand-off)
+    would spread them out for good: each later answer would then arrive alone, and every
+    request pay a turn of the loop (one ``epoll`` call, one wake-up of the server) of its
+    own. `release` lets every waiter the allowance has room for go in the same turn, first
+    come first served, and arms one timer for when the clock next makes room.
+
+    Example::
+
+        line = RampLine()
+        if line.holds(loop.time(), paced=False):
+            if await line.wait(loop):   # True: a permit; False: the ramp is over
+                ...
+        line.on_success(loop.time())    # may let the next waiters go
+    """
+
+    __slots__ = ("_loop", "_timer", "_waiters", "over", "ramp")
+
+    def __init__(self) -> None:
+        self.ramp = StartRamp()
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.over = False  # set by `end`: the limiter drops the line
+
+    def holds(self, now: float, *, paced: bool) -> bool:
+        """Whether a newcomer must wait (else it has a permit): it waits behind anyone
+        waiting, or for room. Once ``paced`` (pacing began) the ramp is `over`."""
+        if paced:
+            self.end()
+            return False
+        held = bool(self._waiters) or not self.ramp.take(now)
+        if self.ramp.done:  # the allowance outgrew any spike
+            self.end()
+        return held
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Wait for a permit: True once granted, False if the ramp ended (`end`) first."""
+        self._loop = loop
+        future: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append(future)
+        self.release(loop.time())
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.result():
+                # Granted, but the task was cancelled before it could use it.
+                self.ramp.give_back()
+                self.release(loop.time())
+            raise
+
+    def on_success(self, now: float) -> None:
+        """Count a success (two more permits) and let the waiters it makes room for go."""
+        self.ramp.on_success()
+        if self._waiters:
+            self.release(now)
+
+    def release(self, now: float) -> None:
+        """Let go, in order, every waiter the allowance has room for at ``now``."""
+        waiters, ramp = self._waiters, self.ramp
+        while waiters:
+            head = waiters[0]
+            if head.done():  # cancelled while it waited
+                waiters.popleft()
+                continue
+            if not ramp.take(now):
+                self._arm(ramp.due_at(now))
+                return
+            waiters.popleft().set_result(True)
+        self._disarm()
+
+    def end(self) -> None:
+        """The ramp no longer applies (pacing began): send every waiter the normal way."""
+        self.over = True
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(False)
+        self._disarm()
+
+    def _arm(self, when: float) -> None:
+        timer, loop = self._timer, self._loop
+        if loop is None or (timer is not None and timer.when() == when):
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        loop = self._loop
+        if loop is not None:
+            self.release(loop.time())
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} waiting={len(self._waiters)} {self.ramp!r}>"

@@ -3,13 +3,12 @@ duration goes through."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 
 from ._exceptions import ValidationError
 
-__all__ = ["NEVER", "SLACK", "Alarm", "check_positive", "check_retry_after"]
+__all__ = ["NEVER", "SLACK", "check_positive", "check_retry_after"]
 
 # A deadline closer than this counts as reached. asyncio runs a timer up to one clock tick
 # early (BaseEventLoop uses the same resolution), and float sums miss by an ulp
@@ -46,39 +45,3 @@ def check_retry_after(value: float | None) -> float | None:
     ):
         raise ValidationError("retry_after", value, "a finite number >= 0, or None")
     return value
-
-
-class Alarm:
-    """A sleep until a given time that `ring` can cut short, for one sleeper at a time.
-
-    Example::
-
-        alarm = Alarm()
-        # one task:                                   # another, later:
-        await alarm.sleep_until(loop, loop.time() + 5)  alarm.ring()   # wakes it now
-    """
-
-    __slots__ = ("_future",)
-
-    def __init__(self) -> None:
-        self._future: asyncio.Future[None] | None = None
-
-    async def sleep_until(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        """Sleep until ``when`` (a time of ``loop``) or until `ring`, whichever is first."""
-        future = self._future = loop.create_future()
-        timer = loop.call_at(when, _ring, future)
-        try:
-            await future
-        finally:
-            timer.cancel()
-            self._future = None
-
-    def ring(self) -> None:
-        """Wake the sleeper now, if there is one."""
-        if self._future is not None:
-            _ring(self._future)
-
-
-def _ring(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

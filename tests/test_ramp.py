@@ -92,6 +92,67 @@ async def test_a_success_lets_the_next_waiters_go_at_once() -> None:
 
 
 @pytest.mark.looptime
+async def test_waiters_the_allowance_has_room_for_all_go_in_one_turn() -> None:
+    """A fast server's answers arrive many at a time: the waiters they make room for must
+    leave together, in order. Let go one per turn of the loop, they would stay spread out
+    and every later request would cost a turn of its own."""
+    limiter = RateLimiter()
+    for _ in range(DEFAULT_START_WINDOW):
+        assert limiter.try_acquire()
+    order: list[int] = []
+
+    async def waiter(k: int) -> None:
+        await limiter.acquire()
+        order.append(k)
+
+    tasks = [asyncio.create_task(waiter(k)) for k in range(12)]
+    await asyncio.sleep(0)
+    assert not order and limiter.statistics().waiting == 12
+    for _ in range(5):  # five answers in one turn: room for ten more
+        limiter.on_success()
+    await asyncio.sleep(0)  # one turn
+    assert order == list(range(10))
+    assert not limiter.try_acquire()  # no newcomer jumps the two still held
+    await asyncio.gather(*tasks)
+    assert order == list(range(12))
+
+
+@pytest.mark.looptime
+async def test_a_cancelled_waiter_hands_its_permit_on() -> None:
+    limiter = RateLimiter()
+    for _ in range(DEFAULT_START_WINDOW):
+        assert limiter.try_acquire()
+    tasks = [asyncio.create_task(limiter.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    limiter.on_success()  # room for two: the first two are let go
+    tasks[0].cancel()  # before it could run: its permit goes to the third
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert tasks[0].cancelled()
+    assert tasks[1].done() and tasks[2].done()
+    assert now() == 0.0
+    assert limiter.statistics().permits == DEFAULT_START_WINDOW + 2
+
+
+@pytest.mark.looptime
+async def test_pacing_sends_whoever_the_ramp_held_to_book_a_slot() -> None:
+    limiter = RateLimiter()
+    for _ in range(DEFAULT_START_WINDOW):
+        assert limiter.try_acquire()
+    times: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        times.append(now())
+
+    tasks = [asyncio.create_task(one()) for _ in range(5)]
+    await asyncio.sleep(0)
+    limiter.on_quota(20, 0, 0.2)  # the server's bucket is empty: pace at 100/s
+    await asyncio.gather(*tasks)
+    assert times == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05], abs=2e-6)
+
+
+@pytest.mark.looptime
 async def test_pacing_ends_the_ramp() -> None:
     limiter = RateLimiter()
     for _ in range(DEFAULT_START_WINDOW):
