@@ -35,8 +35,9 @@ files/s) >= 0.85, on disk and on tmpfs (where the disk is not the bound, so this
 plain on ÷ off). The raw on ÷ off on disk, and every url figure, are information: an
 HTTP exchange per prompt against a server answering in microseconds is as costly as the
 generation itself; against a real model (seconds per image) it is noise. A note gives
-what decoding the image costs: the standard library's base64 decoder holds the
-interpreter lock, so on a CPU-bound client it alone caps b64 on ÷ off below 1.
+what decoding the image costs with the decoder the library picked (pybase64, from the
+``fast`` or ``cli`` extra, else the standard library's, ~30x slower): a decoder holds the
+interpreter lock, so its time adds to the event loop's whatever thread runs it.
 
     python benchmarks/bench_save.py [--prompts 3000] [--concurrency 64] [--rounds 3]
                                     [--dir DIR] [--tmpfs-dir DIR]
@@ -286,14 +287,18 @@ def ceiling(base: str, count: int, data: bytes, window: int | None = None) -> fl
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _decode_seconds(png: bytes) -> float:
-    """What decoding the ``b64_json`` image costs, per image (the stdlib decoder holds
-    the interpreter lock, so it adds to the event loop's time whatever thread runs it)."""
+def _decode_seconds(png: bytes) -> tuple[float, str]:
+    """What decoding the ``b64_json`` image costs, per image, with the decoder the library
+    uses here (pybase64 when installed, else the standard library's), and its name. A
+    decoder holds the interpreter lock, so it adds to the event loop's time whatever
+    thread runs it."""
+    from flux_async._save import _b64decode, decode_b64
+
     text = base64.b64encode(png).decode()
     started = time.perf_counter()
     for _ in range(200):
-        base64.b64decode(text, validate=True)
-    return (time.perf_counter() - started) / 200
+        decode_b64(text)
+    return (time.perf_counter() - started) / 200, _b64decode().__module__
 
 
 Rates = dict[tuple[str, float, str], list[float]]
@@ -376,7 +381,7 @@ def _output(
     rates: Rates,
     ceilings: Rates,
     problems: list[str],
-    decode: float,
+    decode: tuple[float, str],
     size: int,
 ) -> BenchOutput:
     from _common import BenchOutput, Row, median
@@ -427,10 +432,11 @@ def _output(
             note += f", bare loop ({loop}) {files:.0f} files/s"
         notes.append(note)
     off = median(rates[(*GATED, "off")])
+    seconds, decoder = decode
     notes.append(
-        f"decoding the {size / 1000:.0f} KB b64_json image takes {decode * 1e6:.0f} µs, with "
-        f"the interpreter lock held: at {off:.0f} prompts/s that alone bounds b64 on ÷ off "
-        f"near {1 / (1 + decode * off):.2f} when the client is CPU-bound (tmpfs)"
+        f"decoding the {size / 1000:.0f} KB b64_json image takes {seconds * 1e6:.1f} µs "
+        f"({decoder}), with the interpreter lock held: at {off:.0f} prompts/s that alone "
+        f"bounds b64 on ÷ off near {1 / (1 + seconds * off):.2f} when the client is CPU-bound"
     )
     notes += problems
     return BenchOutput("saving images", rows, notes)

@@ -112,6 +112,20 @@ def redact_url(url: str | None) -> str:
     return shown + "?<redacted>" if parsed.raw_query_string else shown
 
 
+@functools.cache
+def _b64decode() -> Callable[..., bytes]:
+    """pybase64's decoder if it is installed (``flux-async[fast]``, also in the ``cli``
+    extra), else the standard library's. Looked up on the first decode, not at import.
+    The standard one decodes an 18 KB image in ~90 µs holding the interpreter lock, a
+    third of a busy client's time per prompt at a few thousand images a second; pybase64
+    (SIMD) takes ~3 µs."""
+    try:
+        import pybase64
+    except ImportError:
+        return base64.b64decode
+    return pybase64.b64decode
+
+
 def decode_b64(data: str) -> bytes:
     """The bytes of a ``b64_json`` image; `ImageDownloadError` when it is not base64.
 
@@ -119,6 +133,15 @@ def decode_b64(data: str) -> bytes:
 
         decode_b64(image.b64_json)
     """
+    fast = _b64decode()
+    if fast is not base64.b64decode:
+        try:
+            return fast(data, validate=True)
+        except (binascii.Error, ValueError):
+            # pybase64 accepts a subset of what the standard decoder does (it refuses
+            # excess padding, say), with the same bytes: the standard one has the last
+            # word, so installing the extra never turns an image into an error.
+            pass
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -262,13 +285,14 @@ _Staged: TypeAlias = tuple[str, str, _Job]
 _CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
 
-def _stage(path: str, data: bytes, *, sync: bool) -> str:
+def _stage(path: str, data: bytes, *, sync: bool, tag: str | None = None) -> str:
     """Write ``data`` to a new temporary file beside ``path`` (fsynced when ``sync``);
-    return its name. Nothing stands under ``path`` yet; a missing directory is made."""
+    return its name. Nothing stands under ``path`` yet; a missing directory is made.
+    ``tag`` makes the name unique (random when None)."""
     directory, name = os.path.split(path)
     # A dot-name that no final file can have, unique per call: two writers of the same
-    # path never share a temporary file.
-    temporary = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.part")
+    # path never share a temporary file (and O_EXCL refuses one that exists).
+    temporary = os.path.join(directory, f".{name}.{tag or os.urandom(6).hex()}.part")
     try:
         # os.open with 0o666 (not mkstemp's 0o600): the image gets the caller's umask,
         # like any file they write.
@@ -452,10 +476,15 @@ def _write_group(jobs: list[_Job], syncfs: Callable[[int], None] | None) -> list
     make the renames durable; return how each job ended."""
     outcomes: list[_Written] = []
     group: list[_Staged] = []
-    for job in jobs:
+    # One random token per round, numbered per file: a system call per round, not per
+    # file (each one hands the interpreter lock back and forth with the event loop).
+    token = os.urandom(6).hex()
+    for number, job in enumerate(jobs):
         try:
             path, data = job.image()
-            group.append((path, _stage(path, data, sync=syncfs is None), job))
+            group.append(
+                (path, _stage(path, data, sync=syncfs is None, tag=f"{token}{number}"), job)
+            )
         except Exception as exc:
             outcomes.append((job, exc))
     try:

@@ -299,9 +299,9 @@ async def test_writes_are_atomic_and_off_the_event_loop(
     threads: list[str] = []
     real = save_module._stage
 
-    def spy(path: str, data: bytes, *, sync: bool) -> str:
+    def spy(path: str, data: bytes, *, sync: bool, tag: str | None = None) -> str:
         threads.append(threading.current_thread().name)
-        return real(path, data, sync=sync)
+        return real(path, data, sync=sync, tag=tag)
 
     monkeypatch.setattr(save_module, "_stage", spy)
     await save_module.store_image(PNG, tmp_path / "a", url=None)
@@ -415,7 +415,7 @@ async def test_a_failed_write_fails_the_prompt_with_image_save_error(
 ) -> None:
     """Disk full while saving: ImageSaveError saying the generation succeeded."""
 
-    def full(path: str, data: bytes, *, sync: bool) -> str:
+    def full(path: str, data: bytes, *, sync: bool, tag: str | None = None) -> str:
         raise OSError(28, "No space left on device", path)
 
     monkeypatch.setattr(save_module, "_stage", full)
@@ -584,3 +584,39 @@ async def test_a_failed_flush_fails_its_writers_and_leaves_nothing(tmp_path: Pat
     results = await asyncio.gather(*(writer.write(job) for job in jobs), return_exceptions=True)
     assert [str(r) for r in results] == ["[Errno 5] Input/output error"] * 3
     assert names(tmp_path) == []
+
+
+_B64_CASES = [
+    base64.b64encode(PNG).decode(),  # valid
+    base64.b64encode(PNG).decode().rstrip("="),  # padding missing
+    "iVBORw0KGgo!" + base64.b64encode(PNG).decode()[12:],  # a character outside base64
+    base64.b64encode(PNG).decode()[:40] + "\n" + base64.b64encode(PNG).decode()[40:],  # newline
+    "",  # empty: no bytes (then "not an image" when saved)
+    "QUJD====",  # padding in excess
+]
+
+
+@pytest.mark.parametrize("text", _B64_CASES)
+def test_the_fast_b64_decoder_accepts_and_refuses_what_the_standard_one_does(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pybase64 (installed with the `fast` and `cli` extras) is used when present; a
+    user without it must see exactly the same images and the same refusals."""
+    pytest.importorskip("pybase64")
+
+    def outcome() -> bytes | str:
+        try:
+            return save_module.decode_b64(text)
+        except ImageDownloadError:
+            return "refused"
+
+    save_module._b64decode.cache_clear()
+    try:
+        assert save_module._b64decode().__module__.startswith("pybase64")
+        fast = outcome()
+        save_module._b64decode.cache_clear()
+        monkeypatch.setitem(__import__("sys").modules, "pybase64", None)  # not installed
+        assert save_module._b64decode() is base64.b64decode
+        assert outcome() == fast
+    finally:
+        save_module._b64decode.cache_clear()
