@@ -18,14 +18,20 @@ def now() -> float:
     return asyncio.get_running_loop().time()
 
 
-async def grant_times(limiter: RateLimiter, n: int) -> list[float]:
+def start_waiters(limiter: RateLimiter, n: int) -> tuple[list[asyncio.Task[None]], list[float]]:
+    """``n`` tasks acquiring a permit each, and the list their grant times go into."""
     times: list[float] = []
 
     async def one() -> None:
         await limiter.acquire()
         times.append(now())
 
-    await asyncio.gather(*(one() for _ in range(n)))
+    return [asyncio.create_task(one()) for _ in range(n)], times
+
+
+async def grant_times(limiter: RateLimiter, n: int) -> list[float]:
+    tasks, times = start_waiters(limiter, n)
+    await asyncio.gather(*tasks)
     return sorted(times)
 
 
@@ -107,7 +113,8 @@ async def test_waiters_the_allowance_has_room_for_all_go_in_one_turn() -> None:
 
     tasks = [asyncio.create_task(waiter(k)) for k in range(12)]
     await asyncio.sleep(0)
-    assert not order and limiter.statistics().waiting == 12
+    assert not order
+    assert limiter.statistics().waiting == 12
     for _ in range(5):  # five answers in one turn: room for ten more
         limiter.on_success()
     await asyncio.sleep(0)  # one turn
@@ -129,7 +136,8 @@ async def test_a_cancelled_waiter_hands_its_permit_on() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert tasks[0].cancelled()
-    assert tasks[1].done() and tasks[2].done()
+    assert tasks[1].done()
+    assert tasks[2].done()
     assert now() == 0.0
     assert limiter.statistics().permits == DEFAULT_START_WINDOW + 2
 
@@ -139,13 +147,7 @@ async def test_pacing_sends_whoever_the_ramp_held_to_book_a_slot() -> None:
     limiter = RateLimiter()
     for _ in range(DEFAULT_START_WINDOW):
         assert limiter.try_acquire()
-    times: list[float] = []
-
-    async def one() -> None:
-        await limiter.acquire()
-        times.append(now())
-
-    tasks = [asyncio.create_task(one()) for _ in range(5)]
+    tasks, times = start_waiters(limiter, 5)
     await asyncio.sleep(0)
     limiter.on_quota(20, 0, 0.2)  # the server's bucket is empty: pace at 100/s
     await asyncio.gather(*tasks)
