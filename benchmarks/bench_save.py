@@ -30,6 +30,16 @@ fan-out does (a prompt's worker waits for its files, which bounds what a crash c
 for information: it shows how much of a gap to the first is that bound rather than the
 client.
 
+With b64 images two more "on" runs replace the writer with one that decodes and writes
+nothing: ``loop only`` finishes each image at once, so the event loop does all of its own
+share of a save (the saver, the job, its future, the path) and none of the writer's;
+``loop only +2ms`` finishes each image 2 ms later, as a writer round would at best. Their
+prompts/s ÷ off, printed for information, split the cost of saving: what the event loop
+pays per image, what a worker's wait for its file costs (while it waits, fewer requests
+are on the wire, so each turn of the event loop handles fewer answers and each answer
+costs more CPU), and what the writer thread adds on top (decoding, system calls, and
+the interpreter lock it takes from the loop each time one returns).
+
 Targets, with b64 images: prompts/s with saving ÷ min(prompts/s without, the bare loop's
 files/s) >= 0.85, on disk and on tmpfs (where the disk is not the bound, so this is
 plain on ÷ off). The raw on ÷ off on disk, and every url figure, are information: an
@@ -58,7 +68,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -302,6 +312,36 @@ def _decode_seconds(png: bytes) -> tuple[float, str]:
 
 
 Rates = dict[tuple[str, float, str], list[float]]
+#: The variants whose writer writes nothing, and how long it takes to say it is done.
+LOOP_ONLY = {"loop only": 0.0, "loop only +2ms": 0.002}
+
+
+@contextlib.contextmanager
+def _writer_does_nothing(delay: float) -> Iterator[None]:
+    """Within the block, every image handed to a writer is done ``delay`` seconds later
+    (at once for 0), unread and unwritten: its future gets the path it would have had."""
+    from flux_async import _save
+
+    real = _save._ImageWriter.write
+
+    def write(self: _save._ImageWriter, job: _save._Job) -> asyncio.Future[str]:
+        path = os.path.join(job.directory, job.name + ".png")
+        if delay:
+            job.loop.call_later(delay, _finish, job.future, path)
+        else:
+            job.future.set_result(path)
+        return job.future
+
+    _save._ImageWriter.write = write  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        _save._ImageWriter.write = real  # type: ignore[method-assign]
+
+
+def _finish(future: asyncio.Future[str], path: str) -> None:
+    if not future.done():
+        future.set_result(path)
 
 
 def run(args: argparse.Namespace) -> BenchOutput:
@@ -325,16 +365,27 @@ def run(args: argparse.Namespace) -> BenchOutput:
         places["tmpfs"] = args.tmpfs_dir
     png = _png()
 
-    async def batch(base_url: str, base: str | None, count: int) -> tuple[float, int, int]:
+    async def batch(
+        base_url: str, base: str | None, count: int, *, loop_only: float | None = None
+    ) -> tuple[float, int, int]:
         directory = None if base is None else tempfile.mkdtemp(prefix="flux-bench-save-", dir=base)
         try:
             async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
                 started = time.perf_counter()
-                results = await client.gather_generate(
-                    prompts(count), concurrency=c, save_to=directory
+                writer = (
+                    contextlib.nullcontext()
+                    if loop_only is None
+                    else _writer_does_nothing(loop_only)
                 )
+                with writer:
+                    results = await client.gather_generate(
+                        prompts(count), concurrency=c, save_to=directory
+                    )
                 wall = time.perf_counter() - started
-            saved = 0 if directory is None else len(os.listdir(directory))
+            files = [r.files for r in results] if loop_only is not None else None
+            saved = len(os.listdir(directory)) if files is None and directory else 0
+            if files is not None:
+                saved = sum(len(f) for f in files)
             return wall, sum(r.ok for r in results), saved
         finally:
             if directory is not None:
@@ -353,13 +404,21 @@ def run(args: argparse.Namespace) -> BenchOutput:
         # With a slow server neither the disk nor tmpfs is near the bound: disk only.
         where = dict(places) if not latency else {"disk": args.dir}
         variants = ["off", *where]
+        if (mode, latency) == GATED:
+            for variant in LOOP_ONLY:
+                variants.append(variant)
+                where[variant] = args.tmpfs_dir or args.dir
         with ImageServerProcess("--serve", mode, "--latency", str(latency)) as server:
             for variant in variants:  # warm-up
-                asyncio.run(batch(server.base_url, where.get(variant), 2 * c))
+                only = LOOP_ONLY.get(variant)
+                asyncio.run(batch(server.base_url, where.get(variant), 2 * c, loop_only=only))
             for round_ in range(args.rounds):
                 shift = round_ % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
-                    wall, ok, saved = asyncio.run(batch(server.base_url, where.get(variant), n))
+                    only = LOOP_ONLY.get(variant)
+                    wall, ok, saved = asyncio.run(
+                        batch(server.base_url, where.get(variant), n, loop_only=only)
+                    )
                     rates.setdefault((mode, latency, variant), []).append(ok / wall)
                     label = "save off" if variant == "off" else f"save on, {variant}"
                     rate = f"{ok / wall:8.0f} prompts/s ({wall:.2f} s)"
@@ -368,7 +427,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         problems.append(f"{mode} {variant}: {ok} ok, {saved} files of {n}")
                 if latency:
                     continue
-                loops = [(place, base, None) for place, base in where.items()]
+                loops = [(p, base, None) for p, base in where.items() if p not in LOOP_ONLY]
                 for place, base, window in [*loops, ("disk window", args.dir, c)]:
                     files = ceiling(base, n, png, window)
                     ceilings.setdefault((mode, latency, place), []).append(files)
@@ -430,6 +489,25 @@ def _output(
             if place == "tmpfs":
                 note += f"; tmpfs: on {on:.0f} prompts/s"
             note += f", bare loop ({loop}) {files:.0f} files/s"
+        for variant, delay in LOOP_ONLY.items():
+            if (mode, latency, variant) not in rates:
+                continue
+            only = median(rates[(mode, latency, variant)])
+            after = f"{delay * 1000:g} ms later" if delay else "at once"
+            rows.append(
+                Row(
+                    figure=(
+                        f"prompts/s, save_to on with a writer that writes nothing and answers "
+                        f"{after} ÷ off, {mode} images, {server} (n={n}, c={c})"
+                    ),
+                    flux=f"{only:.0f}/s",
+                    peer=f"off {off:.0f}/s",
+                    ratio=f"{only / off:.2f}",
+                    target="(info)",
+                    met=None,
+                )
+            )
+            note += f"; {variant} (no decoding, no files): {only:.0f} prompts/s"
         notes.append(note)
     off = median(rates[(*GATED, "off")])
     seconds, decoder = decode
