@@ -178,26 +178,31 @@ HOW_TO_READ = """\
   emulator's timestamps show as each wave starting ~5 ms late. flux-async adds nothing
   measurable on top of raw aiohttp here.
 - **Fan-out against the emulator (target ≥ 0.90x raw aiohttp)** swings between runs on
-  this machine (`python benchmarks/bench_fanout.py` alone: 1.01x, 0.80x, 0.62x and 0.81x
-  on the same day, round by round 0.53 to 1.08). The emulator shares the 2 cores with
-  the client, and flux-async's CPU per request against it reads 1.2-1.3x raw's. cProfile
-  counts the same Python calls per request against the emulator as against the fast
-  server (423 for flux-async, 411-421 for raw), so it is not extra work flux-async does
-  for that server; not yet explained.
-- **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** met in some runs
-  and missed in others: CPU 1.00x and req/s 1.00x in a full run at 11:20 on 2026-11-26,
-  then 1.19x and 0.84x, and 1.13x and 0.89x, within the next hour (`python
-  benchmarks/bench_overhead.py`, paired medians of 9 rounds). Callgrind, which counts instructions rather than time, is steady: flux-async
-  620k per request, raw aiohttp 590k (1.05x, `--instructions`), and flux-async's count
-  was the same (619k) before the start ramp landed, so the code did not get slower;
-  what a request's instructions cost in time moved with the machine's load.
-- **Saving at c=64 against the fast server (target ≥ 0.85)** is missed on disk and on
-  tmpfs (this page's table). The two "writer that writes nothing" rows split the cost:
-  with no decoding and no file at all, the event loop's own share of a save already
-  takes prompts/s to 0.76-0.93 of off (the saver, the job and its future, the path, and
-  a worker out of the wire while it waits, which leaves fewer answers per turn of the
-  loop, each costing more CPU); the real writer takes it the rest of the way. Decoding
-  is not the cost (2 µs with pybase64). A writer process in place of the thread (tried
+  this machine: 1.00x on this page; `python benchmarks/bench_fanout.py` alone gave 1.01x,
+  0.80x, 0.62x and 0.81x the same day (round by round 0.53 to 1.08). The emulator shares
+  the 2 cores with the client, and in the runs that miss, flux-async's CPU per request
+  against it reads 1.2-1.3x raw's. cProfile counts the same Python calls per request
+  against the emulator as against the fast server (423 for flux-async, 411-421 for raw),
+  so it is not extra work flux-async does for that server; not yet explained.
+- **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** are met in some
+  runs and missed in others: CPU 0.98x and req/s 1.03x on this page, 1.00x and 1.00x in
+  the run before it, then 1.19x and 0.84x, and 1.13x and 0.89x, run alone in between
+  (`python benchmarks/bench_overhead.py`, paired medians of 9 rounds). Callgrind, which
+  counts instructions rather than time, is steady: flux-async 620k per request, raw
+  aiohttp 590k (1.05x, `--instructions`), and flux-async's count was the same (619k)
+  before the start ramp landed, so the code did not get slower; what a request's
+  instructions cost in time moves with the machine's load.
+- **Saving at c=64 against the fast server (target ≥ 0.85)** is missed on disk in every
+  run (0.56-0.73 of the disk's own ceiling), and on tmpfs in most (0.53 and 0.56 run
+  alone, 0.89 on this page, where the median "off" run was slow). The two "writer that
+  writes nothing" rows split the cost: answering at once, the event loop's own share of
+  a save costs little (0.79-0.98 of off); answering 2 ms later, as a writer round would
+  at best, costs a quarter (0.75-0.76). The wait is the cost, most likely because while
+  a worker waits for its file it has no request on the wire, so each turn of the event
+  loop handles fewer answers and each answer costs more CPU. That wait is what bounds a crash's cost to
+  `concurrency` generations paid twice, so the fix is a design change (keep the wire
+  full within that bound), not a faster writer. Decoding is not the cost (2 µs with
+  pybase64). A writer process in place of the thread (tried
   outside the tree: one frame per image over a 1 MB pipe to a child writing with the
   same functions) measured 0.57-0.61 of off on tmpfs, no better than the thread, so it
   was not landed.
