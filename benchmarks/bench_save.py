@@ -339,6 +339,33 @@ def _writer_does_nothing(delay: float) -> Iterator[None]:
         _save._ImageWriter.write = real  # type: ignore[method-assign]
 
 
+#: One writer round: files, wall seconds, the writer thread's CPU seconds.
+Round = tuple[int, float, float]
+
+
+@contextlib.contextmanager
+def _timed_rounds(rounds: list[Round]) -> Iterator[None]:
+    """Within the block, record every writer round's size, wall time and thread CPU."""
+    from flux_async import _save
+
+    real = _save._write_group
+
+    def write_group(
+        jobs: list[_save._Job], syncfs: Callable[[int], None] | None
+    ) -> list[_save._Written]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return real(jobs, syncfs)
+        finally:
+            rounds.append((len(jobs), time.perf_counter() - wall, time.thread_time() - cpu))
+
+    _save._write_group = write_group
+    try:
+        yield
+    finally:
+        _save._write_group = real
+
+
 def _finish(future: asyncio.Future[str], path: str) -> None:
     if not future.done():
         future.set_result(path)
@@ -366,17 +393,22 @@ def run(args: argparse.Namespace) -> BenchOutput:
     png = _png()
 
     async def batch(
-        base_url: str, base: str | None, count: int, *, loop_only: float | None = None
+        base_url: str,
+        base: str | None,
+        count: int,
+        *,
+        loop_only: float | None = None,
+        rounds: list[Round] | None = None,
     ) -> tuple[float, int, int]:
         directory = None if base is None else tempfile.mkdtemp(prefix="flux-bench-save-", dir=base)
         try:
             async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
                 started = time.perf_counter()
-                writer = (
-                    contextlib.nullcontext()
-                    if loop_only is None
-                    else _writer_does_nothing(loop_only)
-                )
+                writer: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+                if loop_only is not None:
+                    writer = _writer_does_nothing(loop_only)
+                elif rounds is not None:
+                    writer = _timed_rounds(rounds)
                 with writer:
                     results = await client.gather_generate(
                         prompts(count), concurrency=c, save_to=directory
@@ -395,6 +427,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
     # "disk window") -> the bare loop's files/s.
     rates: Rates = {}
     ceilings: Rates = {}
+    writer_rounds: dict[tuple[str, float, str], list[Round]] = {}
     problems: list[str] = []
     print(
         f"saving: {n} prompts, concurrency {c}, {args.rounds} round(s), {WRITER_THREADS} "
@@ -416,9 +449,12 @@ def run(args: argparse.Namespace) -> BenchOutput:
                 shift = round_ % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
                     only = LOOP_ONLY.get(variant)
+                    timed = None if variant == "off" or only is not None else []
                     wall, ok, saved = asyncio.run(
-                        batch(server.base_url, where.get(variant), n, loop_only=only)
+                        batch(server.base_url, where.get(variant), n, loop_only=only, rounds=timed)
                     )
+                    if timed:
+                        writer_rounds.setdefault((mode, latency, variant), []).extend(timed)
                     rates.setdefault((mode, latency, variant), []).append(ok / wall)
                     label = "save off" if variant == "off" else f"save on, {variant}"
                     rate = f"{ok / wall:8.0f} prompts/s ({wall:.2f} s)"
@@ -432,7 +468,33 @@ def run(args: argparse.Namespace) -> BenchOutput:
                     files = ceiling(base, n, png, window)
                     ceilings.setdefault((mode, latency, place), []).append(files)
                     print(f"  bare loop, {place:<11}: {files:8.0f} files/s")
-    return _output(args, rates, ceilings, problems, _decode_seconds(png), len(png))
+    output = _output(args, rates, ceilings, problems, _decode_seconds(png), len(png))
+    output.notes.extend(_round_notes(writer_rounds))
+    return output
+
+
+def _round_notes(writer_rounds: dict[tuple[str, float, str], list[Round]]) -> list[str]:
+    """What the writer's rounds took: a file's share of a round's wall time next to the
+    writer thread's own CPU for it (the rest it spent waiting: for the interpreter lock,
+    which a busy event loop holds, or for the disk)."""
+    from _common import median
+
+    notes = []
+    for (mode, latency, place), rounds in writer_rounds.items():
+        if latency:
+            continue
+        files = sum(r[0] for r in rounds)
+        wall = sum(r[1] for r in rounds)
+        cpu = sum(r[2] for r in rounds)
+        size = median(r[0] for r in rounds)
+        took = 1000 * median(r[1] for r in rounds)
+        notes.append(
+            f"writer rounds, {mode} images, {place}: {len(rounds)} rounds, median "
+            f"{size:.0f} files and {took:.1f} ms each; per file {1e6 * wall / files:.0f} µs "
+            "of a round's wall time, of which "
+            f"the writer thread was on the CPU {1e6 * cpu / files:.0f} µs"
+        )
+    return notes
 
 
 def _output(

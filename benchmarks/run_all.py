@@ -199,10 +199,10 @@ HOW_TO_READ = """\
   a save costs little (0.79-0.98 of off); answering 2 ms later, as a writer round would
   at best, costs a quarter (0.75-0.76). The wait is the cost, most likely because while
   a worker waits for its file it has no request on the wire, so each turn of the event
-  loop handles fewer answers and each answer costs more CPU. That wait is what bounds a crash's cost to
-  `concurrency` generations paid twice, so the fix is a design change (keep the wire
-  full within that bound), not a faster writer. Decoding is not the cost (2 µs with
-  pybase64). A writer process in place of the thread (tried
+  loop handles fewer answers and each answer costs more CPU. That wait is what bounds a
+  crash's cost to `concurrency` generations paid twice, so the fix is a design change
+  (keep the wire full within that bound), not a faster writer. Decoding is not the cost
+  (2 µs with pybase64). A writer process in place of the thread (tried
   outside the tree: one frame per image over a 1 MB pipe to a child writing with the
   same functions) measured 0.57-0.61 of off on tmpfs, no better than the thread, so it
   was not landed.
