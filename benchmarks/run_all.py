@@ -193,19 +193,23 @@ HOW_TO_READ = """\
   before the start ramp landed, so the code did not get slower; what a request's
   instructions cost in time moves with the machine's load.
 - **Saving at c=64 against the fast server (target ≥ 0.85)** is missed on disk in every
-  run (0.56-0.73 of the disk's own ceiling), and on tmpfs in most (0.53 and 0.56 run
-  alone, 0.89 on this page, where the median "off" run was slow). The two "writer that
-  writes nothing" rows split the cost: answering at once, the event loop's own share of
-  a save costs little (0.79-0.98 of off); answering 2 ms later, as a writer round would
-  at best, costs a quarter (0.75-0.76). The wait is the cost, most likely because while
-  a worker waits for its file it has no request on the wire, so each turn of the event
-  loop handles fewer answers and each answer costs more CPU. That wait is what bounds a
-  crash's cost to `concurrency` generations paid twice, so the fix is a design change
-  (keep the wire full within that bound), not a faster writer. Decoding is not the cost
-  (2 µs with pybase64). A writer process in place of the thread (tried
-  outside the tree: one frame per image over a 1 MB pipe to a child writing with the
-  same functions) measured 0.57-0.61 of off on tmpfs, no better than the thread, so it
-  was not landed.
+  run (0.56-0.73 of the disk's own ceiling), and on tmpfs in most (0.53, 0.56 and 0.61
+  run alone, 0.89 on this page, where the median "off" run was slow). `python
+  benchmarks/bench_save.py` now prints the writer's rounds: on tmpfs a file takes
+  186-283 µs of a round's wall time but only 57-71 µs of the writer thread's CPU, so the
+  writer spends about three quarters of each round waiting for the interpreter lock,
+  which the busy event loop holds; on this VM's disk creating a file costs the writer
+  ~750 µs of CPU, the filesystem flush included, so the writer is at the disk's own ceiling while
+  it runs, and the client gets 0.56-0.73 of that ceiling because the writer works in
+  rounds that the event loop starts and finishes between its other work. Every worker
+  waits for its own file, which is what bounds a crash's cost to `concurrency`
+  generations paid twice. The two "writer that writes nothing" rows were meant to split
+  the event loop's share from the writer's, but at 3 rounds they are as noisy as the
+  rest (0.79-0.98 answering at once, 0.75-1.07 answering 2 ms later, over four runs).
+  Decoding is not the cost (2-3 µs with pybase64). A writer process in place of the
+  thread (tried outside the tree: one frame per image over a 1 MB pipe to a child
+  writing with the same functions) measured 0.57-0.61 of off on tmpfs, no better than
+  the thread, so it was not landed.
 - **The 429 storm at burst 1** (information row): a server that rejects any two
   requests closer than 25 ms draws 429s from loopback jitter alone while the client
   paces below capacity; flux-async loses no prompt there (1.10 attempts per prompt) but
