@@ -208,8 +208,10 @@ HOW_TO_READ = """\
   rest (0.79-0.98 answering at once, 0.75-1.07 answering 2 ms later, over four runs).
   Decoding is not the cost (2-3 µs with pybase64). A writer process in place of the
   thread (tried outside the tree: one frame per image over a 1 MB pipe to a child
-  writing with the same functions) measured 0.57-0.61 of off on tmpfs, no better than
-  the thread, so it was not landed.
+  writing with the same functions, its answers read by a protocol) measured 0.54-0.62
+  of off on tmpfs, no better than the thread: the pipe write that hands an 18 KB image
+  over costs the event loop about 30 µs on this VM, about what the thread costs it, so
+  it was not landed.
 - **The 429 storm at burst 1** (information row): a server that rejects any two
   requests closer than 25 ms draws 429s from loopback jitter alone while the client
   paces below capacity; flux-async loses no prompt there (1.10 attempts per prompt) but
