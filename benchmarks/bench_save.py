@@ -34,11 +34,12 @@ With b64 images two more "on" runs replace the writer with one that decodes and 
 nothing: ``loop only`` finishes each image at once, so the event loop does all of its own
 share of a save (the saver, the job, its future, the path) and none of the writer's;
 ``loop only +2ms`` finishes each image 2 ms later, as a writer round would at best. Their
-prompts/s ÷ off, printed for information, split the cost of saving: what the event loop
-pays per image, what a worker's wait for its file costs (while it waits, fewer requests
-are on the wire, so each turn of the event loop handles fewer answers and each answer
-costs more CPU), and what the writer thread adds on top (decoding, system calls, and
-the interpreter lock it takes from the loop each time one returns).
+prompts/s ÷ off, printed for information, are meant to split the cost of saving: what
+the event loop pays per image, what a worker's wait for its file costs, and what the
+writer thread adds on top (decoding, system calls, and the interpreter lock it takes
+from the loop each time one returns); on a noisy machine they need more rounds than the
+default 3 to be told apart. Notes give the writer's rounds: their size, a file's share
+of a round's wall time, and how much of that the writer thread was on the CPU.
 
 Targets, with b64 images: prompts/s with saving ÷ min(prompts/s without, the bare loop's
 files/s) >= 0.85, on disk and on tmpfs (where the disk is not the bound, so this is
@@ -414,10 +415,10 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         prompts(count), concurrency=c, save_to=directory
                     )
                 wall = time.perf_counter() - started
-            files = [r.files for r in results] if loop_only is not None else None
-            saved = len(os.listdir(directory)) if files is None and directory else 0
-            if files is not None:
-                saved = sum(len(f) for f in files)
+            if loop_only is not None:  # nothing was written: count the paths given back
+                saved = sum(len(r.files) for r in results)
+            else:
+                saved = 0 if directory is None else len(os.listdir(directory))
             return wall, sum(r.ok for r in results), saved
         finally:
             if directory is not None:
