@@ -181,7 +181,7 @@ HOW_TO_READ = """\
   this machine: 1.00x on this page; `python benchmarks/bench_fanout.py` alone gave 1.01x,
   0.80x, 0.62x and 0.81x the same day (round by round 0.53 to 1.08). The emulator shares
   the 2 cores with the client, and in the runs that miss, flux-async's CPU per request
-  against it reads 1.2-1.3x raw's. cProfile counts the same Python calls per request
+  against it reads 1.2-1.6x raw's. cProfile counts the same Python calls per request
   against the emulator as against the fast server (423 for flux-async, 411-421 for raw),
   so it is not extra work flux-async does for that server; not yet explained.
 - **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** are met in some
