@@ -211,7 +211,9 @@ HOW_TO_READ = """\
   writing with the same functions, its answers read by a protocol) measured 0.54-0.62
   of off on tmpfs, no better than the thread: the pipe write that hands an 18 KB image
   over costs the event loop about 30 µs on this VM, about what the thread costs it, so
-  it was not landed.
+  it was not landed. Four writer threads sharing each round were worse still (0.54 of
+  off on tmpfs against one thread's 0.71 in the same run): more threads take the
+  interpreter lock from the event loop more often.
 - **The 429 storm at burst 1** (information row): a server that rejects any two
   requests closer than 25 ms draws 429s from loopback jitter alone while the client
   paces below capacity; flux-async loses no prompt there (1.10 attempts per prompt) but
