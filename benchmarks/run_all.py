@@ -192,8 +192,9 @@ HOW_TO_READ = """\
   request against raw aiohttp's 589k (1.05x), the same count as before the start ramp
   landed (619k), so the code did not get slower; its branch simulation mispredicts
   16.9k branches per request against 15.1k (1.12x), and at some 15-20 cycles each those
-  bring the expected time ratio to about 1.1 (`python benchmarks/bench_overhead.py
-  --instructions` prints both). Its cache simulation finds the same misses for both.
+  bring the expected time ratio to about 1.08 (`python benchmarks/bench_overhead.py
+  --instructions` prints both). Its cache simulation (`--cache-sim=yes` on the same
+  children) finds the same misses for both.
   Meeting the CPU target with a margin needs fewer instructions and branches in
   flux-async's own layers (the call, the attempt, the transport's send, the fan-out's
   worker), not a fix to one hot spot.
