@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from typing import Any
 
 import pytest
@@ -171,6 +172,40 @@ def test_parse_json_is_a_value_error_or_json() -> None:
     for bad in (b"NaN", b"[1e400]", b"[" * 100_000, b"\xff", b"{", b"1 2"):
         with pytest.raises(ValueError):
             parse_json(bad)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.text(max_size=4), _JSON_VALUES, max_size=3),
+    st.sampled_from(["", " ", "\n", "\ufeff", "x"]),
+    st.sampled_from(["", " ", "\r\n", "x", "{}", "]", '"']),
+    st.integers(min_value=0, max_value=40),
+)
+def test_parse_json_answers_as_the_full_decoder_does(
+    obj: dict[str, Any], before: str, after: str, cut: int
+) -> None:
+    """The object fast path (an answer that starts with "{") returns what the decoder
+    returns, and fails where it fails with the same message: whole, cut short, with
+    whitespace, a BOM or garbage before or after."""
+    whole = before + json.dumps(obj) + after
+    for text in (whole, whole[: len(whole) - cut]):
+        reference = text[1:] if text.startswith("\ufeff") else text
+        try:
+            expected: object = json.JSONDecoder().decode(reference)
+        except ValueError as exc:
+            with pytest.raises(ValueError, match=re.escape(str(exc))):
+                parse_json(text.encode())
+        else:
+            assert parse_json(text.encode()) == expected
 
 
 @FUZZ
