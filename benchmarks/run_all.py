@@ -187,17 +187,18 @@ HOW_TO_READ = """\
 - **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** are met in some
   runs and missed in others: CPU 0.98x and req/s 1.03x on this page, 1.00x and 1.00x in
   the run before it; run alone the same day, 1.19x and 0.84x, 1.13x and 0.89x, 1.27x and
-  0.78x, 1.23x and 0.81x, 1.10x and 0.89x (`python benchmarks/bench_overhead.py`, paired
-  medians of 9 rounds). Callgrind is steady: flux-async runs 618k instructions per
-  request against raw aiohttp's 589k (1.05x), the same count as before the start ramp
-  landed (619k), so the code did not get slower; its branch simulation mispredicts
-  16.9k branches per request against 15.1k (1.12x), and at some 15-20 cycles each those
-  bring the expected time ratio to about 1.08 (`python benchmarks/bench_overhead.py
+  0.78x, 1.23x and 0.81x, 1.10x and 0.89x, and after the JSON fast path 1.12x and 0.90x
+  (`python benchmarks/bench_overhead.py`, paired medians of 9 rounds). Callgrind is
+  steady: flux-async runs 613k instructions per request against raw aiohttp's 590k
+  (1.04x; 618-619k before the JSON fast path, and the same before the start ramp
+  landed, so the code did not get slower), and its branch simulation mispredicts 16.6k
+  branches per request against 15.2k (1.10x); at some 15-20 cycles each those bring the
+  expected time ratio to about 1.07 (`python benchmarks/bench_overhead.py
   --instructions` prints both). Its cache simulation (`--cache-sim=yes` on the same
-  children) finds the same misses for both.
-  Meeting the CPU target with a margin needs fewer instructions and branches in
-  flux-async's own layers (the call, the attempt, the transport's send, the fan-out's
-  worker), not a fix to one hot spot.
+  children) finds the same misses for both. Meeting the CPU target with a margin needs
+  fewer instructions and branches across flux-async's own layers (about 150k
+  instructions per request with a transport that answers at once: the call, the
+  attempt, the limiter, the parse, the fan-out's worker), not a fix to one hot spot.
 - **Saving at c=64 against the fast server (target ≥ 0.85)** is missed on disk in every
   run (0.56-0.73 of the disk's own ceiling), and on tmpfs in most (0.53, 0.56 and 0.61
   run alone, 0.89 on this page, where the median "off" run was slow). `python
