@@ -178,41 +178,44 @@ HOW_TO_READ = """\
   emulator's timestamps show as each wave starting ~5 ms late. flux-async adds nothing
   measurable on top of raw aiohttp here.
 - **Fan-out against the emulator (target ≥ 0.90x raw aiohttp)** swings between runs on
-  this machine: 1.00x on this page; `python benchmarks/bench_fanout.py` alone gave 1.01x,
-  0.80x, 0.62x and 0.81x the same day (round by round 0.53 to 1.08). The emulator shares
-  the 2 cores with the client, and in the runs that miss, flux-async's CPU per request
-  against it reads 1.2-1.6x raw's. cProfile counts the same Python calls per request
-  against the emulator as against the fast server (423 for flux-async, 411-421 for raw),
-  so it is not extra work flux-async does for that server; not yet explained.
+  this machine: 0.84x on this page and 1.00x on the page before it; `python
+  benchmarks/bench_fanout.py` alone gave 1.01x, 0.80x, 0.62x, 0.81x, 0.77x and 1.07x the
+  same day (round by round 0.53 to 1.08). The emulator shares the 2 cores with the
+  client, and in the runs that miss, flux-async's CPU per request against it reads
+  1.2-1.6x raw's. cProfile counts the same Python calls per request against the emulator
+  as against the fast server (423 for flux-async, 411-421 for raw), so it is not extra
+  work flux-async does for that server; not yet explained.
 - **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** are met in some
-  runs and missed in others: CPU 0.98x and req/s 1.03x on this page, 1.00x and 1.00x in
-  the run before it; run alone the same day, 1.19x and 0.84x, 1.13x and 0.89x, 1.27x and
-  0.78x, 1.23x and 0.81x, 1.10x and 0.89x, and after the JSON fast path 1.12x and 0.90x
-  (`python benchmarks/bench_overhead.py`, paired medians of 9 rounds). Callgrind is
-  steady: flux-async runs 613k instructions per request against raw aiohttp's 590k
-  (1.04x; 618-619k before the JSON fast path, and the same before the start ramp
-  landed, so the code did not get slower), and its branch simulation mispredicts 16.6k
-  branches per request against 15.2k (1.10x); at some 15-20 cycles each those bring the
-  expected time ratio to about 1.07 (`python benchmarks/bench_overhead.py
-  --instructions` prints both). Its cache simulation (`--cache-sim=yes` on the same
-  children) finds the same misses for both. Meeting the CPU target with a margin needs
-  fewer instructions and branches across flux-async's own layers (about 150k
-  instructions per request with a transport that answers at once: the call, the
-  attempt, the limiter, the parse, the fan-out's worker), not a fix to one hot spot.
+  runs and missed in others: CPU 0.97x and req/s 1.04x on this page, 0.98x and 1.03x,
+  then 1.00x and 1.00x, on the two pages before it; run alone the same day, 1.19x and
+  0.84x, 1.13x and 0.89x, 1.27x and 0.78x, 1.23x and 0.81x, 1.10x and 0.89x, and after
+  the JSON fast path 1.12x and 0.90x (`python benchmarks/bench_overhead.py`, paired
+  medians of 9 rounds). Callgrind is steady: flux-async runs 613k instructions per
+  request against raw aiohttp's 590k (1.04x; 618-619k before the JSON fast path, and the
+  same before the start ramp landed, so the code did not get slower), and its branch
+  simulation mispredicts 16.6k branches per request against 15.2k (1.10x); at some 15-20
+  cycles each those bring the expected time ratio to about 1.07 (`python
+  benchmarks/bench_overhead.py --instructions` prints both). Its cache simulation
+  (`--cache-sim=yes` on the same children) finds the same misses for both. Meeting the
+  CPU target with a margin needs fewer instructions and branches across flux-async's own
+  layers (about 150k instructions per request with a transport that answers at once: the
+  call, the attempt, the limiter, the parse, the fan-out's worker), not a fix to one hot
+  spot.
 - **Saving at c=64 against the fast server (target ≥ 0.85)** is missed on disk in every
-  run (0.56-0.73 of the disk's own ceiling), and on tmpfs in most (0.53, 0.56 and 0.61
-  run alone, 0.89 on this page, where the median "off" run was slow). `python
+  run (0.53-0.73 of the disk's own ceiling), and on tmpfs in most (0.66 on this page;
+  0.53, 0.56 and 0.61 run alone; 0.89 on the page before, whose median "off" run was
+  slow). `python
   benchmarks/bench_save.py` now prints the writer's rounds: on tmpfs a file takes
-  186-283 µs of a round's wall time but only 57-71 µs of the writer thread's CPU, so the
+  186-283 µs of a round's wall time but only 57-80 µs of the writer thread's CPU, so the
   writer spends about three quarters of each round waiting for the interpreter lock,
   which the busy event loop holds; on this VM's disk creating a file costs the writer
-  ~750 µs of CPU, the filesystem flush included, so the writer is at the disk's own ceiling while
+  620-750 µs of CPU, the filesystem flush included, so the writer is at the disk's own ceiling while
   it runs, and the client gets 0.56-0.73 of that ceiling because the writer works in
   rounds that the event loop starts and finishes between its other work. Every worker
   waits for its own file, which is what bounds a crash's cost to `concurrency`
   generations paid twice. The two "writer that writes nothing" rows were meant to split
   the event loop's share from the writer's, but at 3 rounds they are as noisy as the
-  rest (0.79-0.98 answering at once, 0.75-1.07 answering 2 ms later, over four runs).
+  rest (0.67-0.98 answering at once, 0.75-1.07 answering 2 ms later, over five runs).
   Decoding is not the cost (2-3 µs with pybase64). A writer process in place of the
   thread (tried outside the tree: one frame per image over a 1 MB pipe to a child
   writing with the same functions, its answers read by a protocol) measured 0.54-0.62
