@@ -69,9 +69,10 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from unittest import mock
 
 if TYPE_CHECKING:
     from _common import BenchOutput
@@ -317,13 +318,10 @@ Rates = dict[tuple[str, float, str], list[float]]
 LOOP_ONLY = {"loop only": 0.0, "loop only +2ms": 0.002}
 
 
-@contextlib.contextmanager
-def _writer_does_nothing(delay: float) -> Iterator[None]:
+def _writer_does_nothing(delay: float) -> contextlib.AbstractContextManager[object]:
     """Within the block, every image handed to a writer is done ``delay`` seconds later
     (at once for 0), unread and unwritten: its future gets the path it would have had."""
     from flux_async import _save
-
-    real = _save._ImageWriter.write
 
     def write(self: _save._ImageWriter, job: _save._Job) -> asyncio.Future[str]:
         path = os.path.join(job.directory, job.name + ".png")
@@ -333,19 +331,14 @@ def _writer_does_nothing(delay: float) -> Iterator[None]:
             job.future.set_result(path)
         return job.future
 
-    _save._ImageWriter.write = write  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        _save._ImageWriter.write = real  # type: ignore[method-assign]
+    return mock.patch.object(_save._ImageWriter, "write", write)
 
 
 #: One writer round: files, wall seconds, the writer thread's CPU seconds.
 Round = tuple[int, float, float]
 
 
-@contextlib.contextmanager
-def _timed_rounds(rounds: list[Round]) -> Iterator[None]:
+def _timed_rounds(rounds: list[Round]) -> contextlib.AbstractContextManager[object]:
     """Within the block, record every writer round's size, wall time and thread CPU."""
     from flux_async import _save
 
@@ -360,11 +353,7 @@ def _timed_rounds(rounds: list[Round]) -> Iterator[None]:
         finally:
             rounds.append((len(jobs), time.perf_counter() - wall, time.thread_time() - cpu))
 
-    _save._write_group = write_group
-    try:
-        yield
-    finally:
-        _save._write_group = real
+    return mock.patch.object(_save, "_write_group", write_group)
 
 
 def _finish(future: asyncio.Future[str], path: str) -> None:
@@ -405,7 +394,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
         try:
             async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
                 started = time.perf_counter()
-                writer: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+                writer: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
                 if loop_only is not None:
                     writer = _writer_does_nothing(loop_only)
                 elif rounds is not None:
