@@ -572,6 +572,73 @@ async def test_group_commit_wakes_a_writer_after_a_flush_that_followed_its_renam
     assert leftovers(tmp_path) == []
 
 
+async def test_the_writer_thread_starts_its_next_round_without_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image handed over while a round runs is written by the same thread as soon as
+    that round ends, even while the event loop is busy: a round that waited for the event
+    loop to start it waited for the interpreter lock (5 ms each time under load). The
+    event loop is blocked here on purpose until the second round has begun."""
+    first_round = threading.Event()
+    release = threading.Event()
+    second_round = threading.Event()
+    threads: list[int] = []
+    real = save_module._write_group
+
+    def write_group(jobs: list[Any], syncfs: Any) -> Any:
+        threads.append(threading.get_ident())
+        if len(threads) == 1:
+            first_round.set()
+            release.wait(10)
+        else:
+            second_round.set()
+        return real(jobs, syncfs)
+
+    monkeypatch.setattr(save_module, "_write_group", write_group)
+    writer = save_module._ImageWriter(None)
+    loop = asyncio.get_running_loop()
+
+    def job(name: str) -> Any:
+        return save_module._Job(str(tmp_path), name, PNG, None, None, 10**6)
+
+    first = writer.write(job("a"))
+    assert await loop.run_in_executor(None, first_round.wait, 10)
+    second = writer.write(job("b"))
+    release.set()
+    # Blocks the event loop: only the writer's own thread can start the second round.
+    assert second_round.wait(10), "the second round waited for the event loop"
+    assert await first == str(tmp_path / "a.png")
+    assert await second == str(tmp_path / "b.png")
+    assert len(threads) == 2
+    assert threads[0] == threads[1]
+    assert names(tmp_path) == ["a.png", "b.png"]
+
+
+async def test_a_writer_thread_that_fails_fails_its_images_and_the_next_one_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that raises (a bug, not a disk error: those are per image) fails the
+    images it took, never leaves them waiting, and the next image gets a working writer."""
+    calls = 0
+    real = save_module._write_group
+
+    def write_group(jobs: list[Any], syncfs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the writer")
+        return real(jobs, syncfs)
+
+    monkeypatch.setattr(save_module, "_write_group", write_group)
+    writer = save_module._ImageWriter(None)
+    job = save_module._Job(str(tmp_path), "a", PNG, None, None, 10**6)
+    with pytest.raises(RuntimeError, match="a bug in the writer"):
+        await writer.write(job)
+    job = save_module._Job(str(tmp_path), "b", PNG, None, None, 10**6)
+    assert await writer.write(job) == str(tmp_path / "b.png")
+    assert names(tmp_path) == ["b.png"]
+
+
 async def test_a_failed_flush_fails_its_writers_and_leaves_nothing(tmp_path: Path) -> None:
     """A flush that fails (EIO): the writers waiting on it get the error, not a hang,
     and no file, final or temporary, is left."""
