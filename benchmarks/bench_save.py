@@ -50,8 +50,15 @@ what decoding the image costs with the decoder the library picked (pybase64, fro
 ``fast`` or ``cli`` extra, else the standard library's, ~30x slower): a decoder holds the
 interpreter lock, so its time adds to the event loop's whatever thread runs it.
 
+With ``--convoy`` it measures instead why a writer thread is slower beside a busy event
+loop than alone: the disk's bare loop (at most ``concurrency`` files in flight) alone, on a
+thread of a process whose event loop runs a fan-out without saving against the fast
+server meanwhile, and in a process of its own beside that fan-out. A thread needs the
+interpreter lock back after each system call, and a busy event loop gives it up only
+when its switch interval (5 ms) runs out; a process shares no lock.
+
     python benchmarks/bench_save.py [--prompts 3000] [--concurrency 64] [--rounds 3]
-                                    [--dir DIR] [--tmpfs-dir DIR]
+                                    [--dir DIR] [--tmpfs-dir DIR] [--convoy]
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -224,6 +232,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="/dev/shm" if os.path.isdir("/dev/shm") else "",
         help="a memory-backed directory for the runs the disk does not bound "
         "(default: /dev/shm when present; '' skips them)",
+    )
+    parser.add_argument(
+        "--convoy",
+        action="store_true",
+        help="instead: the bare loop alone, on a thread beside a busy fan-out, in a process",
     )
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -572,13 +585,80 @@ def _output(
     return BenchOutput("saving images", rows, notes)
 
 
+def convoy(args: argparse.Namespace) -> BenchOutput:
+    """The bare loop's files/s alone, on a thread beside a busy fan-out, and in a process
+    beside it (``--convoy``), interleaved over ``--rounds`` rounds."""
+    import concurrent.futures
+
+    from _common import BenchOutput, EmulatorProcess, Row, median, prompts
+
+    from flux_async import FluxClient
+
+    class ImageServerProcess(EmulatorProcess):
+        def command(self) -> list[str]:
+            return [sys.executable, str(Path(__file__).resolve()), *self.args]
+
+    n, c = args.prompts, args.concurrency
+    # A module-level function and its arguments: the process pool pickles them.
+    bare_loop = functools.partial(ceiling, args.dir, n, _png(), c)
+
+    async def beside_a_fanout(
+        base_url: str, executor: concurrent.futures.Executor | None
+    ) -> tuple[float, float]:
+        """The bare loop's files/s on ``executor`` (None: a thread of this process), and
+        the fan-out's prompts/s while it ran."""
+        loop = asyncio.get_running_loop()
+        files = loop.run_in_executor(executor, bare_loop)
+        async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
+            done, started = 0, time.perf_counter()
+            while not files.done():
+                results = await client.gather_generate(prompts(4 * c), concurrency=c)
+                done += sum(r.ok for r in results)
+            rate = done / (time.perf_counter() - started)
+        return await files, rate
+
+    found: dict[str, list[float]] = {}
+    with (
+        ImageServerProcess("--serve", "b64", "--latency", "0") as server,
+        concurrent.futures.ProcessPoolExecutor(1) as processes,
+    ):
+        processes.submit(int).result()  # started before the first round
+        for round_ in range(args.rounds):
+            found.setdefault("alone", []).append(bare_loop())
+            for where, executor in (("thread", None), ("process", processes)):
+                files, rate = asyncio.run(beside_a_fanout(server.base_url, executor))
+                found.setdefault(where, []).append(files)
+                found.setdefault(f"{where} fan-out", []).append(rate)
+            print(
+                f"  round {round_ + 1}: bare loop alone {found['alone'][-1]:.0f} files/s, "
+                f"on a thread {found['thread'][-1]:.0f}, in a process {found['process'][-1]:.0f}"
+            )
+    alone = median(found["alone"])
+    rows = [
+        Row(
+            figure=f"disk bare loop files/s {label} beside a fan-out ÷ alone (n={n}, c={c})",
+            flux=f"{median(found[where]):.0f}/s",
+            peer=f"alone {alone:.0f}/s",
+            ratio=f"{median(found[where]) / alone:.2f}",
+            target="(info)",
+            met=None,
+        )
+        for where, label in (("thread", "on a thread"), ("process", "in a process"))
+    ]
+    notes = [
+        f"the fan-out beside it: {median(found['thread fan-out']):.0f} prompts/s with the "
+        f"thread, {median(found['process fan-out']):.0f} with the process"
+    ]
+    return BenchOutput("a writer thread beside a busy event loop", rows, notes)
+
+
 def main() -> int:
     args = parse_args()
     if args.serve is not None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(args.serve, args.port, args.latency))
         return 0
-    run(args).print()
+    (convoy(args) if args.convoy else run(args)).print()
     return 0
 
 
