@@ -157,13 +157,19 @@ def test_ctrl_c_cancels_the_call() -> None:
         if started.wait(10):
             signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
-    with SyncFluxClient(transport=MockTransport(hang)) as client:
-        killer = threading.Thread(target=interrupt)
-        killer.start()
-        with pytest.raises(KeyboardInterrupt):
-            client.generate("x")
-        killer.join()
-        assert cancelled.is_set()
+    # Python's own Ctrl-C handler, whatever the runner left: a shell that starts the test
+    # run in the background has it inherit SIGINT ignored, and the call would then run on.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with SyncFluxClient(transport=MockTransport(hang)) as client:
+            killer = threading.Thread(target=interrupt)
+            killer.start()
+            with pytest.raises(KeyboardInterrupt):
+                client.generate("x")
+            killer.join()
+            assert cancelled.is_set()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_save_writes_the_images(server: Emulator, tmp_path: Path) -> None:
