@@ -101,7 +101,8 @@ def _check_prompt(_: object, __: attrs.Attribute[str], value: object) -> None:
             value,
             f"at most {MAX_PROMPT_LENGTH} characters (this one has {len(value)})",
         )
-    _check_text("prompt", value)
+    if not value.isascii():  # checked here too: once per prompt of a batch, no call
+        _check_text("prompt", value)
 
 
 def _check_n(_: object, __: attrs.Attribute[int], value: object) -> None:
@@ -817,6 +818,11 @@ class ImagesResponse:
                 body=error_body(raw, expect_json=False),
                 request_id=request_id,
             ) from None
+        if type(payload) is dict and len(payload) == 2 and cls is ImagesResponse:
+            # The common answer, built without from_json's frame (once per request).
+            fast = _plain_urls(payload, request_id)
+            if fast is not None:
+                return fast
         try:
             return cls.from_json(payload, request_id=request_id)
         except APIResponseValidationError as exc:
