@@ -33,7 +33,9 @@ to a few per cent (how many answers each loop iteration finds still varies), but
 no cache misses or system time. Callgrind's branch simulation runs too, and the branches
 its simple predictor mispredicts per request are printed beside them: a mispredicted
 branch costs a modern CPU some 15-20 cycles, so code that runs 5 % more instructions and
-mispredicts 12 % more branches takes more than 5 % longer.
+mispredicts 12 % more branches takes more than 5 % longer. A third count runs flux-async
+with a transport that answers at once (no socket, no aiohttp): what its own layers cost
+per request (the call, the attempt, the limiter, the parse, the fan-out's worker).
 
     python benchmarks/bench_overhead.py [--quick] [--prompts 8000] [--concurrency 64] [--rounds 9]
     python benchmarks/bench_overhead.py --instructions
@@ -67,6 +69,11 @@ from _common import (
 from _fastserver import FastServerProcess
 
 CONTENDERS = (FLUX, RAW)
+#: --instructions only: flux-async over a transport that answers at once.
+OWN = "own layers"
+#: What that transport answers: the common answer, one URL.
+OWN_BODY = b'{"created": 1700000000, "data": [{"url": "https://img.example/x.png"}]}'
+OWN_HEADERS = {"Content-Type": "application/json"}
 TARGET_RPS = 0.90
 TARGET_CPU = 1.10
 # Below this share of wall time on the CPU, a client was waiting on something else.
@@ -174,6 +181,17 @@ def run(args: argparse.Namespace) -> BenchOutput:
     ]
     if args.instructions:
         counted = count_instructions(c)
+        own, whole = counted[OWN]["Ir"], counted[FLUX]["Ir"]
+        rows.append(
+            Row(
+                figure="flux-async's own layers, instructions/req (instant transport)",
+                flux=f"{own / 1000:.1f}k",
+                peer=f"whole stack {whole / 1000:.1f}k",
+                ratio=f"{own / whole:.2f}",
+                target="(info)",
+                met=None,
+            )
+        )
         for key, figure in (
             ("Ir", "fast-server client instructions/req, flux ÷ raw (callgrind)"),
             ("mispredicted", "fast-server client branches mispredicted/req, flux ÷ raw"),
@@ -218,7 +236,7 @@ def count_instructions(concurrency: int) -> dict[str, dict[str, float]]:
     low, high = INSTRUCTION_SIZES
     out: dict[str, dict[str, float]] = {}
     with FastServerProcess() as server:
-        for name in CONTENDERS:
+        for name in (*CONTENDERS, OWN):
             counts = []
             for n in (low, high):
                 cmd = [
@@ -254,10 +272,35 @@ def count_instructions(concurrency: int) -> dict[str, dict[str, float]]:
     return out
 
 
+async def run_own_layers(
+    base_url: str, items: list[str], concurrency: int, result: RunResult
+) -> None:
+    """flux-async's fan-out over a transport that answers `OWN_BODY` at once (one turn
+    of the event loop, as an answer read from a socket would take): no socket, no
+    aiohttp, so what is counted is flux-async's own layers. ``base_url`` is not dialled."""
+    from flux_async import AsyncTransport, FluxClient, TransportRequest, TransportResponse
+
+    class Instant(AsyncTransport):
+        async def send(self, request: TransportRequest) -> TransportResponse:
+            await asyncio.sleep(0)
+            return TransportResponse(200, headers=OWN_HEADERS, body=OWN_BODY)
+
+        async def aclose(self) -> None:
+            pass
+
+    async with FluxClient(base_url=base_url, api_key="bench", transport=Instant()) as client:
+        for r in await client.gather_generate(items, concurrency=concurrency):
+            if r.ok:
+                result.ok += 1
+            else:
+                result.errors[type(r.error).__name__] += 1
+
+
 def run_child(args: argparse.Namespace) -> int:
     name, n, base_url = args.child[0], int(args.child[1]), args.child[2]
     result = RunResult(name, n)
-    asyncio.run(RUNNERS[name](base_url, prompts(n), args.concurrency, result))
+    runner = run_own_layers if name == OWN else RUNNERS[name]
+    asyncio.run(runner(base_url, prompts(n), args.concurrency, result))
     return 0 if result.failed == 0 else 1
 
 

@@ -189,18 +189,21 @@ HOW_TO_READ = """\
   `run_all` page (CPU 0.91x and req/s 1.09x on this one; 0.97x and 1.04x, 0.98x and
   1.03x, 1.00x and 1.00x on the three before it) and missed in most runs alone (1.10x to
   1.27x and 0.78x to 0.90x, `python benchmarks/bench_overhead.py`, paired medians of 9
-  rounds). Callgrind is steady: flux-async runs 613k instructions per request against
-  raw aiohttp's 590k (1.04x; 618-619k before the JSON fast path, and the same before the
-  start ramp landed, so the code did not get slower), and its branch simulation
-  mispredicts 16.6k branches per request against 15.2k (1.10x); at some 15-20 cycles
+  rounds; round by round 0.87x-1.66x and 0.60x-1.16x in one run). Callgrind is steady:
+  flux-async runs 610k instructions per request against raw aiohttp's 590k (1.03x;
+  618-619k before the JSON fast path, and the same before the start ramp landed, so the
+  code did not get slower), and its branch simulation mispredicts 16.5k branches per
+  request against 15.1k (1.09x); at some 15-20 cycles
   each those bring the expected time ratio to about 1.07 (`python
   benchmarks/bench_overhead.py --instructions` prints both), close enough to the target
   that the machine's drift decides each run. Its cache simulation (`--cache-sim=yes` on
   the same children) finds the same misses for both. Meeting the CPU target with a
-  margin needs fewer instructions and branches across flux-async's own layers (about
-  150k instructions per request with a transport that answers at once, some 112 Python
-  calls: the call, the attempt, the limiter, the parse, the fan-out's worker), not a fix
-  to one hot spot.
+  margin needs fewer instructions and branches across flux-async's own layers (149k
+  instructions per request with a transport that answers at once, the "own layers" row
+  of `--instructions`; some 107 Python calls: the call, the attempt, the limiter, the
+  parse, the fan-out's worker), not a fix to one hot spot. Fewer calls alone do little:
+  two calls taken off the path saved 1.5k instructions, three 1.8k (Python 3.11 calls
+  are cheap; the cost is the work each layer does).
 - **Saving at c=64 against the fast server (target ≥ 0.85)** is missed: on disk 0.72 of
   the disk's own ceiling on this page (0.53-0.73 before the writer thread started its
   own rounds), on tmpfs 0.59 of off (0.53-0.89 before). What is known:
