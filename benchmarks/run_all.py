@@ -178,7 +178,8 @@ HOW_TO_READ = """\
   emulator's timestamps show as each wave starting ~5 ms late. flux-async adds nothing
   measurable on top of raw aiohttp here.
 - **Fan-out against the emulator (target ≥ 0.90x raw aiohttp)** swings between runs on
-  this machine: 0.82x on this page, 0.84x and 1.00x on the two before it; `python
+  this machine: met on this page (1.005x), missed on two of the three before it (0.82x,
+  0.84x, 1.00x); `python
   benchmarks/bench_fanout.py` alone gave 1.01x, 0.80x, 0.62x, 0.81x, 0.77x and 1.07x in
   one day (round by round 0.53 to 1.08). The emulator shares the 2 cores with the
   client, and in the runs that miss, flux-async's CPU per request against it reads
@@ -186,8 +187,9 @@ HOW_TO_READ = """\
   as against the fast server (423 for flux-async, 411-421 for raw), so it is not extra
   work flux-async does for that server; not yet explained.
 - **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** are met on every
-  `run_all` page (CPU 0.91x and req/s 1.09x on this one; 0.97x and 1.04x, 0.98x and
-  1.03x, 1.00x and 1.00x on the three before it) and missed in most runs alone (1.10x to
+  `run_all` page (CPU 0.97x and req/s 1.04x on this one; 0.91x and 1.09x, 0.97x and
+  1.04x, 0.98x and 1.03x, 1.00x and 1.00x on the four before it) and missed in most
+  runs alone (1.10x to
   1.27x and 0.78x to 0.90x, `python benchmarks/bench_overhead.py`, paired medians of 9
   rounds; round by round 0.87x-1.66x and 0.60x-1.16x in one run). Callgrind is steady:
   flux-async runs 610k instructions per request against raw aiohttp's 590k (1.03x;
@@ -204,9 +206,10 @@ HOW_TO_READ = """\
   parse, the fan-out's worker), not a fix to one hot spot. Fewer calls alone do little:
   two calls taken off the path saved 1.5k instructions, three 1.8k (Python 3.11 calls
   are cheap; the cost is the work each layer does).
-- **Saving at c=64 against the fast server (target ≥ 0.85)** is missed: on disk 0.72 of
-  the disk's own ceiling on this page (0.53-0.73 before the writer thread started its
-  own rounds), on tmpfs 0.59 of off (0.53-0.89 before). What is known:
+- **Saving at c=64 against the fast server (target ≥ 0.85)** is missed: on disk 0.71 of
+  the disk's own ceiling on this page and 0.72 on the one before (0.53-0.73 before the
+  writer thread started its own rounds), on tmpfs 0.57 and 0.59 of off (0.53-0.89
+  before). What is known:
   - *The writer's rounds.* A writer thread that went back to the event loop to be handed
     each round waited ~5.5 ms between rounds of ~25 ms: starting a round needs the
     interpreter lock, which a busy event loop gives up only when its 5 ms switch interval
@@ -218,15 +221,16 @@ HOW_TO_READ = """\
     thread beside a fan-out that saves nothing wrote 0.09 of its files/s alone (156
     against 1,683), and in a process of its own beside the same fan-out 0.78. In a
     saving fan-out the event loop is not saturated (its workers wait for their files),
-    so the thread does far better than 0.09, but on tmpfs a file still takes 290 µs of a
-    round's wall time for 45 µs of the writer's CPU.
+    so the thread does far better than 0.09, but on tmpfs a file still takes 290-350 µs
+    of a round's wall time for 45-57 µs of the writer's CPU.
   - *The disk.* Creating a durable file costs the writer 580-750 µs of CPU on this VM,
     the filesystem flush included: about 1,100-1,700 files a second with nothing else
     running, against a fast server's 4,000-6,000 prompts a second.
-  - *The event loop's own share* (the two "writer that writes nothing" rows, 0.71 and 0.78
-    here) is about 59k instructions per saved image under callgrind (the saver, the job
-    and its future, the `Path`), 13 % of a request with an 18 KB `b64_json` answer; the
-    rest of those rows' gap is not explained, and one run in five reads 0.95-1.07.
+  - *The event loop's own share* (the two "writer that writes nothing" rows, 0.67 and 0.62
+    here, 0.71 and 0.78 on the page before) is about 59k instructions per saved image
+    under callgrind (the saver, the job and its future, the `Path`), 13 % of a request
+    with an 18 KB `b64_json` answer; the rest of those rows' gap is not explained, and
+    one run in five reads 0.95-1.07.
   - *Tried, not landed.* A writer process (outside the tree: per-image frames over a 1 MB
     pipe): 0.54-0.62 of off on tmpfs, no better than the thread, because the pipe write
     that hands an 18 KB image over costs the event loop ~30 µs; on disk about 10 % more
