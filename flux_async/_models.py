@@ -818,7 +818,7 @@ class ImagesResponse:
                 body=error_body(raw, expect_json=False),
                 request_id=request_id,
             ) from None
-        if type(payload) is dict and len(payload) == 2 and cls is ImagesResponse:
+        if type(payload) is dict and len(payload) == 2:
             # The common answer, built without from_json's frame (once per request).
             fast = _plain_urls(payload, request_id)
             if fast is not None:
