@@ -378,7 +378,6 @@ def run(args: argparse.Namespace) -> BenchOutput:
     from _common import EmulatorProcess, prompts
 
     from flux_async import FluxClient
-    from flux_async._save import WRITER_THREADS
 
     class ImageServerProcess(EmulatorProcess):
         """This file with ``--serve MODE``, started and stopped like the emulator."""
@@ -433,8 +432,8 @@ def run(args: argparse.Namespace) -> BenchOutput:
     writer_rounds: dict[tuple[str, float, str], list[Round]] = {}
     problems: list[str] = []
     print(
-        f"saving: {n} prompts, concurrency {c}, {args.rounds} round(s), {WRITER_THREADS} "
-        f"writer threads; " + ", ".join(f"{k} {v}" for k, v in places.items())
+        f"saving: {n} prompts, concurrency {c}, {args.rounds} round(s), one writer thread; "
+        + ", ".join(f"{k} {v}" for k, v in places.items())
     )
     for mode, latency in CASES:
         # With a slow server neither the disk nor tmpfs is near the bound: disk only.

@@ -381,10 +381,6 @@ def _syncfs() -> Callable[[int], None] | None:
     return syncfs
 
 
-#: Threads writing one writer's image files at a time: one (see `_ImageWriter`).
-WRITER_THREADS: Final = 1
-
-
 def _flush(syncfs: Callable[[int], None], directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -459,8 +455,8 @@ class _ImageWriter:
     def _finished(self, pending: deque[_Job], task: asyncio.Future[None]) -> None:
         """On the event loop: the thread found nothing more to write (or the loop's
         executor refused the task: its images fail rather than wait forever)."""
-        if pending is not self._pending or task.get_loop() is not self._loop:
-            return  # a task of a former event loop
+        if pending is not self._pending:
+            return  # a task of a former event loop (a new loop gets a new deque)
         self._running = False
         if not task.cancelled() and task.exception() is None:
             if pending:  # handed over after the thread last looked
