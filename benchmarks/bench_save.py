@@ -11,10 +11,11 @@ comes back, each measured off and on:
 * ``url``: the answer carries a URL on the same server; saving GETs it through the
   client's pool (a second HTTP exchange per prompt) and writes the file.
 
-Every file is written as the library writes it (`flux_async._save`), on its writer
-thread: a temporary file beside its final name, made durable with one syncfs(2) per
-group of files (an fsync per file where there is none), renamed, and the renames made
-durable with one fsync of the directory. "On" runs twice: on local disk (a fresh
+Every file is written as the library writes it: from the writer process a fan-out with
+``save_to=`` starts (`flux_async._writer_process`), a temporary file beside its final
+name, made durable with one syncfs(2) per group of files (an fsync per file where there
+is none), renamed, and the renames made durable with one fsync of the directory. "On"
+runs twice: on local disk (a fresh
 directory under ``--dir``, by default the directory the script runs in, where a user's
 batch would write: on this VM a file created under /tmp or /var/tmp costs ~320 µs of
 kernel CPU and one under /root or /work ~60-75 µs, on the same ext4 disk) and on tmpfs (under
@@ -38,8 +39,9 @@ prompts/s ÷ off, printed for information, are meant to split the cost of saving
 the event loop pays per image, what a worker's wait for its file costs, and what the
 writer thread adds on top (decoding, system calls, and the interpreter lock it takes
 from the loop each time one returns); on a noisy machine they need more rounds than the
-default 3 to be told apart. Notes give the writer's rounds: their size, a file's share
-of a round's wall time, and how much of that the writer thread was on the CPU.
+default 3 to be told apart. Two more, for information, write with the thread writer
+instead (what a fan-out used before the writer process, and still uses where there can
+be none): the interpreter lock's cost to it, on disk and on tmpfs.
 
 Targets, with b64 images: prompts/s with saving ÷ min(prompts/s without, the bare loop's
 files/s) >= 0.85, on disk and on tmpfs (where the disk is not the bound, so this is
@@ -317,26 +319,29 @@ def _decode_seconds(png: bytes) -> tuple[float, str]:
     uses here (pybase64 when installed, else the standard library's), and its name. A
     decoder holds the interpreter lock, so it adds to the event loop's time whatever
     thread runs it."""
-    from flux_async._save import _b64decode, decode_b64
+    from flux_async._files import _fast_b64decode
+    from flux_async._save import decode_b64
 
     text = base64.b64encode(png).decode()
     started = time.perf_counter()
     for _ in range(200):
         decode_b64(text)
-    return (time.perf_counter() - started) / 200, _b64decode().__module__
+    return (time.perf_counter() - started) / 200, _fast_b64decode().__module__
 
 
 Rates = dict[tuple[str, float, str], list[float]]
 #: The variants whose writer writes nothing, and how long it takes to say it is done.
 LOOP_ONLY = {"loop only": 0.0, "loop only +2ms": 0.002}
+#: The variants written by the thread writer instead of the process, and where.
+THREAD = {"disk, thread writer": "disk", "tmpfs, thread writer": "tmpfs"}
 
 
 def _writer_does_nothing(delay: float) -> contextlib.AbstractContextManager[object]:
     """Within the block, every image handed to a writer is done ``delay`` seconds later
     (at once for 0), unread and unwritten: its future gets the path it would have had."""
-    from flux_async import _save
+    from flux_async import _save, _writer_process
 
-    def write(self: _save._ImageWriter, job: _save._Job) -> asyncio.Future[str]:
+    def write(self: _save.Writer, job: _save.ImageJob) -> asyncio.Future[str]:
         path = os.path.join(job.directory, job.name + ".png")
         if delay:
             job.loop.call_later(delay, _finish, job.future, path)
@@ -344,29 +349,10 @@ def _writer_does_nothing(delay: float) -> contextlib.AbstractContextManager[obje
             job.future.set_result(path)
         return job.future
 
-    return mock.patch.object(_save._ImageWriter, "write", write)
-
-
-#: One writer round: files, wall seconds, the writer thread's CPU seconds.
-Round = tuple[int, float, float]
-
-
-def _timed_rounds(rounds: list[Round]) -> contextlib.AbstractContextManager[object]:
-    """Within the block, record every writer round's size, wall time and thread CPU."""
-    from flux_async import _save
-
-    real = _save._write_group
-
-    def write_group(
-        jobs: list[_save._Job], syncfs: Callable[[int], None] | None
-    ) -> list[_save._Written]:
-        wall, cpu = time.perf_counter(), time.thread_time()
-        try:
-            return real(jobs, syncfs)
-        finally:
-            rounds.append((len(jobs), time.perf_counter() - wall, time.thread_time() - cpu))
-
-    return mock.patch.object(_save, "_write_group", write_group)
+    stack = contextlib.ExitStack()
+    for writer in (_save.ImageWriter, _writer_process.ProcessWriter):
+        stack.enter_context(mock.patch.object(writer, "write", write))
+    return stack
 
 
 def _finish(future: asyncio.Future[str], path: str) -> None:
@@ -377,7 +363,7 @@ def _finish(future: asyncio.Future[str], path: str) -> None:
 def run(args: argparse.Namespace) -> BenchOutput:
     from _common import EmulatorProcess, prompts
 
-    from flux_async import FluxClient
+    from flux_async import FluxClient, _writer_process
 
     class ImageServerProcess(EmulatorProcess):
         """This file with ``--serve MODE``, started and stopped like the emulator."""
@@ -400,7 +386,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
         count: int,
         *,
         loop_only: float | None = None,
-        rounds: list[Round] | None = None,
+        thread: bool = False,
     ) -> tuple[float, int, int]:
         directory = None if base is None else tempfile.mkdtemp(prefix="flux-bench-save-", dir=base)
         try:
@@ -409,8 +395,8 @@ def run(args: argparse.Namespace) -> BenchOutput:
                 writer: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
                 if loop_only is not None:
                     writer = _writer_does_nothing(loop_only)
-                elif rounds is not None:
-                    writer = _timed_rounds(rounds)
+                elif thread:
+                    writer = mock.patch.object(_writer_process, "can_start", return_value=False)
                 with writer:
                     results = await client.gather_generate(
                         prompts(count), concurrency=c, save_to=directory
@@ -429,10 +415,9 @@ def run(args: argparse.Namespace) -> BenchOutput:
     # "disk window") -> the bare loop's files/s.
     rates: Rates = {}
     ceilings: Rates = {}
-    writer_rounds: dict[tuple[str, float, str], list[Round]] = {}
     problems: list[str] = []
     print(
-        f"saving: {n} prompts, concurrency {c}, {args.rounds} round(s), one writer thread; "
+        f"saving: {n} prompts, concurrency {c}, {args.rounds} round(s), writer process; "
         + ", ".join(f"{k} {v}" for k, v in places.items())
     )
     for mode, latency in CASES:
@@ -443,6 +428,10 @@ def run(args: argparse.Namespace) -> BenchOutput:
             for variant in LOOP_ONLY:
                 variants.append(variant)
                 where[variant] = args.tmpfs_dir or args.dir
+            for variant, place in THREAD.items():
+                if place in places:
+                    variants.append(variant)
+                    where[variant] = places[place]
         with ImageServerProcess("--serve", mode, "--latency", str(latency)) as server:
             for variant in variants:  # warm-up
                 only = LOOP_ONLY.get(variant)
@@ -451,12 +440,10 @@ def run(args: argparse.Namespace) -> BenchOutput:
                 shift = round_ % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
                     only = LOOP_ONLY.get(variant)
-                    timed = None if variant == "off" or only is not None else []
+                    thread = variant in THREAD
                     wall, ok, saved = asyncio.run(
-                        batch(server.base_url, where.get(variant), n, loop_only=only, rounds=timed)
+                        batch(server.base_url, where.get(variant), n, loop_only=only, thread=thread)
                     )
-                    if timed:
-                        writer_rounds.setdefault((mode, latency, variant), []).extend(timed)
                     rates.setdefault((mode, latency, variant), []).append(ok / wall)
                     label = "save off" if variant == "off" else f"save on, {variant}"
                     rate = f"{ok / wall:8.0f} prompts/s ({wall:.2f} s)"
@@ -465,38 +452,12 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         problems.append(f"{mode} {variant}: {ok} ok, {saved} files of {n}")
                 if latency:
                     continue
-                loops = [(p, base, None) for p, base in where.items() if p not in LOOP_ONLY]
+                loops = [(p, base, None) for p, base in where.items() if p in places]
                 for place, base, window in [*loops, ("disk window", args.dir, c)]:
                     files = ceiling(base, n, png, window)
                     ceilings.setdefault((mode, latency, place), []).append(files)
                     print(f"  bare loop, {place:<11}: {files:8.0f} files/s")
-    output = _output(args, rates, ceilings, problems, _decode_seconds(png), len(png))
-    output.notes.extend(_round_notes(writer_rounds))
-    return output
-
-
-def _round_notes(writer_rounds: dict[tuple[str, float, str], list[Round]]) -> list[str]:
-    """What the writer's rounds took: a file's share of a round's wall time next to the
-    writer thread's own CPU for it (the rest it spent waiting: for the interpreter lock,
-    which a busy event loop holds, or for the disk)."""
-    from _common import median
-
-    notes = []
-    for (mode, latency, place), rounds in writer_rounds.items():
-        if latency:
-            continue
-        files = sum(r[0] for r in rounds)
-        wall = sum(r[1] for r in rounds)
-        cpu = sum(r[2] for r in rounds)
-        size = median(r[0] for r in rounds)
-        took = 1000 * median(r[1] for r in rounds)
-        notes.append(
-            f"writer rounds, {mode} images, {place}: {len(rounds)} rounds, median "
-            f"{size:.0f} files and {took:.1f} ms each; per file {1e6 * wall / files:.0f} µs "
-            "of a round's wall time, of which "
-            f"the writer thread was on the CPU {1e6 * cpu / files:.0f} µs"
-        )
-    return notes
+    return _output(args, rates, ceilings, problems, _decode_seconds(png), len(png))
 
 
 def _output(
@@ -553,6 +514,25 @@ def _output(
             if place == "tmpfs":
                 note += f"; tmpfs: on {on:.0f} prompts/s"
             note += f", bare loop ({loop}) {files:.0f} files/s"
+        for variant, place in THREAD.items():
+            if (mode, latency, variant) not in rates:
+                continue
+            on = median(rates[(mode, latency, variant)])
+            files = median(ceilings[(mode, latency, place)])
+            rows.append(
+                Row(
+                    figure=(
+                        f"prompts/s, save_to on with the thread writer ÷ min(off, bare loop all "
+                        f"at once), {mode} images, {server}, {place} (n={n}, c={c})"
+                    ),
+                    flux=f"{on:.0f}/s",
+                    peer=f"min({off:.0f}, {files:.0f})/s",
+                    ratio=f"{on / min(off, files):.2f}",
+                    target="(info)",
+                    met=None,
+                )
+            )
+            note += f"; {variant}: {on:.0f} prompts/s"
         for variant, delay in LOOP_ONLY.items():
             if (mode, latency, variant) not in rates:
                 continue

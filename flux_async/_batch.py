@@ -68,6 +68,7 @@ from ._exceptions import (
 from ._fanout import BuildRequest, Fanout, GenerationResult, to_request
 from ._models import ImageRequest, ImagesResponse
 from ._save import Downloader, write_atomic
+from ._writer_process import ProcessWriter
 
 __all__ = [
     "GALLERY",
@@ -998,8 +999,15 @@ async def run_batch(
         )
     """
     writer = await asyncio.to_thread(_ManifestWriter, plan.directory.manifest)
+    # Images are written from a process of its own, as a fan-out's with save_to= are.
+    images = ProcessWriter()
     try:
-        await _Run(plan, writer, downloader, concurrency, on_record).run(fanout, batch_deadline)
+        await _Run(plan, writer, downloader.with_writer(images), concurrency, on_record).run(
+            fanout, batch_deadline
+        )
     finally:
-        # Shielded: an interrupted run still writes every record it handed over.
-        await asyncio.shield(asyncio.to_thread(writer.close))
+        try:
+            await images.aclose()
+        finally:
+            # Shielded: an interrupted run still writes every record it handed over.
+            await asyncio.shield(asyncio.to_thread(writer.close))

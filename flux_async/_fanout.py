@@ -240,7 +240,11 @@ class _Engine:
 
     async def aclose(self) -> None:
         self._closed = True
-        await self._workers.stop()
+        try:
+            await self._workers.stop()
+        finally:
+            if self._saver is not None:
+                await self._saver.aclose()
         self._delivery.close()
 
     def abandon(self) -> None:
@@ -251,6 +255,8 @@ class _Engine:
         if loop is None or loop.is_closed():
             return
         self._workers.cancel()
+        if self._saver is not None:
+            self._saver.abandon()
 
     async def drain(self, sink: Callable[[GenerationResult], None]) -> None:
         delivery = self._delivery

@@ -14,6 +14,7 @@ import attrs
 from ._exceptions import ImageSaveError, ValidationError
 from ._models import ImageRequest, ImagesResponse
 from ._save import Downloader, check_directory
+from ._writer_process import ProcessWriter
 
 __all__ = ["SaveTo", "Saver", "default_stem", "save_settings"]
 
@@ -86,19 +87,32 @@ def save_settings(
 
 class Saver:
     """Saves each successful prompt's images as its `SaveTo` says, with at most
-    ``SaveTo.downloads`` URL downloads at once.
+    ``SaveTo.downloads`` URL downloads at once, writing the files from a process of its
+    own (`ProcessWriter`; a thread where there can be none). `aclose` ends that process.
 
     Example::
 
         saver = Saver(save)
-        files = await saver.store(index, request, response, attempts)
+        try:
+            files = await saver.store(index, request, response, attempts)
+        finally:
+            await saver.aclose()
     """
 
-    __slots__ = ("_downloads", "_save")
+    __slots__ = ("_downloads", "_save", "_writer")
 
     def __init__(self, save: SaveTo) -> None:
-        self._save = save
+        self._writer = ProcessWriter()
+        self._save = attrs.evolve(save, downloader=save.downloader.with_writer(self._writer))
         self._downloads = asyncio.Semaphore(save.downloads)
+
+    async def aclose(self) -> None:
+        """Wait for the files handed over to be written, and end the writer process."""
+        await self._writer.aclose()
+
+    def abandon(self) -> None:
+        """End the writer process now (the fan-out's handle was collected)."""
+        self._writer.abandon()
 
     async def store(
         self, index: int, request: ImageRequest, response: ImagesResponse, attempts: int

@@ -13,7 +13,7 @@ are. The file is written under a temporary name in the same directory, made dura
 renamed over the final name (`os.replace`), so no half-written file ever stands under a
 final name, even after ``kill -9`` or a power cut; `store_image` returns once the rename
 is durable too. The writes run on the event loop's default executor and are made durable
-in groups (`_ImageWriter`, one per `Downloader`): a batch writing hundreds of files a
+in groups (`ImageWriter`, one per `Downloader`): a batch writing hundreds of files a
 second never blocks the event loop, and pays one flush per group, not one per file.
 
 This module knows nothing of the models (`Image`, `ImagesResponse` call it), so it sits
@@ -23,13 +23,10 @@ below them in the import order.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
-import contextlib
 import functools
 import os
 import re
-import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +46,17 @@ from ._exceptions import (
     error_body,
     error_for_status,
 )
+from ._files import (
+    IMAGE_SUFFIXES,
+    b64decode,
+    find_syncfs,
+    fsync_directory,
+    image_type,
+    rename,
+    stage,
+    with_suffix,
+    write_round,
+)
 from ._retry import RetryPolicy, decide_retry, parse_retry_after
 from ._transport import AsyncTransport, RequestHeaders, TransportRequest
 
@@ -57,6 +65,9 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "Downloader",
     "HasDownloader",
+    "ImageJob",
+    "ImageWriter",
+    "Writer",
     "check_directory",
     "decode_b64",
     "image_paths",
@@ -70,28 +81,7 @@ __all__ = [
 #: noise is about 50 MB), low enough that an endless or wrong body cannot fill memory.
 DEFAULT_MAX_IMAGE_BYTES: Final = 100 * 2**20
 
-#: The suffix a file of each sniffed type gets.
-IMAGE_SUFFIXES: Final[Mapping[str, str]] = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-# Suffixes replaced (rather than appended to) when the caller's path has one.
-_REPLACED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".img", ".image"})
 _ACCEPT = "image/png,image/jpeg,image/webp,image/*;q=0.8"
-
-
-def image_type(data: bytes) -> str | None:
-    """``"png"``, ``"jpeg"`` or ``"webp"`` from the first bytes of ``data``, else None.
-
-    Example::
-
-        image_type(b"\\x89PNG\\r\\n\\x1a\\n...")  # 'png'
-        image_type(b"<html>")  # None
-    """
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 def redact_url(url: str | None) -> str:
@@ -113,20 +103,6 @@ def redact_url(url: str | None) -> str:
     return shown + "?<redacted>" if parsed.raw_query_string else shown
 
 
-@functools.cache
-def _b64decode() -> Callable[..., bytes]:
-    """pybase64's decoder if it is installed (``flux-async[fast]``, also in the ``cli``
-    extra), else the standard library's. Looked up on the first decode, not at import.
-    The standard one decodes an 18 KB image in ~90 µs holding the interpreter lock, a
-    third of a busy client's time per prompt at a few thousand images a second; pybase64
-    (SIMD) takes ~3 µs."""
-    try:
-        import pybase64
-    except ImportError:
-        return base64.b64decode
-    return pybase64.b64decode
-
-
 def decode_b64(data: str) -> bytes:
     """The bytes of a ``b64_json`` image; `ImageDownloadError` when it is not base64.
 
@@ -134,17 +110,8 @@ def decode_b64(data: str) -> bytes:
 
         decode_b64(image.b64_json)
     """
-    fast = _b64decode()
-    if fast is not base64.b64decode:
-        try:
-            return fast(data, validate=True)
-        except (binascii.Error, ValueError):
-            # pybase64 accepts a subset of what the standard decoder does (it refuses
-            # excess padding, say), with the same bytes: the standard one has the last
-            # word, so installing the extra never turns an image into an error.
-            pass
     try:
-        return base64.b64decode(data, validate=True)
+        return b64decode(data)
     except (binascii.Error, ValueError) as exc:
         raise ImageDownloadError(
             f"The server's b64_json image is not valid base64 ({exc}); it starts {data[:40]!r}"
@@ -196,17 +163,6 @@ def image_paths(directory: Path, stem: str, count: int) -> list[Path]:
     return [directory / name for name in _names(stem, count)]
 
 
-def _with_suffix(name: str, kind: str) -> str:
-    """``name`` with the suffix of ``kind``: an image suffix it has is replaced, any
-    other kept (``fox.v2`` becomes ``fox.v2.png``)."""
-    suffix = IMAGE_SUFFIXES[kind]
-    # Path.suffix, on a bare name (strings: this runs once per image of a batch).
-    dot = name.rfind(".")
-    if 0 < dot < len(name) - 1 and name[dot:].lower() in _REPLACED_SUFFIXES:
-        return name[:dot] + suffix
-    return name + suffix
-
-
 def _image_kind(
     data: bytes, path: str, url: str | None, content_type: str | None, max_bytes: int
 ) -> str:
@@ -236,7 +192,7 @@ def _image_kind(
     return kind
 
 
-class _Job:
+class ImageJob:
     """One image to write: where (a directory, and a name the suffix of its type is
     added to), its bytes or its ``b64_json`` text, its source for error messages, and
     the future its writer awaits (done with the path written)."""
@@ -277,57 +233,7 @@ class _Job:
         data = decode_b64(payload) if isinstance(payload, str) else payload
         path = os.path.join(self.directory, self.name)
         kind = _image_kind(data, path, self.url, self.content_type, self.max_bytes)
-        return os.path.join(self.directory, _with_suffix(self.name, kind)), data
-
-
-#: One file written: its final name, its temporary one, and its job.
-_Staged: TypeAlias = tuple[str, str, _Job]
-
-_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-
-
-def _stage(path: str, data: bytes, *, sync: bool, tag: str | None = None) -> str:
-    """Write ``data`` to a new temporary file beside ``path`` (fsynced when ``sync``);
-    return its name. Nothing stands under ``path`` yet; a missing directory is made.
-    ``tag`` makes the name unique (random when None)."""
-    directory, name = os.path.split(path)
-    # A dot-name that no final file can have, unique per call: two writers of the same
-    # path never share a temporary file (and O_EXCL refuses one that exists).
-    temporary = os.path.join(directory, f".{name}.{tag or os.urandom(6).hex()}.part")
-    try:
-        # os.open with 0o666 (not mkstemp's 0o600): the image gets the caller's umask,
-        # like any file they write.
-        fd = os.open(temporary, _CREATE, 0o666)
-    except FileNotFoundError:
-        # Made on the first write rather than checked on every one.
-        os.makedirs(directory or ".", exist_ok=True)
-        fd = os.open(temporary, _CREATE, 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _remove(temporary)
-        raise
-    return temporary
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _rename(temporary: str, path: str) -> None:
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        _remove(temporary)
-        raise
+        return os.path.join(self.directory, with_suffix(self.name, kind)), data
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -342,58 +248,25 @@ def write_atomic(path: Path, data: bytes) -> None:
         write_atomic(Path("out/batch.json"), b"{}")
     """
     target = os.fspath(path)
-    _rename(_stage(target, data, sync=True), target)
-    _fsync_directory(os.path.dirname(target) or ".")
+    rename(stage(target, data, sync=True), target)
+    fsync_directory(os.path.dirname(target) or ".")
 
 
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its rename is durable enough
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a filesystem without directory fsync: nothing more to do
-        pass
-    finally:
-        os.close(fd)
+class Writer(Protocol):
+    """What writes a `Downloader`'s images: an `ImageWriter` (a thread), or in a fan-out
+    a ``ProcessWriter`` (a process of its own).
+
+    Example::
+
+        path = await writer.write(ImageJob("out", "fox", png_bytes, None, None, 10**6))
+    """
+
+    def write(self, job: ImageJob) -> asyncio.Future[str]:
+        """Write ``job``'s image; the future is done, with its path, once it is durable."""
+        ...
 
 
-@functools.cache
-def _syncfs() -> Callable[[int], None] | None:
-    """Linux's syncfs(2), which flushes one filesystem in one call, or None elsewhere.
-    Looked up once, on the first save (not at import: ctypes costs milliseconds)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-
-    def syncfs(fd: int) -> None:
-        if function(fd) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno))
-
-    return syncfs
-
-
-def _flush(syncfs: Callable[[int], None], directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-def _directories(items: list[_Staged]) -> set[str]:
-    return {os.path.dirname(path) or "." for path, _, _ in items}
-
-
-class _ImageWriter:
+class ImageWriter:
     """Writes image files atomically and durably, off the event loop, in groups.
 
     One task on the event loop's default executor writes rounds one after another while
@@ -422,19 +295,19 @@ class _ImageWriter:
 
     Example::
 
-        writer = _ImageWriter(_syncfs())
-        path = await writer.write(_Job("out", "fox", png_bytes, None, None, 10**6))
+        writer = ImageWriter(find_syncfs())
+        path = await writer.write(ImageJob("out", "fox", png_bytes, None, None, 10**6))
     """
 
     __slots__ = ("_loop", "_pending", "_running", "_syncfs")
 
     def __init__(self, syncfs: Callable[[int], None] | None) -> None:
         self._syncfs = syncfs
-        self._pending: deque[_Job] = deque()  # handed over, not yet taken by a round
+        self._pending: deque[ImageJob] = deque()  # handed over, not yet taken by a round
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def write(self, job: _Job) -> asyncio.Future[str]:
+    def write(self, job: ImageJob) -> asyncio.Future[str]:
         """Write ``job``'s image; the future is done, with its path, once it is durable."""
         if job.loop is not self._loop:
             # A new event loop (the old one's task, if any, ended with it).
@@ -452,7 +325,7 @@ class _ImageWriter:
         task = loop.run_in_executor(None, _write_rounds, pending, self._syncfs, loop)
         task.add_done_callback(functools.partial(self._finished, pending))
 
-    def _finished(self, pending: deque[_Job], task: asyncio.Future[None]) -> None:
+    def _finished(self, pending: deque[ImageJob], task: asyncio.Future[None]) -> None:
         """On the event loop: the thread found nothing more to write (or the loop's
         executor refused the task: its images fail rather than wait forever)."""
         if pending is not self._pending:
@@ -471,7 +344,7 @@ class _ImageWriter:
 
 
 def _write_rounds(
-    pending: deque[_Job], syncfs: Callable[[int], None] | None, loop: asyncio.AbstractEventLoop
+    pending: deque[ImageJob], syncfs: Callable[[int], None] | None, loop: asyncio.AbstractEventLoop
 ) -> None:
     """On a worker thread: write rounds of the images in ``pending`` until it is empty,
     waking each round's awaiters on ``loop`` as soon as the round ends."""
@@ -501,46 +374,19 @@ def _wake(outcomes: list[_Written]) -> None:
 
 
 #: A job and how it ended: the path written, or the error.
-_Written: TypeAlias = tuple["_Job", "str | BaseException"]
+_Written: TypeAlias = tuple["ImageJob", "str | BaseException"]
 
 
-def _write_group(jobs: list[_Job], syncfs: Callable[[int], None] | None) -> list[_Written]:
-    """On a worker thread: stage every job's file, flush them together, rename each, and
-    make the renames durable; return how each job ended."""
-    outcomes: list[_Written] = []
-    group: list[_Staged] = []
-    # One random token per round, numbered per file: a system call per round, not per
-    # file (each one hands the interpreter lock back and forth with the event loop).
-    token = os.urandom(6).hex()
-    for number, job in enumerate(jobs):
+def _write_group(jobs: list[ImageJob], syncfs: Callable[[int], None] | None) -> list[_Written]:
+    """On a worker thread: decode and check each job's image, and write them as one
+    round (`write_round`); return how each job ended."""
+    files: list[tuple[str, bytes] | BaseException] = []
+    for job in jobs:
         try:
-            path, data = job.image()
-            group.append(
-                (path, _stage(path, data, sync=syncfs is None, tag=f"{token}{number}"), job)
-            )
+            files.append(job.image())
         except Exception as exc:
-            outcomes.append((job, exc))
-    try:
-        if syncfs is not None:
-            for directory in _directories(group):
-                _flush(syncfs, directory)
-    except Exception as exc:  # a flush that failed: nobody may wait forever
-        for _, temporary, job in group:
-            _remove(temporary)
-            outcomes.append((job, exc))
-        return outcomes
-    done = []
-    for path, temporary, job in group:
-        try:
-            _rename(temporary, path)
-        except Exception as exc:
-            outcomes.append((job, exc))
-        else:
-            done.append((path, temporary, job))
-    for directory in _directories(done):
-        _fsync_directory(directory)
-    outcomes.extend((job, path) for path, _, job in done)
-    return outcomes
+            files.append(exc)
+    return list(zip(jobs, write_round(files, syncfs), strict=True))
 
 
 async def store_image(
@@ -573,13 +419,13 @@ async def _store(
     url: str | None,
     content_type: str | None,
     max_bytes: int,
-    writer: _ImageWriter | None = None,
+    writer: Writer | None = None,
 ) -> Path:
     """`store_image` for bytes or ``b64_json`` text, on a path split in two strings
     (pathlib costs as much as the rest of the event loop's share of a save); through
     ``writer`` (a downloader's own, so its saves share flushes) or a writer of its own."""
-    job = _Job(directory, name, payload, url, content_type, max_bytes)
-    return Path(await (writer or _ImageWriter(_syncfs())).write(job))
+    job = ImageJob(directory, name, payload, url, content_type, max_bytes)
+    return Path(await (writer or ImageWriter(find_syncfs())).write(job))
 
 
 def _content_type(headers: Mapping[str, str]) -> str | None:
@@ -630,10 +476,9 @@ class Downloader:
     is_closed: Callable[[], bool] = attrs.field(default=lambda: False, repr=False)
     _api: tuple[str, str, int | None] = attrs.field(init=False, repr=False)
     _plain_headers: Mapping[str, str] = attrs.field(init=False, repr=False)
-    # Its saves go through one writer, so the files of a fan-out share their flushes.
-    _writer: _ImageWriter = attrs.field(
-        init=False, repr=False, eq=False, factory=lambda: _ImageWriter(_syncfs())
-    )
+    # Its saves go through one writer, so the files of a fan-out share their flushes: a
+    # thread by default, a process of its own in a fan-out (`with_writer`).
+    writer: Writer = attrs.field(repr=False, eq=False, factory=lambda: ImageWriter(find_syncfs()))
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "_api", _origin(yarl.URL(self.api_origin)))
@@ -653,6 +498,16 @@ class Downloader:
         return attrs.evolve(
             self, policy=policy, timeout=self.timeout if timeout is None else timeout
         )
+
+    def with_writer(self, writer: Writer) -> Downloader:
+        """This downloader, writing its files with ``writer``: what a fan-out with
+        ``save_to=`` does, with a writer process of its own.
+
+        Example::
+
+            downloader = client.downloader.with_writer(ImageWriter(find_syncfs()))
+        """
+        return attrs.evolve(self, writer=writer)
 
     def _request(self, url: str) -> TransportRequest:
         try:
@@ -777,7 +632,7 @@ class Downloader:
             raise ImageDownloadError("This image has neither a url nor b64_json: nothing to save")
         try:
             return await _store(
-                payload, directory, name, url, content_type, self.max_bytes, self._writer
+                payload, directory, name, url, content_type, self.max_bytes, self.writer
             )
         except ImageDownloadError as exc:
             exc.url = url
@@ -797,6 +652,12 @@ class Downloader:
         folder = os.fspath(directory)
         if len(images) == 1:
             ((url, b64),) = images
+            if b64 is not None:
+                # A batch's common case, without a coroutine per layer: each is an object
+                # the garbage collector keeps track of for as long as the write takes.
+                job = ImageJob(folder, names[0], b64, None, None, self.max_bytes)
+                written = await self.writer.write(job)
+                return [directory / os.path.basename(written)]  # half of Path(written)'s cost
             return [await self._save(url, b64, folder, names[0])]
         tasks = [
             asyncio.ensure_future(self._save(url, b64, folder, name))

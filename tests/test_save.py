@@ -20,6 +20,7 @@ import attrs
 import pytest
 from aiohttp import web
 
+import flux_async._files as files_module
 import flux_async._save as save_module
 from flux_async import (
     APIConnectionError,
@@ -297,13 +298,13 @@ async def test_writes_are_atomic_and_off_the_event_loop(
     """The write runs on a worker thread, not the event loop's; a failed write leaves
     neither the file nor its temporary file; an old file is replaced whole or not at all."""
     threads: list[str] = []
-    real = save_module._stage
+    real = files_module.stage
 
     def spy(path: str, data: bytes, *, sync: bool, tag: str | None = None) -> str:
         threads.append(threading.current_thread().name)
         return real(path, data, sync=sync, tag=tag)
 
-    monkeypatch.setattr(save_module, "_stage", spy)
+    monkeypatch.setattr(files_module, "stage", spy)
     await save_module.store_image(PNG, tmp_path / "a", url=None)
     assert threads[0] != threading.current_thread().name  # not the event loop's thread
 
@@ -410,21 +411,30 @@ async def test_a_failed_download_fails_the_prompt_but_keeps_the_generation(
     assert names(tmp_path) == ["000000.png", "000002.png"]
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
 async def test_a_failed_write_fails_the_prompt_with_image_save_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
-    """Disk full while saving: ImageSaveError saying the generation succeeded."""
+    """A write that fails (the save directory turned into a file while the batch ran):
+    ImageSaveError saying the generation succeeded, with the OSError as its cause, from
+    the writer process and from the thread alike."""
+    import flux_async._writer_process as writer_process
 
-    def full(path: str, data: bytes, *, sync: bool, tag: str | None = None) -> str:
-        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(writer_process, "can_start", lambda: writer == "process")
+    out = tmp_path / "out"
 
-    monkeypatch.setattr(save_module, "_stage", full)
-    async with mock_client(lambda r: answer(b64=PNG)) as client:
-        [result] = await client.gather_generate(["x"], save_to=tmp_path)
+    def handler(request: Any) -> TransportResponse:
+        out.write_bytes(b"not a directory")
+        return answer(b64=PNG)
+
+    async with mock_client(handler) as client:
+        [result] = await client.gather_generate(["x"], save_to=out)
     assert isinstance(result.error, ImageSaveError)
     assert not isinstance(result.error, ImageDownloadError)
     assert "generation succeeded but writing its image failed" in str(result.error)
-    assert isinstance(result.error.__cause__, OSError)
+    assert isinstance(result.error.__cause__, NotADirectoryError)
+    assert result.error.__cause__.filename is not None
+    assert str(out) in result.error.__cause__.filename
     assert result.response is not None
 
 
@@ -546,19 +556,19 @@ async def test_group_commit_wakes_a_writer_after_a_flush_that_followed_its_renam
         return timed
 
     renamed: dict[str, float] = {}
-    real_rename = save_module._rename
+    real_rename = files_module.rename
 
     def rename(temporary: str, path: str) -> None:
         real_rename(temporary, path)
         renamed[path] = time.monotonic()
 
-    monkeypatch.setattr(save_module, "_rename", rename)
-    monkeypatch.setattr(save_module, "_fsync_directory", slow(save_module._fsync_directory))
-    writer = save_module._ImageWriter(slow(lambda fd: None) if syncfs else None)
+    monkeypatch.setattr(files_module, "rename", rename)
+    monkeypatch.setattr(files_module, "fsync_directory", slow(files_module.fsync_directory))
+    writer = save_module.ImageWriter(slow(lambda fd: None) if syncfs else None)
     returned: dict[str, float] = {}
 
     async def write(i: int) -> None:
-        job = save_module._Job(str(tmp_path), f"{i:02d}", PNG + bytes([i]), None, None, 10**6)
+        job = save_module.ImageJob(str(tmp_path), f"{i:02d}", PNG + bytes([i]), None, None, 10**6)
         path = await writer.write(job)
         returned[path] = time.monotonic()
 
@@ -595,11 +605,11 @@ async def test_the_writer_thread_starts_its_next_round_without_the_event_loop(
         return real(jobs, syncfs)
 
     monkeypatch.setattr(save_module, "_write_group", write_group)
-    writer = save_module._ImageWriter(None)
+    writer = save_module.ImageWriter(None)
     loop = asyncio.get_running_loop()
 
     def job(name: str) -> Any:
-        return save_module._Job(str(tmp_path), name, PNG, None, None, 10**6)
+        return save_module.ImageJob(str(tmp_path), name, PNG, None, None, 10**6)
 
     first = writer.write(job("a"))
     assert await loop.run_in_executor(None, first_round.wait, 10)
@@ -630,11 +640,11 @@ async def test_a_writer_thread_that_fails_fails_its_images_and_the_next_one_star
         return real(jobs, syncfs)
 
     monkeypatch.setattr(save_module, "_write_group", write_group)
-    writer = save_module._ImageWriter(None)
-    job = save_module._Job(str(tmp_path), "a", PNG, None, None, 10**6)
+    writer = save_module.ImageWriter(None)
+    job = save_module.ImageJob(str(tmp_path), "a", PNG, None, None, 10**6)
     with pytest.raises(RuntimeError, match="a bug in the writer"):
         await writer.write(job)
-    job = save_module._Job(str(tmp_path), "b", PNG, None, None, 10**6)
+    job = save_module.ImageJob(str(tmp_path), "b", PNG, None, None, 10**6)
     assert await writer.write(job) == str(tmp_path / "b.png")
     assert names(tmp_path) == ["b.png"]
 
@@ -646,8 +656,8 @@ async def test_a_failed_flush_fails_its_writers_and_leaves_nothing(tmp_path: Pat
     def broken(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    writer = save_module._ImageWriter(broken)
-    jobs = [save_module._Job(str(tmp_path), str(i), PNG, None, None, 10**6) for i in range(3)]
+    writer = save_module.ImageWriter(broken)
+    jobs = [save_module.ImageJob(str(tmp_path), str(i), PNG, None, None, 10**6) for i in range(3)]
     results = await asyncio.gather(*(writer.write(job) for job in jobs), return_exceptions=True)
     assert [str(r) for r in results] == ["[Errno 5] Input/output error"] * 3
     assert names(tmp_path) == []
@@ -677,13 +687,13 @@ def test_the_fast_b64_decoder_accepts_and_refuses_what_the_standard_one_does(
         except ImageDownloadError:
             return "refused"
 
-    save_module._b64decode.cache_clear()
+    files_module._fast_b64decode.cache_clear()
     try:
-        assert save_module._b64decode().__module__.startswith("pybase64")
+        assert files_module._fast_b64decode().__module__.startswith("pybase64")
         fast = outcome()
-        save_module._b64decode.cache_clear()
+        files_module._fast_b64decode.cache_clear()
         monkeypatch.setitem(__import__("sys").modules, "pybase64", None)  # not installed
-        assert save_module._b64decode() is base64.b64decode
+        assert files_module._fast_b64decode() is base64.b64decode
         assert outcome() == fast
     finally:
-        save_module._b64decode.cache_clear()
+        files_module._fast_b64decode.cache_clear()

@@ -1,0 +1,443 @@
+"""Image files on disk: the atomic, durable write protocol, and the writer process.
+
+Standard library only, and no import from this package: besides being imported by
+`_save` (whose writer thread runs `write_round`), this file is run as a script, as the
+writer process a fan-out with ``save_to=`` writes its images from (`serve`; started by
+`_writer_process`). A thread writing files beside a busy event loop waits for the
+interpreter lock after every system call; a process shares no lock (``docs/design.md``,
+"Saving images").
+
+The protocol, for a round of files: each is written under a temporary name beside its
+final one, the round's bytes are made durable with one syncfs(2) of the filesystem (on
+Linux; elsewhere each file is fsynced as it is written), each file is renamed over its
+final name, and the renames are made durable with one fsync of each directory. No final
+name ever stands over incomplete bytes, even after ``kill -9`` or a power cut.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import functools
+import os
+import select
+import signal
+import struct
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final
+
+__all__ = [
+    "ANSWER",
+    "B64",
+    "CREATE",
+    "IMAGE_SUFFIXES",
+    "INLINE",
+    "JOB",
+    "OK",
+    "OS_ERROR",
+    "REJECTED",
+    "b64decode",
+    "find_syncfs",
+    "fsync_directory",
+    "image_type",
+    "remove",
+    "rename",
+    "serve",
+    "stage",
+    "with_suffix",
+    "write_round",
+]
+
+#: The suffix a file of each sniffed type gets.
+IMAGE_SUFFIXES: Final[Mapping[str, str]] = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+# Suffixes replaced (rather than appended to) when the caller's path has one.
+_REPLACED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".img", ".image"})
+
+CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+# The writer process's pipe protocol. A job: its number, flags (B64: the payload is
+# base64 text), the most bytes the image may have, the lengths of the directory, the
+# name and the payload, and where the payload is in the memory shared with the parent
+# (INLINE: in the pipe, after the name); then the directory and the name.
+JOB: Final = struct.Struct("<IBQIIQQ")
+B64: Final = 1
+INLINE: Final = 2**64 - 1
+# An answer, one per job, after the round holding it: its number, how it ended, the
+# length of what follows: OK, the path written; REJECTED (not an image, too big, not
+# base64: the caller redoes the check to say why), nothing; OS_ERROR, "errno\0filename
+# \0strerror".
+ANSWER: Final = struct.Struct("<IBI")
+OK: Final = 0
+REJECTED: Final = 1
+OS_ERROR: Final = 2
+
+
+def image_type(data: bytes) -> str | None:
+    """``"png"``, ``"jpeg"`` or ``"webp"`` from the first bytes of ``data``, else None.
+
+    Example::
+
+        image_type(b"\\x89PNG\\r\\n\\x1a\\n...")  # 'png'
+        image_type(b"<html>")  # None
+    """
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def with_suffix(name: str, kind: str) -> str:
+    """``name`` with the suffix of ``kind``: an image suffix it has is replaced, any
+    other kept (``fox.v2`` becomes ``fox.v2.png``).
+
+    Example::
+
+        with_suffix("fox.jpg", "png")  # 'fox.png'
+    """
+    suffix = IMAGE_SUFFIXES[kind]
+    # Path.suffix, on a bare name (strings: this runs once per image of a batch).
+    dot = name.rfind(".")
+    if 0 < dot < len(name) - 1 and name[dot:].lower() in _REPLACED_SUFFIXES:
+        return name[:dot] + suffix
+    return name + suffix
+
+
+@functools.cache
+def _fast_b64decode() -> Callable[..., bytes]:
+    """pybase64's decoder if it is installed (``flux-async[fast]``, also in the ``cli``
+    extra), else the standard library's. Looked up on the first decode, not at import.
+    The standard one decodes an 18 KB image in ~90 µs holding the interpreter lock, a
+    third of a busy client's time per prompt at a few thousand images a second; pybase64
+    (SIMD) takes ~3 µs."""
+    try:
+        import pybase64
+    except ImportError:
+        return base64.b64decode
+    return pybase64.b64decode
+
+
+def b64decode(data: str | bytes | memoryview) -> bytes:
+    """The bytes of base64 ``data``, strictly (`binascii.Error` or `ValueError` if it is
+    not base64), with pybase64 when it is installed.
+
+    Example::
+
+        b64decode("iVBORw0KGgo=")  # b'\\x89PNG\\r\\n\\x1a\\n'
+    """
+    fast = _fast_b64decode()
+    if fast is not base64.b64decode:
+        try:
+            return fast(data, validate=True)
+        except (binascii.Error, ValueError):
+            # pybase64 accepts a subset of what the standard decoder does (it refuses
+            # excess padding, say), with the same bytes: the standard one has the last
+            # word, so installing the extra never turns an image into an error.
+            pass
+    return base64.b64decode(data, validate=True)
+
+
+def stage(path: str, data: bytes, *, sync: bool, tag: str | None = None) -> str:
+    """Write ``data`` to a new temporary file beside ``path`` (fsynced when ``sync``);
+    return its name. Nothing stands under ``path`` yet; a missing directory is made.
+    ``tag`` makes the name unique (random when None).
+
+    Example::
+
+        temporary = stage("out/fox.png", png, sync=True)
+        rename(temporary, "out/fox.png")
+    """
+    directory, name = os.path.split(path)
+    # A dot-name that no final file can have, unique per call: two writers of the same
+    # path never share a temporary file (and O_EXCL refuses one that exists).
+    temporary = os.path.join(directory, f".{name}.{tag or os.urandom(6).hex()}.part")
+    try:
+        # os.open with 0o666 (not mkstemp's 0o600): the image gets the caller's umask,
+        # like any file they write.
+        fd = os.open(temporary, CREATE, 0o666)
+    except FileNotFoundError:
+        # Made on the first write rather than checked on every one.
+        os.makedirs(directory or ".", exist_ok=True)
+        fd = os.open(temporary, CREATE, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        remove(temporary)
+        raise
+    return temporary
+
+
+def remove(path: str) -> None:
+    """Remove ``path`` if it can be (a temporary file that failed).
+
+    Example::
+
+        remove("out/.fox.png.1a2b.part")
+    """
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def rename(temporary: str, path: str) -> None:
+    """Rename ``temporary`` over ``path`` (`os.replace`), or remove it if that fails.
+
+    Example::
+
+        rename(stage("out/fox.png", png, sync=True), "out/fox.png")
+    """
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        remove(temporary)
+        raise
+
+
+def fsync_directory(directory: str) -> None:
+    """Make the names in ``directory`` durable (a no-op where it cannot be done).
+
+    Example::
+
+        fsync_directory("out")
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its rename is durable enough
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a filesystem without directory fsync: nothing more to do
+        pass
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def find_syncfs() -> Callable[[int], None] | None:
+    """Linux's syncfs(2), which flushes one filesystem in one call, or None elsewhere.
+    Looked up once, on the first save (not at import: ctypes costs milliseconds).
+
+    Example::
+
+        syncfs = find_syncfs()
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+    def syncfs(fd: int) -> None:
+        if function(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+    return syncfs
+
+
+def _flush(syncfs: Callable[[int], None], directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def write_round(
+    files: Sequence[tuple[str, bytes] | BaseException], syncfs: Callable[[int], None] | None
+) -> list[str | BaseException]:
+    """Write a round of ``(path, bytes)`` files by the protocol (module docstring); return
+    how each ended, in order: its path, or the error. An error given in place of a file
+    (one that could not be decoded, say) is passed through as its outcome.
+
+    Example::
+
+        write_round([("out/fox.png", png), ("out/crow.png", png)], find_syncfs())
+    """
+    outcomes: list[str | BaseException] = []
+    staged: list[tuple[int, str, str]] = []  # position, final path, temporary path
+    # One random token per round, numbered per file: a system call per round, not per
+    # file (on a thread, each one hands the interpreter lock back and forth).
+    token = os.urandom(6).hex()
+    for number, item in enumerate(files):
+        if isinstance(item, BaseException):
+            outcomes.append(item)
+            continue
+        path, data = item
+        try:
+            temporary = stage(path, data, sync=syncfs is None, tag=f"{token}{number}")
+        except Exception as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(path)
+            staged.append((number, path, temporary))
+    try:
+        if syncfs is not None:
+            for directory in {os.path.dirname(path) or "." for _, path, _ in staged}:
+                _flush(syncfs, directory)
+    except Exception as exc:  # a flush that failed: every staged file fails with it
+        for number, _, temporary in staged:
+            remove(temporary)
+            outcomes[number] = exc
+        return outcomes
+    renamed = set()
+    for number, path, temporary in staged:
+        try:
+            rename(temporary, path)
+        except Exception as exc:
+            outcomes[number] = exc
+        else:
+            renamed.add(os.path.dirname(path) or ".")
+    for directory in renamed:
+        fsync_directory(directory)
+    return outcomes
+
+
+# -- the writer process -------------------------------------------------------------------
+
+
+def _jobs(
+    buffer: bytearray, shared: memoryview | None
+) -> tuple[list[tuple[int, tuple[str, bytes] | BaseException]], int]:
+    """The complete jobs at the start of ``buffer`` as ``(number, file or rejection)``,
+    and how many bytes they took; a payload not in the pipe is in ``shared``."""
+    jobs: list[tuple[int, tuple[str, bytes] | BaseException]] = []
+    view = memoryview(buffer)
+    at = 0
+    try:
+        while len(buffer) - at >= JOB.size:
+            number, flags, max_bytes, dir_size, name_size, size, offset = JOB.unpack_from(
+                buffer, at
+            )
+            start = at + JOB.size
+            names = start + dir_size + name_size
+            end = names + size if offset == INLINE else names
+            if end > len(buffer):
+                break
+            directory = os.fsdecode(bytes(view[start : start + dir_size]))
+            name = os.fsdecode(bytes(view[start + dir_size : names]))
+            if offset == INLINE:
+                payload = view[names:end]
+            elif shared is not None:
+                payload = shared[offset : offset + size]
+            else:
+                raise RuntimeError("a payload in shared memory, and none is shared")
+            at = end
+            jobs.append((number, _file(directory, name, payload, flags, max_bytes)))
+    finally:
+        view.release()
+    return jobs, at
+
+
+class _Rejected(Exception):
+    """Not base64, not an image, or too big: the parent redoes the check to say which."""
+
+
+def _file(
+    directory: str, name: str, payload: memoryview, flags: int, max_bytes: int
+) -> tuple[str, bytes] | BaseException:
+    if flags & B64:
+        try:
+            data = b64decode(payload)
+        except (binascii.Error, ValueError):
+            return _Rejected()
+    else:
+        data = bytes(payload)
+    kind = image_type(data)
+    if kind is None or len(data) > max_bytes:
+        return _Rejected()
+    return os.path.join(directory, with_suffix(name, kind)), data
+
+
+def _answer(number: int, outcome: str | BaseException) -> bytes:
+    if isinstance(outcome, str):
+        status, text = OK, os.fsencode(outcome)
+    elif isinstance(outcome, _Rejected):
+        status, text = REJECTED, b""
+    else:
+        status = OS_ERROR
+        errno = getattr(outcome, "errno", None) or 0
+        filename = getattr(outcome, "filename", None)
+        strerror = getattr(outcome, "strerror", None) or f"{type(outcome).__name__}: {outcome}"
+        text = b"\0".join(
+            (str(errno).encode(), os.fsencode(filename) if filename else b"", os.fsencode(strerror))
+        )
+    return ANSWER.pack(number, status, len(text)) + text
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def serve(source: int = 0, sink: int = 1, shared: memoryview | None = None) -> None:
+    """The writer process: read jobs from ``source`` (their payloads in the pipe or in
+    ``shared``), write each round of them (every job that has arrived when the last
+    round ends), answer each job on ``sink``. Ends when ``source`` ends, once every job
+    read is written.
+
+    Example::
+
+        serve()  # python -I path/to/_files.py [FD SIZE], as `_writer_process` runs it
+    """
+    syncfs = find_syncfs()
+    buffer = bytearray()
+    ended = False
+    while not ended:
+        chunk = os.read(source, 1 << 20)
+        if not chunk:
+            break
+        buffer += chunk
+        # Whatever else has arrived joins this round, without waiting for more.
+        while select.select([source], [], [], 0)[0]:
+            chunk = os.read(source, 1 << 20)
+            if not chunk:
+                ended = True
+                break
+            buffer += chunk
+        jobs, used = _jobs(buffer, shared)
+        del buffer[:used]
+        if not jobs:
+            continue
+        outcomes = write_round([file for _, file in jobs], syncfs)
+        answers = b"".join(
+            _answer(number, outcome) for (number, _), outcome in zip(jobs, outcomes, strict=True)
+        )
+        try:
+            _write_all(sink, answers)
+        except BrokenPipeError:  # the parent is gone: nobody is waiting any more
+            return
+
+
+def _main(argv: Sequence[str]) -> None:
+    """``_files.py [FD SIZE]``: serve on stdin and stdout, with payloads in the ``SIZE``
+    bytes of memory file ``FD`` shared with the parent when given."""
+    # Ctrl-C reaches the whole process group: the parent decides when to stop (it closes
+    # the pipe), and every job it handed over is written first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if len(argv) == 2:
+        import mmap
+
+        # Left mapped until the process exits: slices of it may outlive serve().
+        serve(shared=memoryview(mmap.mmap(int(argv[0]), int(argv[1]), prot=mmap.PROT_READ)))
+    else:
+        serve()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

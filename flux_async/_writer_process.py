@@ -1,0 +1,339 @@
+"""The image writer of a fan-out with ``save_to=``: a process of its own.
+
+A writer thread beside a busy event loop waits for the interpreter lock after each of
+its system calls; measured beside a fan-out of ~1,000 prompts/s, it wrote files at ~0.7
+of its speed alone, a process at its full speed (``docs/design.md``, "Saving images").
+So a fan-out hands its images to a `ProcessWriter`: a child Python (``python -I
+_files.py``, standard library only: it starts in tens of milliseconds) that writes them
+by the same protocol as the thread (`_files.write_round`) and answers each one. The
+event loop's part per image is a few bytes of header and one copy into a pipe, sent once
+per turn of the loop for every image handed over in that turn.
+
+Where a child cannot be had (a frozen application, a platform without pipes that
+`select` can watch, a start that fails) or dies, the images go to the thread writer
+instead, those in flight included: a write is idempotent (a temporary file renamed over
+the final name), so none is lost and none stands half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errnos
+import functools
+import mmap
+import os
+import subprocess
+import sys
+from collections import deque
+from typing import Final
+
+from . import _files
+from ._files import find_syncfs
+from ._save import ImageJob, ImageWriter
+
+__all__ = ["ProcessWriter", "can_start"]
+
+_SCRIPT: Final = _files.__file__
+#: The memory shared with the child for payloads: the images in flight at once must fit
+#: (64 prompts of 128 KB of ``b64_json``); one that does not goes through the pipe.
+SHARED_BYTES: Final = 8 * 2**20
+
+
+def can_start() -> bool:
+    """Whether this interpreter can start the writer process: a POSIX system, and
+    ``sys.executable`` a Python (not a frozen application, which would start itself).
+
+    Example::
+
+        writer = ProcessWriter(fallback) if can_start() else fallback
+    """
+    return os.name == "posix" and bool(sys.executable) and not getattr(sys, "frozen", False)
+
+
+class _Ring:
+    """Memory shared with the child (a memfd), used as a ring: each payload is copied in
+    at the head and freed once its job is answered, in the order they were put.
+
+    Copying a payload here costs the event loop ~1 µs per 24 KB; through the pipe, the
+    kernel's copy and the child's wake-ups cost it ~15-50 µs.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("flux-async-images")
+        try:
+            os.ftruncate(self.fd, size)
+            populate = getattr(mmap, "MAP_POPULATE", 0)
+            self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | populate)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._head = 0
+        self._used: deque[tuple[int, int]] = deque()  # (job number, start), oldest first
+
+    def put(self, number: int, data: bytes) -> int | None:
+        """Copy ``data`` in for job ``number``; where it starts, or None if it does not fit."""
+        size, used = len(data), self._used
+        if not used:
+            self._head = 0
+        head = self._head
+        tail = used[0][1] if used else 0
+        if not used or head > tail:  # free: [head, end) and [0, tail)
+            if self.size - head >= size:
+                start = head
+            elif tail >= size:
+                start = 0
+            else:
+                return None
+        elif tail - head >= size:  # wrapped: free [head, tail)
+            start = head
+        else:
+            return None
+        self.map[start : start + size] = data
+        self._head = start + size
+        used.append((number, start))
+        return start
+
+    def release(self, number: int) -> None:
+        """Job ``number`` is answered: its payload's space, and any older one's, is free."""
+        used = self._used
+        while used and used[0][0] <= number:
+            used.popleft()
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+def _ring() -> _Ring | None:
+    """Shared memory for payloads where the system has memfd (Linux), else None."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        return _Ring(SHARED_BYTES)
+    except OSError:
+        return None
+
+
+class _Pipe(asyncio.SubprocessProtocol):
+    """The child's answers, parsed as they arrive and handed to the writer."""
+
+    def __init__(self, writer: ProcessWriter) -> None:
+        self._writer = writer
+        self._buffer = bytearray()
+        self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        at, answer = 0, _files.ANSWER
+        while len(buffer) - at >= answer.size:
+            number, status, size = answer.unpack_from(buffer, at)
+            end = at + answer.size + size
+            if end > len(buffer):
+                break
+            self._writer.answered(number, status, bytes(buffer[at + answer.size : end]))
+            at = end
+        del buffer[:at]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # After the process has exited and both pipes are closed: every answer it sent
+        # has been read.
+        if not self.exited.done():
+            self.exited.set_result(None)
+        self._writer.exited()
+
+
+class ProcessWriter:
+    """Writes a fan-out's images from a child process (module docstring), with the same
+    interface and the same guarantee as `ImageWriter`: the future ``write`` returns is
+    done, with the path, once the file and its name are durable.
+
+    The child starts with the first image and ends with `aclose` (its pipe closed, it
+    writes what it was handed, then exits). Used on one event loop only: the fan-out's.
+
+    Example::
+
+        writer = ProcessWriter()  # the thread writer where there can be no process
+        try:
+            path = await writer.write(ImageJob("out", "fox", png_bytes, None, None, 10**6))
+        finally:
+            await writer.aclose()
+    """
+
+    __slots__ = (
+        "_closed",
+        "_fallback",
+        "_jobs",
+        "_numbers",
+        "_outbox",
+        "_pipe",
+        "_ring",
+        "_scheduled",
+        "_starting",
+        "_transport",
+        "_usable",
+    )
+
+    def __init__(self, fallback: ImageWriter | None = None) -> None:
+        self._fallback = ImageWriter(find_syncfs()) if fallback is None else fallback
+        self._usable = can_start()
+        self._jobs: dict[int, ImageJob] = {}  # handed to the child, not yet answered
+        self._outbox: list[bytes] = []  # jobs not yet sent, as the pipe carries them
+        self._numbers = 0
+        self._scheduled = False
+        self._closed = False
+        self._starting: asyncio.Task[None] | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._pipe: _Pipe | None = None
+        self._ring: _Ring | None = None
+
+    def write(self, job: ImageJob) -> asyncio.Future[str]:
+        """Write ``job``'s image; the future is done, with its path, once it is durable."""
+        if not self._usable:
+            return self._fallback.write(job)
+        if self._starting is None:
+            self._starting = job.loop.create_task(self._start())
+        elif self._starting.done() and self._transport is None:
+            return self._fallback.write(job)  # no child: it could not start, or died
+        self._numbers += 1
+        number = self._numbers
+        self._jobs[number] = job
+        payload = job.payload
+        flags = _files.B64 if isinstance(payload, str) else 0
+        data = payload.encode("ascii", "surrogateescape") if isinstance(payload, str) else payload
+        directory, name = os.fsencode(job.directory), os.fsencode(job.name)
+        ring = self._ring
+        at = None if ring is None else ring.put(number, data)
+        header = _files.JOB.pack(
+            number,
+            flags,
+            job.max_bytes,
+            len(directory),
+            len(name),
+            len(data),
+            _files.INLINE if at is None else at,
+        )
+        if at is None:
+            self._outbox.append(header + directory + name + data)
+        else:
+            self._outbox.append(header + directory + name)
+        if not self._scheduled and self._transport is not None:
+            # One pipe write per turn of the event loop for everything handed over in it.
+            self._scheduled = True
+            job.loop.call_soon(self._send)
+        return job.future
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Made off the event loop: its pages are allocated up front (milliseconds), so
+        # copying a payload in never waits for the kernel to find one. Images handed
+        # over meanwhile go through the pipe.
+        ring = self._ring = await loop.run_in_executor(None, _ring)
+        shared = () if ring is None else (str(ring.fd), str(ring.size))
+        try:
+            transport, pipe = await loop.subprocess_exec(
+                functools.partial(_Pipe, self),
+                sys.executable,
+                "-I",
+                _SCRIPT,
+                *shared,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+                pass_fds=() if ring is None else (ring.fd,),
+            )
+        except (OSError, NotImplementedError, RuntimeError):
+            self._fall_back()
+            return
+        self._transport, self._pipe = transport, pipe
+        if self._closed:  # abandoned while it started
+            self.abandon()
+            return
+        self._send()
+
+    def _send(self) -> None:
+        self._scheduled = False
+        if not self._outbox or self._transport is None:
+            return
+        stdin = self._transport.get_pipe_transport(0)
+        if not isinstance(stdin, asyncio.WriteTransport) or stdin.is_closing():
+            return
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        stdin.write(data)
+
+    def answered(self, number: int, status: int, text: bytes) -> None:
+        """The child's answer for job ``number`` (`_Pipe` calls it)."""
+        if self._ring is not None:
+            self._ring.release(number)
+        job = self._jobs.pop(number, None)
+        if job is None or job.future.done():
+            return  # its awaiter was cancelled meanwhile
+        if status == _files.OK:
+            job.future.set_result(os.fsdecode(text))
+        elif status == _files.REJECTED:
+            # Not an image, or too big, or not base64: the thread writer's check says
+            # which, with the message and fields a caller gets from any save.
+            self._fallback.write(job)
+        else:
+            code, filename, strerror = text.split(b"\0", 2)
+            job.future.set_exception(
+                OSError(int(code) or errnos.EIO, os.fsdecode(strerror), os.fsdecode(filename))
+                if filename
+                else OSError(int(code) or errnos.EIO, os.fsdecode(strerror))
+            )
+
+    def exited(self) -> None:
+        """The child ended (`_Pipe` calls it): what it did not answer goes to the thread."""
+        self._fall_back()
+
+    def _fall_back(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+        self._outbox.clear()
+        jobs, self._jobs = self._jobs, {}
+        for job in jobs.values():
+            if not job.future.done():
+                self._fallback.write(job)
+
+    async def aclose(self) -> None:
+        """Let the child write what it was handed, then end it. Safe to call twice.
+
+        Example::
+
+            await writer.aclose()
+        """
+        starting = self._starting
+        if starting is None:
+            return
+        if not starting.done():
+            await asyncio.shield(starting)
+        self._send()
+        transport, pipe = self._transport, self._pipe
+        if transport is None or pipe is None:
+            return
+        stdin = transport.get_pipe_transport(0)
+        if stdin is not None:
+            stdin.close()
+        try:
+            await asyncio.shield(pipe.exited)
+        except asyncio.CancelledError:
+            self.abandon()
+            raise
+        self._fall_back()
+
+    def abandon(self) -> None:
+        """End the child now, whatever it was doing (its handle was collected, or the
+        caller gave up waiting): files it had not renamed are not written."""
+        self._closed = True
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()

@@ -1,0 +1,318 @@
+"""The writer process of a fan-out with ``save_to=``: the child's protocol (`_files.serve`,
+driven through pipes in this process), the shared-memory ring, and the process as a
+fan-out uses it: every image written by it, its end with the fan-out, and the thread
+taking over when it cannot start or dies."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flux_async._files as files
+import flux_async._writer_process as writer_process
+from flux_async import (
+    FluxClient,
+    ImageDownloadError,
+    MockTransport,
+    RetryPolicy,
+    TransportResponse,
+)
+from flux_async._save import ImageJob, ImageWriter
+
+from .conftest import API_KEY
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
+
+pytestmark = pytest.mark.skipif(not writer_process.can_start(), reason="no writer process here")
+
+
+def b64_answer(data: bytes) -> TransportResponse:
+    body = {"created": 1, "data": [{"b64_json": base64.b64encode(data).decode()}]}
+    return TransportResponse(200, json=body)
+
+
+def mock_client(handler: Any) -> FluxClient:
+    return FluxClient(
+        api_key=API_KEY,
+        base_url="https://api.example/v1",
+        transport=MockTransport(handler),
+        retry=RetryPolicy.for_tests(),
+    )
+
+
+def job(number: int, directory: Path, name: str, payload: bytes, *, b64: bool = False) -> bytes:
+    """A job as the parent sends it, its payload in the pipe."""
+    data = base64.b64encode(payload) if b64 else payload
+    folder, stem = os.fsencode(directory), os.fsencode(name)
+    header = files.JOB.pack(
+        number, files.B64 if b64 else 0, 10**6, len(folder), len(stem), len(data), files.INLINE
+    )
+    return header + folder + stem + data
+
+
+def answers(data: bytes) -> list[tuple[int, int, bytes]]:
+    found, at = [], 0
+    while at < len(data):
+        number, status, size = files.ANSWER.unpack_from(data, at)
+        at += files.ANSWER.size
+        found.append((number, status, data[at : at + size]))
+        at += size
+    return found
+
+
+def serve_in_a_thread(source: int, sink: int, shared: memoryview | None = None) -> threading.Thread:
+    thread = threading.Thread(target=files.serve, args=(source, sink, shared))
+    thread.start()
+    return thread
+
+
+def listing(directory: Path) -> list[str]:
+    """The sorted names in ``directory`` (a plain function: tests call it between awaits)."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+# -- the child's protocol ---------------------------------------------------------------------
+
+
+def test_the_child_writes_each_job_and_answers_it_in_order(tmp_path: Path) -> None:
+    """Bytes and base64 payloads, in the pipe and in shared memory; a name whose image
+    suffix is set from the bytes; a payload that is no image is rejected (the parent
+    redoes the check to say why); a directory that is a file is the OSError it is."""
+    import mmap
+
+    shared = mmap.mmap(-1, 4096)
+    shared[100 : 100 + len(JPEG)] = JPEG
+    (tmp_path / "file").write_bytes(b"x")
+    folder, name = os.fsencode(tmp_path), b"in-shared.jpeg"
+    from_shared = (
+        files.JOB.pack(4, 0, 10**6, len(folder), len(name), len(JPEG), 100) + folder + name
+    )
+    source_r, source_w = os.pipe()
+    sink_r, sink_w = os.pipe()
+    thread = serve_in_a_thread(source_r, sink_w, memoryview(shared))
+    os.write(source_w, job(1, tmp_path, "a", PNG) + job(2, tmp_path, "b.png", PNG, b64=True))
+    os.write(source_w, job(3, tmp_path, "c", b"<html>") + from_shared)
+    os.write(source_w, job(5, tmp_path / "file", "d", PNG))
+    os.close(source_w)
+    thread.join(10)
+    os.close(sink_w)
+    os.close(source_r)
+    found = answers(read_all(sink_r))
+    assert [(n, s) for n, s, _ in found] == [
+        (1, files.OK),
+        (2, files.OK),
+        (3, files.REJECTED),
+        (4, files.OK),
+        (5, files.OS_ERROR),
+    ]
+    assert found[0][2] == os.fsencode(tmp_path / "a.png")
+    assert found[3][2] == os.fsencode(tmp_path / "in-shared.jpg")
+    code, filename, _ = found[4][2].split(b"\0")
+    assert int(code) != 0
+    assert filename.startswith(os.fsencode(tmp_path / "file"))
+    assert (tmp_path / "a.png").read_bytes() == PNG
+    assert (tmp_path / "b.png").read_bytes() == PNG
+    assert (tmp_path / "in-shared.jpg").read_bytes() == JPEG
+    assert listing(tmp_path) == ["a.png", "b.png", "file", "in-shared.jpg"]
+
+
+def test_the_child_takes_a_job_split_across_reads(tmp_path: Path) -> None:
+    """A job arrives in pieces (a pipe carries what fits): nothing is written until it is
+    whole, then it is."""
+    source_r, source_w = os.pipe()
+    sink_r, sink_w = os.pipe()
+    thread = serve_in_a_thread(source_r, sink_w)
+    whole = job(7, tmp_path, "a", PNG)
+    os.write(source_w, whole[:10])
+    os.write(source_w, whole[10:])
+    os.close(source_w)
+    thread.join(10)
+    os.close(sink_w)
+    os.close(source_r)
+    assert answers(read_all(sink_r)) == [(7, files.OK, os.fsencode(tmp_path / "a.png"))]
+
+
+# -- the ring ---------------------------------------------------------------------------------
+
+
+def test_the_ring_never_hands_out_space_still_in_use() -> None:
+    """Random puts and in-order releases: every payload put stays intact until released,
+    and a payload that does not fit is refused (None), never squeezed in."""
+    ring = writer_process._Ring(4096)
+    rng = random.Random(7)
+    live: dict[int, tuple[int, bytes]] = {}
+    released = 0
+    try:
+        for number in range(1, 3000):
+            if live and rng.random() < 0.5:
+                upto = rng.randint(released + 1, max(live))
+                ring.release(upto)
+                for done in [n for n in live if n <= upto]:
+                    del live[done]
+                released = upto
+            data = bytes([number % 251]) * rng.randint(0, 1500)
+            at = ring.put(number, data)
+            if at is not None:
+                live[number] = (at, data)
+            for start, payload in live.values():
+                assert ring.map[start : start + len(payload)] == payload
+        assert ring.put(10**6, b"x" * 4097) is None
+    finally:
+        ring.close()
+
+
+# -- the process in a fan-out -----------------------------------------------------------------
+
+
+@pytest.fixture
+def children(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
+    """What the writer processes did: their answers, and the pipes that ended."""
+    seen: dict[str, list[Any]] = {"answers": [], "ended": [], "writers": []}
+    answered, lost = writer_process.ProcessWriter.answered, writer_process._Pipe.connection_lost
+    init = writer_process.ProcessWriter.__init__
+
+    def spy_init(self: Any, fallback: Any = None) -> None:
+        init(self, fallback)
+        seen["writers"].append(self)
+
+    def spy_answered(self: Any, number: int, status: int, text: bytes) -> None:
+        seen["answers"].append(status)
+        answered(self, number, status, text)
+
+    def spy_lost(self: Any, exc: Exception | None) -> None:
+        seen["ended"].append(exc)
+        lost(self, exc)
+
+    monkeypatch.setattr(writer_process.ProcessWriter, "__init__", spy_init)
+    monkeypatch.setattr(writer_process.ProcessWriter, "answered", spy_answered)
+    monkeypatch.setattr(writer_process._Pipe, "connection_lost", spy_lost)
+    return seen
+
+
+async def test_a_fanout_writes_every_image_from_its_writer_process(
+    tmp_path: Path, children: dict[str, list[Any]]
+) -> None:
+    """40 prompts: each image answered OK by the child, on disk whole under its name, and
+    the child ended with the fan-out."""
+    async with mock_client(lambda request: b64_answer(PNG)) as client:
+        results = await client.gather_generate(
+            [f"p{i}" for i in range(40)], concurrency=8, save_to=tmp_path
+        )
+    assert all(r.ok for r in results)
+    assert children["answers"] == [files.OK] * 40
+    assert children["ended"] == [None]
+    assert [r.files for r in results] == [(tmp_path / f"{i:06d}.png",) for i in range(40)]
+    assert all((tmp_path / f"{i:06d}.png").read_bytes() == PNG for i in range(40))
+    assert listing(tmp_path) == [f"{i:06d}.png" for i in range(40)]  # no temporary file left
+
+
+async def test_an_image_the_child_rejects_gets_the_usual_error(
+    tmp_path: Path, children: dict[str, list[Any]]
+) -> None:
+    """A b64_json that is no image: rejected by the child, and the prompt's error is the
+    one any save gives (the check redone to say why)."""
+    async with mock_client(lambda request: b64_answer(b"hello")) as client:
+        [result] = await client.gather_generate(["x"], save_to=tmp_path)
+    assert children["answers"] == [files.REJECTED]
+    assert isinstance(result.error, ImageDownloadError)
+    assert "b64_json image is not a PNG, JPEG or WebP image" in str(result.error)
+    assert listing(tmp_path) == []
+
+
+async def test_a_writer_process_that_dies_hands_its_images_to_the_thread(
+    tmp_path: Path, children: dict[str, list[Any]]
+) -> None:
+    """The child killed in the middle of a batch: no prompt fails, every image is on disk
+    whole, written by the thread from then on."""
+    calls = 0
+
+    def handler(request: Any) -> TransportResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 20:
+            [writer] = children["writers"]
+            os.kill(writer._transport.get_pid(), signal.SIGKILL)
+        return b64_answer(PNG)
+
+    async with mock_client(handler) as client:
+        results = await client.gather_generate(
+            [f"p{i}" for i in range(60)], concurrency=4, save_to=tmp_path
+        )
+    assert [r.error for r in results if not r.ok] == []
+    assert 0 < len(children["answers"]) < 60  # the child wrote some, the thread the rest
+    assert children["ended"] == [None]
+    assert all((tmp_path / f"{i:06d}.png").read_bytes() == PNG for i in range(60))
+
+
+async def test_a_writer_process_that_cannot_start_leaves_it_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, children: dict[str, list[Any]]
+) -> None:
+    """No Python to start (``sys.executable`` gone): every image is written by the thread."""
+    monkeypatch.setattr(writer_process.sys, "executable", str(tmp_path / "no-python"))
+    async with mock_client(lambda request: b64_answer(PNG)) as client:
+        results = await client.gather_generate(["a", "b", "c"], save_to=tmp_path / "out")
+    assert all(r.ok for r in results)
+    assert children["answers"] == []
+    assert listing(tmp_path / "out") == [f"{i:06d}.png" for i in range(3)]
+
+
+async def test_a_fanout_closed_early_ends_its_writer_process(
+    tmp_path: Path, children: dict[str, list[Any]]
+) -> None:
+    """Leaving an iter_generate after 3 results: the child writes what it was handed and
+    ends (an unclosed transport or a live child would fail the run's warning filter)."""
+    async with (
+        mock_client(lambda request: b64_answer(PNG)) as client,
+        client.iter_generate(
+            [f"p{i}" for i in range(100)], concurrency=4, save_to=tmp_path
+        ) as results,
+    ):
+        seen = [await anext(results) for _ in range(3)]
+    assert all(r.ok for r in seen)
+    assert children["ended"] == [None]
+    assert all(status == files.OK for status in children["answers"])
+    for result in seen:
+        assert result.files[0].read_bytes() == PNG
+
+
+def test_no_writer_process_where_there_is_no_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen application's sys.executable is the application: never started."""
+    assert writer_process.can_start()
+    monkeypatch.setattr(writer_process.sys, "frozen", True, raising=False)
+    assert not writer_process.can_start()
+
+
+async def test_the_child_survives_ctrl_c_until_its_pipe_closes(
+    tmp_path: Path, children: dict[str, list[Any]]
+) -> None:
+    """Ctrl-C reaches the whole process group: the child ignores it, writes what it is
+    handed next, and ends when the parent closes its pipe."""
+    writer = writer_process.ProcessWriter(ImageWriter(None))
+    try:
+        first = await writer.write(ImageJob(str(tmp_path), "a", PNG, None, None, 10**6))
+        assert writer._transport is not None
+        os.kill(writer._transport.get_pid(), signal.SIGINT)
+        second = writer.write(ImageJob(str(tmp_path), "b", PNG, None, None, 10**6))
+        assert await asyncio.wait_for(second, 10) == str(tmp_path / "b.png")
+    finally:
+        await writer.aclose()
+    assert first == str(tmp_path / "a.png")
+    assert children["answers"] == [files.OK, files.OK]  # both by the child, none by a thread
+    assert children["ended"] == [None]
