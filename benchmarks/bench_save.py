@@ -15,12 +15,13 @@ Every file is written as the library writes it: from the writer process a fan-ou
 ``save_to=`` starts (`flux_async._writer_process`), a temporary file beside its final
 name, made durable with one syncfs(2) per group of files (an fsync per file where there
 is none), renamed, and the renames made durable with one fsync of the directory. "On"
-runs twice: on local disk (a fresh
-directory under ``--dir``, by default the directory the script runs in, where a user's
-batch would write: on this VM a file created under /tmp or /var/tmp costs ~320 µs of
-kernel CPU and one under /root or /work ~60-75 µs, on the same ext4 disk) and on tmpfs (under
-``--tmpfs-dir``, ``/dev/shm`` by default), removed after each run. Each mode is warmed
-up once, then run ``--rounds`` times (3) interleaved; medians are compared.
+runs twice: on local disk (a fresh directory under ``--dir``, by default the directory
+the script runs in, where a user's batch would write: on this VM a file created under
+/tmp or /var/tmp costs ~320 µs of kernel CPU and one under /root or /work ~60-75 µs, on
+the same ext4 disk) and on tmpfs (under ``--tmpfs-dir``, ``/dev/shm`` by default). Each
+run's directory is removed after it, then sync(2), so that no run pays for the writeback
+of the one before it. Each mode is warmed up once, then run ``--rounds`` times (3)
+interleaved; medians are compared.
 
 A disk can be slower than any client: on a shared VM creating one small file can cost
 most of a millisecond of kernel time. So each round also measures the disk's own
@@ -278,6 +279,14 @@ def _syncfs() -> Callable[[str], None] | None:
     return syncfs
 
 
+def _clean(directory: str) -> None:
+    """Remove a run's directory, and let the kernel finish writing back what the run and
+    the removal left dirty (sync(2)) before the next run starts: otherwise its flusher
+    threads do it during the next run, on the same 2 cores, whichever variant that is."""
+    shutil.rmtree(directory, ignore_errors=True)
+    os.sync()
+
+
 def ceiling(base: str, count: int, data: bytes, window: int | None = None) -> float:
     """Files/s of a bare loop writing ``count`` files of ``data`` into a fresh directory
     under ``base`` by the library's protocol, on one thread as the library does, and
@@ -311,7 +320,7 @@ def ceiling(base: str, count: int, data: bytes, window: int | None = None) -> fl
             _fsync_directory(directory)
         return count / (time.perf_counter() - started)
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        _clean(directory)
 
 
 def _decode_seconds(png: bytes) -> tuple[float, str]:
@@ -409,7 +418,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
             return wall, sum(r.ok for r in results), saved
         finally:
             if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+                _clean(directory)
 
     # (mode, latency, "off" or a place) -> prompts/s; (mode, latency, a place or
     # "disk window") -> the bare loop's files/s.
