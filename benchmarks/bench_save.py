@@ -20,8 +20,10 @@ the script runs in, where a user's batch would write: on this VM a file created 
 /tmp or /var/tmp costs ~320 µs of kernel CPU and one under /root or /work ~60-75 µs, on
 the same ext4 disk) and on tmpfs (under ``--tmpfs-dir``, ``/dev/shm`` by default). Each
 run's directory is removed after it, then sync(2), so that no run pays for the writeback
-of the one before it. Each mode is warmed up once, then run ``--rounds`` times (3)
-interleaved; medians are compared.
+of the one before it. Each mode is warmed up once, then run ``--rounds`` times (5)
+interleaved. The prompts/s shown are medians; each ratio is the median of the rounds' own
+ratios (a round's runs are back to back, so on a machine whose load drifts their ratio is
+steadier than a ratio of two medians, which the notes give too).
 
 A disk can be slower than any client: on a shared VM creating one small file can cost
 most of a millisecond of kernel time. So each round also measures the disk's own
@@ -40,7 +42,7 @@ prompts/s ÷ off, printed for information, are meant to split the cost of saving
 the event loop pays per image, what a worker's wait for its file costs, and what the
 writer thread adds on top (decoding, system calls, and the interpreter lock it takes
 from the loop each time one returns); on a noisy machine they need more rounds than the
-default 3 to be told apart. Two more, for information, write with the thread writer
+default 5 to be told apart. Two more, for information, write with the thread writer
 instead (what a fan-out used before the writer process, and still uses where there can
 be none): the interpreter lock's cost to it, on disk and on tmpfs.
 
@@ -60,7 +62,7 @@ server meanwhile, and in a process of its own beside that fan-out. A thread need
 interpreter lock back after each system call, and a busy event loop gives it up only
 when its switch interval (5 ms) runs out; a process shares no lock.
 
-    python benchmarks/bench_save.py [--prompts 3000] [--concurrency 64] [--rounds 3]
+    python benchmarks/bench_save.py [--prompts 3000] [--concurrency 64] [--rounds 5]
                                     [--dir DIR] [--tmpfs-dir DIR] [--convoy]
 """
 
@@ -223,7 +225,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1,000 prompts, 1 round (smoke)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per run (3000)")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5)")
     parser.add_argument(
         "--dir",
         default=os.getcwd(),
@@ -248,7 +250,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.prompts is None:
         args.prompts = 1000 if args.quick else 3000
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
+        args.rounds = 1 if args.quick else 5
     return args
 
 
@@ -469,6 +471,14 @@ def run(args: argparse.Namespace) -> BenchOutput:
     return _output(args, rates, ceilings, problems, _decode_seconds(png), len(png))
 
 
+def _paired(on: list[float], off: list[float], files: list[float] | None = None) -> list[float]:
+    """Each round's own ratio, on ÷ off (÷ min(off, files) with a ceiling): the two runs
+    of a round ran back to back, so their ratio is steadier than one of two medians on a
+    machine whose load drifts from second to second (as in ``bench_overhead.py``)."""
+    bounds = off if files is None else [min(a, b) for a, b in zip(off, files, strict=True)]
+    return [a / b for a, b in zip(on, bounds, strict=True)]
+
+
 def _output(
     args: argparse.Namespace,
     rates: Rates,
@@ -485,14 +495,15 @@ def _output(
     for mode, latency in CASES:
         gated = (mode, latency) == GATED
         server = "fast server" if not latency else f"{latency:g} s server latency"
-        off = median(rates[(mode, latency, "off")])
+        offs = rates[(mode, latency, "off")]
+        off = median(offs)
         disk = median(rates[(mode, latency, "disk")])
         rows.append(
             Row(
                 figure=f"prompts/s, save_to on ÷ off, {mode} images, {server}, disk (n={n}, c={c})",
                 flux=f"{disk:.0f}/s",
                 peer=f"off {off:.0f}/s",
-                ratio=f"{disk / off:.2f}",
+                ratio=f"{median(_paired(rates[(mode, latency, 'disk')], offs)):.2f}",
                 target="(info)",
                 met=None,
             )
@@ -504,7 +515,8 @@ def _output(
                 continue  # no tmpfs
             on = median(rates[(mode, latency, place)])
             files = median(ceilings[(mode, latency, bound)])
-            ratio = on / min(off, files)
+            rounds = _paired(rates[(mode, latency, place)], offs, ceilings[(mode, latency, bound)])
+            ratio = median(rounds)
             checked = gated and bound != "disk window"
             loop = f"at most c={c} files in flight" if bound == "disk window" else "all at once"
             rows.append(
@@ -523,11 +535,20 @@ def _output(
             if place == "tmpfs":
                 note += f"; tmpfs: on {on:.0f} prompts/s"
             note += f", bare loop ({loop}) {files:.0f} files/s"
+            if checked:
+                note += (
+                    " (round by round: "
+                    + ", ".join(f"{r:.2f}" for r in rounds)
+                    + f"; ratio of the medians instead: {on / min(off, files):.2f})"
+                )
         for variant, place in THREAD.items():
             if (mode, latency, variant) not in rates:
                 continue
             on = median(rates[(mode, latency, variant)])
             files = median(ceilings[(mode, latency, place)])
+            ratio = median(
+                _paired(rates[(mode, latency, variant)], offs, ceilings[(mode, latency, place)])
+            )
             rows.append(
                 Row(
                     figure=(
@@ -536,7 +557,7 @@ def _output(
                     ),
                     flux=f"{on:.0f}/s",
                     peer=f"min({off:.0f}, {files:.0f})/s",
-                    ratio=f"{on / min(off, files):.2f}",
+                    ratio=f"{ratio:.2f}",
                     target="(info)",
                     met=None,
                 )
@@ -555,7 +576,7 @@ def _output(
                     ),
                     flux=f"{only:.0f}/s",
                     peer=f"off {off:.0f}/s",
-                    ratio=f"{only / off:.2f}",
+                    ratio=f"{median(_paired(rates[(mode, latency, variant)], offs)):.2f}",
                     target="(info)",
                     met=None,
                 )
