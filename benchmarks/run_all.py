@@ -13,7 +13,7 @@ absolute target.
   memory, import, faults, webapp, spike, redis, save; repeatable). ``redis`` needs ``redis-server``
   on PATH and the ``redis`` extra.
 
-The full run takes about 3 minutes on 2 cores.
+The full run takes about 12 minutes on 2 cores.
 
     python benchmarks/run_all.py [--quick] [--write-docs] [--only storm]
 """
@@ -206,41 +206,39 @@ HOW_TO_READ = """\
   parse, the fan-out's worker), not a fix to one hot spot. Fewer calls alone do little:
   two calls taken off the path saved 1.5k instructions, three 1.8k (Python 3.11 calls
   are cheap; the cost is the work each layer does).
-- **Saving at c=64 against the fast server (target ≥ 0.85)** is missed: on disk 0.71 of
-  the disk's own ceiling on this page and 0.72 on the one before (0.53-0.73 before the
-  writer thread started its own rounds), on tmpfs 0.57 and 0.59 of off (0.53-0.89
-  before). What is known:
-  - *The writer's rounds.* A writer thread that went back to the event loop to be handed
-    each round waited ~5.5 ms between rounds of ~25 ms: starting a round needs the
-    interpreter lock, which a busy event loop gives up only when its 5 ms switch interval
-    runs out. It now starts the next round itself, and is busy 0.94-0.99 of a disk-bound
-    fan-out's time (0.77-0.88 before; the gap between rounds is 0.1 ms).
-  - *The interpreter lock.* A thread needs the lock back after every system call (create,
-    write, close, rename), and a saturated event loop hands it over only every 5 ms.
-    `python benchmarks/bench_save.py --convoy` measures it: the disk's bare loop on a
-    thread beside a fan-out that saves nothing wrote 0.09 of its files/s alone (156
-    against 1,683), and in a process of its own beside the same fan-out 0.78. In a
-    saving fan-out the event loop is not saturated (its workers wait for their files),
-    so the thread does far better than 0.09, but on tmpfs a file still takes 290-350 µs
-    of a round's wall time for 45-57 µs of the writer's CPU.
-  - *The disk.* Creating a durable file costs the writer 580-750 µs of CPU on this VM,
-    the filesystem flush included: about 1,100-1,700 files a second with nothing else
-    running, against a fast server's 4,000-6,000 prompts a second.
-  - *The event loop's own share* (the two "writer that writes nothing" rows, 0.67 and 0.62
-    here, 0.71 and 0.78 on the page before) is about 59k instructions per saved image
-    under callgrind (the saver, the job and its future, the `Path`), 13 % of a request
-    with an 18 KB `b64_json` answer; the rest of those rows' gap is not explained, and
-    one run in five reads 0.95-1.07.
-  - *Tried, not landed.* A writer process (outside the tree: per-image frames over a 1 MB
-    pipe): 0.54-0.62 of off on tmpfs, no better than the thread, because the pipe write
-    that hands an 18 KB image over costs the event loop ~30 µs; on disk about 10 % more
-    files/s than the thread, within the noise of three rounds. Four writer threads per
-    round: 0.54 of off on tmpfs against one thread's 0.71.
-  - *The constraint.* Every worker waits for its own files before it takes another
-    prompt, which bounds what a crash makes a rerun pay for twice to `concurrency`
-    generations (the batch command's kill tests count it on the server). Against a
-    server answering in microseconds that wait sets the pace; against a model taking
-    seconds per image (the 0.2 s row: 0.86) it is small.
+- **Saving at c=64 against the fast server (target ≥ 0.85)**: the images are now written
+  from a process of the fan-out's own (`ProcessWriter`), no longer from a thread. On
+  this page: disk {DISK} of the disk's own ceiling, tmpfs {TMPFS} of off; the thread
+  writer, measured in the same rounds, {TDISK} and {TTMPFS}. `python
+  benchmarks/bench_save.py` alone, the same day (medians of 5 rounds' own ratios): disk
+  0.81 and 0.83, tmpfs 0.74 and 0.76, against the thread's 0.65 and 0.65 on disk and
+  0.62 and 0.71 on tmpfs in the same runs (before the writer process: disk 0.53-0.73,
+  tmpfs 0.53-0.89 over many pages). What is known:
+  - *The interpreter lock* was the thread writer's bound: it needs the lock back after
+    every system call (create, write, close, rename). `python benchmarks/bench_save.py
+    --convoy` shows it: the disk's bare loop on a thread beside a fan-out that keeps the
+    event loop saturated wrote 0.09 of its files/s alone, in a process 0.78; beside a
+    fan-out of ~1,000 prompts/s, 0.72 on a thread and ~1.0 in a process (ad hoc, four
+    rounds). Hence the writer process.
+  - *Handing images over.* Through a pipe, the kernel's copy of each 24 KB `b64_json`
+    payload cost the event loop ~15-50 µs (a first writer process, outside the tree,
+    was no better than the thread on tmpfs for that reason); copied into 8 MB of memory
+    shared with the child, ~1-3 µs. Headers go in one pipe write per turn of the event
+    loop; writing each one at once woke the child per image and was slower.
+  - *The disk.* Creating a durable file costs ~600-750 µs of kernel CPU on this VM,
+    the flush included: about 1,100-1,700 files a second alone, against the fast
+    server's 4,000-6,000 prompts a second. The child needs most of a core for that,
+    beside the client's event loop, the server and the kernel's network work on 2 cores.
+  - *What is left on tmpfs* is the event loop's share (the "writer that writes nothing"
+    rows: {LOOP0} and {LOOP2} here, 0.86-0.95 and 0.74-0.95 in runs alone) and the wait:
+    a prompt's worker waits for its file (~7 ms on tmpfs under this load, of which ~1 ms
+    to hand it over and ~1.5 ms to be woken), which bounds what a crash makes a rerun pay
+    for twice to `concurrency` generations (the batch command's kill tests count it on
+    the server). Against a model taking seconds per image that wait is noise (the 0.2 s
+    row: {SLOW}).
+  - *Noise.* A run's prompts/s swing ±20 % from round to round here (a full garbage
+    collection lands in some 1-second runs and not others; a disk run's writeback used
+    to land in the next run, and each run now ends with sync(2)).
 - **The 429 storm at burst 1** (information row): a server that rejects any two
   requests closer than 25 ms draws 429s from loopback jitter alone while the client
   paces below capacity; flux-async loses no prompt there (1.10 attempts per prompt) but
@@ -336,24 +334,27 @@ The figures:
    process: `b64_json` images (decode and write; an 18 KB PNG) and `url` images (a GET
    through the pool, then write), each file written durably and atomically as the
    library does (temporary file, one syncfs per group, rename, the renames made durable
-   by one directory fsync, on the library's writer thread); "on" runs on local disk (a
+   by one directory fsync, from the fan-out's writer process); "on" runs on local disk (a
    fresh directory under the current one, `--dir`: on this VM a file created under /tmp
    costs ~5x the kernel CPU of one under /work, same disk) and on tmpfs (`/dev/shm`,
-   `--tmpfs-dir`); median of 3 interleaved rounds. The disk's own ceiling is measured in
+   `--tmpfs-dir`); 5 interleaved rounds, each ratio the median of the rounds' own
+   ratios. The disk's own ceiling is measured in
    the same rounds: a bare loop writing the same files by the same protocol and doing
    nothing else, in files/s. Targets for b64: on ÷ min(off, ceiling) ≥ 0.85 on disk, and
    on ÷ off ≥ 0.85 on tmpfs. Information rows: the raw on ÷ off on disk; on ÷ a bare
    loop that keeps at most 64 files not yet durable, as the fan-out does (a worker waits
    for its files before its next prompt, so a crash costs at most `concurrency`
    generations); the url cases; and the url case with a server taking 0.2 s per
-   generation, like a (very fast) model. A note gives what decoding the image costs (the
-   decoder holds the interpreter lock; pybase64, from the `fast` extra, when installed).
+   generation, like a (very fast) model; the same with the thread writer instead of the
+   process, on disk and tmpfs; and with a writer that writes nothing, answering at once
+   or 2 ms later (the event loop's own share). A note gives what decoding the image
+   costs (pybase64, from the `fast` extra, when installed).
 
 ## How to reproduce
 
 ```
 pip install -e '.[bench]'            # openai and matplotlib for the peers and the plot
-python benchmarks/run_all.py --write-docs   # everything, about 3 minutes; rewrites this page
+python benchmarks/run_all.py --write-docs   # everything, about 12 minutes; rewrites this page
 python benchmarks/run_all.py --quick        # a smoke run with scaled-down counts
 python benchmarks/bench_fanout.py --rounds 5   # any one benchmark on its own; --help lists options
 python benchmarks/bench_memory.py --prompts 20000

@@ -5,7 +5,7 @@ Standard library only, and no import from this package: besides being imported b
 writer process a fan-out with ``save_to=`` writes its images from (`serve`; started by
 `_writer_process`). A thread writing files beside a busy event loop waits for the
 interpreter lock after every system call; a process shares no lock (``docs/design.md``,
-"Saving images").
+"The fan-out").
 
 The protocol, for a round of files: each is written under a temporary name beside its
 final one, the round's bytes are made durable with one syncfs(2) of the filesystem (on

@@ -2,15 +2,16 @@
 
 A writer thread beside a busy event loop waits for the interpreter lock after each of
 its system calls; measured beside a fan-out of ~1,000 prompts/s, it wrote files at ~0.7
-of its speed alone, a process at its full speed (``docs/design.md``, "Saving images").
+of its speed alone, a process at its full speed (``docs/design.md``, "The fan-out").
 So a fan-out hands its images to a `ProcessWriter`: a child Python (``python -I
 _files.py``, standard library only: it starts in tens of milliseconds) that writes them
 by the same protocol as the thread (`_files.write_round`) and answers each one. The
-event loop's part per image is a few bytes of header and one copy into a pipe, sent once
-per turn of the loop for every image handed over in that turn.
+event loop's part per image is one copy of its payload into memory shared with the child
+and a header in a pipe, written once per turn of the loop for every image handed over
+in that turn.
 
-Where a child cannot be had (a frozen application, a platform without pipes that
-`select` can watch, a start that fails) or dies, the images go to the thread writer
+Where a child cannot be had (a frozen application, a system that is not POSIX, a start
+that fails) or dies, the images go to the thread writer
 instead, those in flight included: a write is idempotent (a temporary file renamed over
 the final name), so none is lost and none stands half-written.
 """
@@ -45,7 +46,7 @@ def can_start() -> bool:
 
     Example::
 
-        writer = ProcessWriter(fallback) if can_start() else fallback
+        where = "a process" if can_start() else "a thread"  # what ProcessWriter() uses
     """
     return os.name == "posix" and bool(sys.executable) and not getattr(sys, "frozen", False)
 
@@ -190,6 +191,13 @@ class ProcessWriter:
 
     def write(self, job: ImageJob) -> asyncio.Future[str]:
         """Write ``job``'s image; the future is done, with its path, once it is durable."""
+        payload = job.payload
+        if isinstance(payload, str):
+            if not payload.isascii():
+                return self._fallback.write(job)  # no base64: the thread's check says so
+            flags, data = _files.B64, payload.encode("ascii")
+        else:
+            flags, data = 0, payload
         if not self._usable:
             return self._fallback.write(job)
         if self._starting is None:
@@ -199,9 +207,6 @@ class ProcessWriter:
         self._numbers += 1
         number = self._numbers
         self._jobs[number] = job
-        payload = job.payload
-        flags = _files.B64 if isinstance(payload, str) else 0
-        data = payload.encode("ascii", "surrogateescape") if isinstance(payload, str) else payload
         directory, name = os.fsencode(job.directory), os.fsencode(job.name)
         ring = self._ring
         at = None if ring is None else ring.put(number, data)
@@ -226,12 +231,12 @@ class ProcessWriter:
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        # Made off the event loop: its pages are allocated up front (milliseconds), so
-        # copying a payload in never waits for the kernel to find one. Images handed
-        # over meanwhile go through the pipe.
-        ring = self._ring = await loop.run_in_executor(None, _ring)
-        shared = () if ring is None else (str(ring.fd), str(ring.size))
         try:
+            # Made off the event loop: its pages are allocated up front (milliseconds),
+            # so copying a payload in never waits for the kernel to find one. Images
+            # handed over meanwhile go through the pipe.
+            ring = self._ring = await loop.run_in_executor(None, _ring)
+            shared = () if ring is None else (str(ring.fd), str(ring.size))
             transport, pipe = await loop.subprocess_exec(
                 functools.partial(_Pipe, self),
                 sys.executable,
@@ -243,8 +248,8 @@ class ProcessWriter:
                 stderr=None,
                 pass_fds=() if ring is None else (ring.fd,),
             )
-        except (OSError, NotImplementedError, RuntimeError):
-            self._fall_back()
+        except Exception:  # no Python to start, no pipes, an executor refusing work...
+            self._fall_back()  # ...the thread writes them all
             return
         self._transport, self._pipe = transport, pipe
         if self._closed:  # abandoned while it started

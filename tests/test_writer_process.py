@@ -236,6 +236,26 @@ async def test_an_image_the_child_rejects_gets_the_usual_error(
     assert listing(tmp_path) == []
 
 
+async def test_a_b64_json_that_is_not_ascii_gets_the_usual_error(
+    tmp_path: Path, children: dict[str, list[Any]]
+) -> None:
+    """Text no base64 can be (a non-ASCII character) never reaches the child's pipe: the
+    prompt gets the error any save gives, and the batch goes on."""
+    bad = base64.b64encode(PNG).decode()[:-4] + "é==="
+
+    def handler(request: Any) -> TransportResponse:
+        text = bad if request.json()["prompt"] == "bad" else base64.b64encode(PNG).decode()
+        return TransportResponse(200, json={"created": 1, "data": [{"b64_json": text}]})
+
+    async with mock_client(handler) as client:
+        results = await client.gather_generate(["ok", "bad", "fine"], save_to=tmp_path)
+    assert [r.ok for r in results] == [True, False, True]
+    assert isinstance(results[1].error, ImageDownloadError)
+    assert "not valid base64" in str(results[1].error)
+    assert children["answers"] == [files.OK, files.OK]
+    assert listing(tmp_path) == ["000000.png", "000002.png"]
+
+
 async def test_a_writer_process_that_dies_hands_its_images_to_the_thread(
     tmp_path: Path, children: dict[str, list[Any]]
 ) -> None:
