@@ -12,9 +12,10 @@ first bytes, never from a header or a URL) and the file's extension is set from 
 are. The file is written under a temporary name in the same directory, made durable and
 renamed over the final name (`os.replace`), so no half-written file ever stands under a
 final name, even after ``kill -9`` or a power cut; `store_image` returns once the rename
-is durable too. The writes run on the event loop's default executor and are made durable
-in groups (`ImageWriter`, one per `Downloader`): a batch writing hundreds of files a
-second never blocks the event loop, and pays one flush per group, not one per file.
+is durable too. The writes never block the event loop and are made durable in groups,
+one flush per group, not one per file (the protocol: `_files`): by default on the event
+loop's default executor (`ImageWriter`, one per `Downloader`); a fan-out with
+``save_to=`` gives its downloader a writer process instead (`Downloader.with_writer`).
 
 This module knows nothing of the models (`Image`, `ImagesResponse` call it), so it sits
 below them in the import order.
