@@ -294,12 +294,7 @@ class ProcessWriter:
         self._fall_back()
 
     def _fall_back(self) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
-        ring, self._ring = self._ring, None
-        if ring is not None:
-            ring.close()
+        self._release()
         self._outbox.clear()
         jobs, self._jobs = self._jobs, {}
         for job in jobs.values():
@@ -336,6 +331,10 @@ class ProcessWriter:
         """End the child now, whatever it was doing (its handle was collected, or the
         caller gave up waiting): files it had not renamed are not written."""
         self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        """Close the child's transport (which kills it if it still runs) and the ring."""
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
