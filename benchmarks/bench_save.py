@@ -82,7 +82,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from unittest import mock
@@ -217,7 +217,6 @@ MODES = ("b64", "url")
 CASES = (("b64", 0.0), ("url", 0.0), ("url", 0.2))
 #: The case the targets are checked on; the others are information.
 GATED = ("b64", 0.0)
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -254,33 +253,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _syncfs() -> Callable[[str], None] | None:
-    """syncfs(2) of the filesystem holding a directory (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    function = ctypes.CDLL(None, use_errno=True).syncfs
-
-    def syncfs(directory: str) -> None:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            if function(fd) != 0:
-                raise OSError(ctypes.get_errno(), "syncfs")
-        finally:
-            os.close(fd)
-
-    return syncfs
-
-
 def _clean(directory: str) -> None:
     """Remove a run's directory, and let the kernel finish writing back what the run and
     the removal left dirty (sync(2)) before the next run starts: otherwise its flusher
@@ -291,23 +263,26 @@ def _clean(directory: str) -> None:
 
 def ceiling(base: str, count: int, data: bytes, window: int | None = None) -> float:
     """Files/s of a bare loop writing ``count`` files of ``data`` into a fresh directory
-    under ``base`` by the library's protocol, on one thread as the library does, and
-    nothing else; ``window``: at most that many files not yet durable at once (the
-    fan-out's bound: a prompt's worker waits for its file), else all of them at once.
+    under ``base`` by the library's protocol, on one thread (as the library's writer
+    process does), and nothing else; ``window``: at most that many files not yet
+    durable at once (the fan-out's bound: a prompt's worker waits for its file), else
+    all of them at once.
 
     The protocol, in rounds: create each file of the round under a temporary name
     beside its final one and write it, flush them all with one syncfs(2), rename each
     over its final name, fsync the directory. Without syncfs (not Linux) each file is
     fsynced as it is written instead.
     """
+    from flux_async._files import CREATE, find_syncfs, fsync_directory
+
     directory = tempfile.mkdtemp(prefix="flux-bench-ceiling-", dir=base)
-    syncfs = _syncfs()
+    syncfs = find_syncfs()
     try:
         started = time.perf_counter()
         for first in range(0, count, window or count):
             group = range(first, min(count, first + (window or count)))
             for i in group:
-                fd = os.open(os.path.join(directory, f".{i:06d}.png.part"), _CREATE, 0o666)
+                fd = os.open(os.path.join(directory, f".{i:06d}.png.part"), CREATE, 0o666)
                 try:
                     os.write(fd, data)
                     if syncfs is None:
@@ -315,11 +290,15 @@ def ceiling(base: str, count: int, data: bytes, window: int | None = None) -> fl
                 finally:
                     os.close(fd)
             if syncfs is not None:
-                syncfs(directory)
+                fd = os.open(directory, os.O_RDONLY)
+                try:
+                    syncfs(fd)
+                finally:
+                    os.close(fd)
             for i in group:
                 final = os.path.join(directory, f"{i:06d}.png")
                 os.replace(os.path.join(directory, f".{i:06d}.png.part"), final)
-            _fsync_directory(directory)
+            fsync_directory(directory)
         return count / (time.perf_counter() - started)
     finally:
         _clean(directory)
