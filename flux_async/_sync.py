@@ -54,6 +54,14 @@ def _refuse_in_loop() -> None:
     raise EventLoopError(_IN_LOOP)
 
 
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """On the client's loop: cancel ``tasks`` (those begun) and wait until they end."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
 class _LoopThread:
     """An event loop running forever in a daemon thread, until `stop`.
 
@@ -86,21 +94,27 @@ class _LoopThread:
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coro`` on the loop and wait for its result (or its exception)."""
         tasks: list[asyncio.Task[Any]] = []
+        interrupted = threading.Event()
 
         async def call() -> _T:
             tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+            if interrupted.is_set():  # Ctrl-C landed before the call began: it never does
+                coro.close()
+                raise asyncio.CancelledError
             return await coro
 
-        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
         try:
+            # Inside the try: Ctrl-C is raised at any bytecode of this thread, the one
+            # right after the call was handed over included.
+            future = asyncio.run_coroutine_threadsafe(call(), self.loop)
             return future.result()
         except KeyboardInterrupt:
-            # Ctrl-C in the waiting thread: cancel the call, and wait until it has unwound
-            # (its requests in flight cancelled, a fan-out's workers stopped), so nothing
-            # keeps running behind the caller's back.
-            future.cancel()
-            settled = asyncio.run_coroutine_threadsafe(asyncio.wait(tasks), self.loop)
-            with contextlib.suppress(concurrent.futures.TimeoutError, ValueError):
+            # Cancel the call, and wait until it has unwound (its requests in flight
+            # cancelled, a fan-out's workers stopped), so nothing keeps running behind
+            # the caller's back. A call that has not begun yet sees `interrupted`.
+            interrupted.set()
+            settled = asyncio.run_coroutine_threadsafe(_cancel(tasks), self.loop)
+            with contextlib.suppress(concurrent.futures.TimeoutError):
                 settled.result(timeout=_SETTLE_SECONDS)
             raise
 

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -170,6 +171,63 @@ def test_ctrl_c_cancels_the_call() -> None:
             assert cancelled.is_set()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("when", ["scheduled", "started"])
+def test_ctrl_c_the_moment_a_call_is_handed_over_still_cancels_it(
+    monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Ctrl-C can land between handing the call to the client's loop and waiting for it
+    (a signal is raised at any bytecode of the main thread): the call is cancelled all
+    the same, whether it has started there or not. Simulated here by raising it right
+    after the hand-over, once the call has begun or before it may."""
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    async def hang(request: TransportRequest) -> TransportResponse:
+        if request.json()["prompt"] == "after":
+            return TransportResponse(200, json={"created": 1, "data": [{"url": "u"}]})
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return TransportResponse(200, json={"created": 1, "data": [{"url": "u"}]})
+
+    import flux_async._sync as sync_module
+
+    real = asyncio.run_coroutine_threadsafe
+    gate = threading.Event()
+    handed: list[Any] = []
+
+    def hand_over(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        if handed:  # the interrupted call now waits for it to unwind: that is real
+            gate.set()  # ("scheduled": the interrupt has been seen, the loop may go on)
+            return real(coro, loop)
+        handed.append(coro)
+        if when == "scheduled":
+            # The loop is held until the interrupt has landed: the call has not begun.
+            loop.call_soon_threadsafe(gate.wait, 10)
+        real(coro, loop)
+        if when == "started":
+            assert started.wait(10)
+        raise KeyboardInterrupt
+
+    with SyncFluxClient(transport=MockTransport(hang)) as client:
+        monkeypatch.setattr(sync_module.asyncio, "run_coroutine_threadsafe", hand_over)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                client.generate("x")
+        finally:
+            monkeypatch.setattr(sync_module.asyncio, "run_coroutine_threadsafe", real)
+            gate.set()
+        # A call made afterwards runs after whatever the loop had queued before it.
+        assert client.generate("after").data[0].url == "u"
+        if when == "started":
+            assert cancelled.is_set()
+        else:
+            assert not started.is_set()  # it never began
 
 
 def test_save_writes_the_images(server: Emulator, tmp_path: Path) -> None:
