@@ -136,22 +136,31 @@ def test_calls_from_several_threads_share_one_client(server: Emulator) -> None:
     assert server.stats.successes == 8
 
 
+def _hanging_transport() -> tuple[MockTransport, threading.Event, threading.Event]:
+    """A transport whose calls hang (the prompt "after" answers at once), and the events
+    set when a call starts hanging and when it is cancelled."""
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    async def hang(request: TransportRequest) -> TransportResponse:
+        if request.json()["prompt"] != "after":
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return TransportResponse(200, json={"created": 1, "data": [{"url": "u"}]})
+
+    return MockTransport(hang), started, cancelled
+
+
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
 def test_ctrl_c_cancels_the_call() -> None:
     """KeyboardInterrupt while waiting cancels the call in the client's loop before it
     reaches the caller: nothing keeps running behind its back."""
     assert threading.current_thread() is threading.main_thread()
-    started = threading.Event()
-    cancelled = threading.Event()
-
-    async def hang(request: TransportRequest) -> TransportResponse:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return TransportResponse(200, json={"created": 1, "data": [{"url": "u"}]})
+    hang, started, cancelled = _hanging_transport()
 
     def interrupt() -> None:
         # Only once the call is surely waiting: a stray SIGINT would stop the test run.
@@ -162,7 +171,7 @@ def test_ctrl_c_cancels_the_call() -> None:
     # run in the background has it inherit SIGINT ignored, and the call would then run on.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with SyncFluxClient(transport=MockTransport(hang)) as client:
+        with SyncFluxClient(transport=hang) as client:
             killer = threading.Thread(target=interrupt)
             killer.start()
             with pytest.raises(KeyboardInterrupt):
@@ -181,19 +190,7 @@ def test_ctrl_c_the_moment_a_call_is_handed_over_still_cancels_it(
     (a signal is raised at any bytecode of the main thread): the call is cancelled all
     the same, whether it has started there or not. Simulated here by raising it right
     after the hand-over, once the call has begun or before it may."""
-    started = threading.Event()
-    cancelled = threading.Event()
-
-    async def hang(request: TransportRequest) -> TransportResponse:
-        if request.json()["prompt"] == "after":
-            return TransportResponse(200, json={"created": 1, "data": [{"url": "u"}]})
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return TransportResponse(200, json={"created": 1, "data": [{"url": "u"}]})
+    hang, started, cancelled = _hanging_transport()
 
     import flux_async._sync as sync_module
 
@@ -214,7 +211,7 @@ def test_ctrl_c_the_moment_a_call_is_handed_over_still_cancels_it(
             assert started.wait(10)
         raise KeyboardInterrupt
 
-    with SyncFluxClient(transport=MockTransport(hang)) as client:
+    with SyncFluxClient(transport=hang) as client:
         monkeypatch.setattr(sync_module.asyncio, "run_coroutine_threadsafe", hand_over)
         try:
             with pytest.raises(KeyboardInterrupt):
