@@ -284,6 +284,8 @@ class _Engine:
         # The queue bound makes a slow consumer pause the workers.
         self._delivery.open(maxsize=self._workers.limit)
         self._feed.start()
+        if self._saver is not None:
+            self._saver.start()
         self._workers.start(loop)
 
     def _on_backoff(self, delta: int) -> None:

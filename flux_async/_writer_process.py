@@ -3,17 +3,18 @@
 A writer thread beside a busy event loop waits for the interpreter lock after each of
 its system calls; measured beside a fan-out of ~1,000 prompts/s, it wrote files at ~0.7
 of its speed alone, a process at its full speed (``docs/design.md``, "The fan-out").
-So a fan-out hands its images to a `ProcessWriter`: a child Python (``python -I
-_files.py``, standard library only: it starts in tens of milliseconds) that writes them
+So a fan-out hands its images to a `ProcessWriter`: a child Python (``python -I -S
+_files.py``, standard library only: it starts in ~25 ms) that writes them
 by the same protocol as the thread (`_files.write_round`) and answers each one. The
 event loop's part per image is one copy of its payload into memory shared with the child
 and a header in a pipe, written once per turn of the loop for every image handed over
 in that turn.
 
-Where a child cannot be had (a frozen application, a system that is not POSIX, a start
-that fails) or dies, the images go to the thread writer
-instead, those in flight included: a write is idempotent (a temporary file renamed over
-the final name), so none is lost and none stands half-written.
+The child starts as the fan-out starts; images handed over before it runs are written by
+the thread writer, so no worker waits for it. Where a child cannot be had (a frozen
+application, a system that is not POSIX, a start that fails) or dies, the images go to
+the thread writer too, those in flight included: a write is idempotent (a temporary file
+renamed over the final name), so none is lost and none stands half-written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno as errnos
 import functools
+import importlib.util
 import mmap
 import os
 import subprocess
@@ -116,6 +118,24 @@ def _ring() -> _Ring | None:
         return None
 
 
+def _decoder_path() -> str | None:
+    """The directory pybase64 is imported from here, if it is installed: the child, which
+    starts without site-packages, adds it to its path to decode with it too."""
+    try:
+        spec = importlib.util.find_spec("pybase64")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    origin = os.path.dirname(spec.origin)  # the package's directory, or a module's
+    return os.path.dirname(origin) if spec.submodule_search_locations else origin
+
+
+def _prepare() -> tuple[_Ring | None, str | None]:
+    """On a worker thread: the shared memory and pybase64's directory (both optional)."""
+    return _ring(), _decoder_path()
+
+
 class _Pipe(asyncio.SubprocessProtocol):
     """The child's answers, parsed as they arrive and handed to the writer."""
 
@@ -150,8 +170,9 @@ class ProcessWriter:
     interface and the same guarantee as `ImageWriter`: the future ``write`` returns is
     done, with the path, once the file and its name are durable.
 
-    The child starts with the first image and ends with `aclose` (its pipe closed, it
-    writes what it was handed, then exits). Used on one event loop only: the fan-out's.
+    The child starts with `start` (or the first image), the thread writing what is
+    handed over until it runs, and ends with `aclose` (its pipe closed, it writes what it
+    was handed, then exits). Used on one event loop only: the fan-out's.
 
     Example::
 
@@ -189,8 +210,40 @@ class ProcessWriter:
         self._pipe: _Pipe | None = None
         self._ring: _Ring | None = None
 
+    def start(self) -> None:
+        """Start the child now, if it is not started yet (a fan-out that saves does so as
+        it starts: its first images then find it ready). Images handed over before it is
+        ready are written by the thread.
+
+        Example::
+
+            writer.start()
+        """
+        if self._starting is None and self._usable and not self._closed:
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+
+    async def ready(self) -> bool:
+        """Start the child if need be and wait until it runs (True) or could not be
+        started (False: the thread writes every image).
+
+        Example::
+
+            if not await writer.ready():
+                print("writing from a thread")
+        """
+        self.start()
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+        return self._transport is not None
+
     def write(self, job: ImageJob) -> asyncio.Future[str]:
         """Write ``job``'s image; the future is done, with its path, once it is durable."""
+        if self._transport is None:
+            # No child yet (the thread writes until it is ready: a child takes tens of
+            # milliseconds to start, and a fan-out's workers would wait for it), or none
+            # at all (it could not be started, it died, or the writer is closed).
+            self.start()
+            return self._fallback.write(job)
         payload = job.payload
         if isinstance(payload, str):
             if not payload.isascii():
@@ -198,12 +251,6 @@ class ProcessWriter:
             flags, data = _files.B64, payload.encode("ascii")
         else:
             flags, data = 0, payload
-        if not self._usable:
-            return self._fallback.write(job)
-        if self._starting is None:
-            self._starting = job.loop.create_task(self._start())
-        elif self._starting.done() and self._transport is None:
-            return self._fallback.write(job)  # no child: it could not start, or died
         self._numbers += 1
         number = self._numbers
         self._jobs[number] = job
@@ -223,7 +270,7 @@ class ProcessWriter:
             self._outbox.append(header + directory + name + data)
         else:
             self._outbox.append(header + directory + name)
-        if not self._scheduled and self._transport is not None:
+        if not self._scheduled:
             # One pipe write per turn of the event loop for everything handed over in it.
             self._scheduled = True
             job.loop.call_soon(self._send)
@@ -232,30 +279,33 @@ class ProcessWriter:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            # Made off the event loop: its pages are allocated up front (milliseconds),
-            # so copying a payload in never waits for the kernel to find one. Images
-            # handed over meanwhile go through the pipe.
-            ring = self._ring = await loop.run_in_executor(None, _ring)
-            shared = () if ring is None else (str(ring.fd), str(ring.size))
+            # Made off the event loop: the ring's pages are allocated up front
+            # (milliseconds), so copying a payload in never waits for the kernel to
+            # find one.
+            ring, decoder = await loop.run_in_executor(None, _prepare)
+            self._ring = ring
+            arguments = [] if decoder is None else ["--path", decoder]
+            if ring is not None:
+                arguments += ["--shared", str(ring.fd), str(ring.size)]
             transport, pipe = await loop.subprocess_exec(
                 functools.partial(_Pipe, self),
                 sys.executable,
+                # -S: without site, whose .pth files can cost a start tens of ms.
                 "-I",
+                "-S",
                 _SCRIPT,
-                *shared,
+                *arguments,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,
                 pass_fds=() if ring is None else (ring.fd,),
             )
         except Exception:  # no Python to start, no pipes, an executor refusing work...
-            self._fall_back()  # ...the thread writes them all
+            self._fall_back()  # ...the thread writes every image
             return
         self._transport, self._pipe = transport, pipe
         if self._closed:  # abandoned while it started
             self.abandon()
-            return
-        self._send()
 
     def _send(self) -> None:
         self._scheduled = False

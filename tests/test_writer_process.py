@@ -10,6 +10,8 @@ import base64
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -206,12 +208,28 @@ def children(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     return seen
 
 
+def once_the_child_runs(children: dict[str, list[Any]], answer: Any) -> Any:
+    """A handler whose first answer waits until the fan-out's writer process runs: images
+    handed over before it is ready are written by the thread."""
+
+    ready: list[asyncio.Future[bool]] = []
+
+    async def handler(request: Any) -> TransportResponse:
+        if not ready:  # the first call: every call waits for this one wait
+            [writer] = children["writers"]
+            ready.append(asyncio.ensure_future(writer.ready()))
+        assert await ready[0]
+        return answer(request)  # type: ignore[no-any-return]
+
+    return handler
+
+
 async def test_a_fanout_writes_every_image_from_its_writer_process(
     tmp_path: Path, children: dict[str, list[Any]]
 ) -> None:
     """40 prompts: each image answered OK by the child, on disk whole under its name, and
     the child ended with the fan-out."""
-    async with mock_client(lambda request: b64_answer(PNG)) as client:
+    async with mock_client(once_the_child_runs(children, lambda r: b64_answer(PNG))) as client:
         results = await client.gather_generate(
             [f"p{i}" for i in range(40)], concurrency=8, save_to=tmp_path
         )
@@ -223,12 +241,76 @@ async def test_a_fanout_writes_every_image_from_its_writer_process(
     assert listing(tmp_path) == [f"{i:06d}.png" for i in range(40)]  # no temporary file left
 
 
+async def test_the_child_starts_with_the_fanout_and_nobody_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, children: dict[str, list[Any]]
+) -> None:
+    """The fan-out starts its writer process as it starts, before any image; a child
+    slow to start holds no worker: the images handed over meanwhile are written by the
+    thread, and every prompt ends before the child runs."""
+    release = asyncio.Event()
+    start = writer_process.ProcessWriter._start
+
+    async def slow_start(self: Any) -> None:
+        await release.wait()
+        await start(self)
+
+    monkeypatch.setattr(writer_process.ProcessWriter, "_start", slow_start)
+    started_first: list[bool] = []
+
+    def handler(request: Any) -> TransportResponse:
+        if not started_first:
+            [writer] = children["writers"]
+            started_first.append(writer._starting is not None)
+        return b64_answer(PNG)
+
+    def progress(stats: Any) -> None:
+        if stats.done == 10:
+            release.set()  # only now: the fan-out's end waits for the child to end
+
+    async with mock_client(handler) as client:
+        results = await client.gather_generate(
+            [f"p{i}" for i in range(10)], concurrency=4, save_to=tmp_path, on_progress=progress
+        )
+    assert started_first == [True]
+    assert all(r.ok for r in results)
+    assert children["answers"] == []  # all written by the thread
+    assert children["ended"] == [None]  # the child started late, and ended with the fan-out
+    assert listing(tmp_path) == [f"{i:06d}.png" for i in range(10)]
+
+
+def test_the_child_decodes_with_pybase64_when_it_is_installed() -> None:
+    """The child starts without site-packages (-S): it finds pybase64 where the parent
+    does, through the directory the parent passes it."""
+    pytest.importorskip("pybase64")
+    path = writer_process._decoder_path()
+    assert path is not None
+    code = (
+        "import sys; sys.path.append(sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
+        " import _files; print(_files._fast_b64decode().__module__)"
+    )
+    here = os.path.dirname(files.__file__)
+    found = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, path, here],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert found.stdout.strip().startswith("pybase64")
+    without = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, "/nonexistent", here],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert without.stdout.strip() == "_files"  # the standard library's, through our helper
+
+
 async def test_an_image_the_child_rejects_gets_the_usual_error(
     tmp_path: Path, children: dict[str, list[Any]]
 ) -> None:
     """A b64_json that is no image: rejected by the child, and the prompt's error is the
     one any save gives (the check redone to say why)."""
-    async with mock_client(lambda request: b64_answer(b"hello")) as client:
+    async with mock_client(once_the_child_runs(children, lambda r: b64_answer(b"hello"))) as client:
         [result] = await client.gather_generate(["x"], save_to=tmp_path)
     assert children["answers"] == [files.REJECTED]
     assert isinstance(result.error, ImageDownloadError)
@@ -247,7 +329,7 @@ async def test_a_b64_json_that_is_not_ascii_gets_the_usual_error(
         text = bad if request.json()["prompt"] == "bad" else base64.b64encode(PNG).decode()
         return TransportResponse(200, json={"created": 1, "data": [{"b64_json": text}]})
 
-    async with mock_client(handler) as client:
+    async with mock_client(once_the_child_runs(children, handler)) as client:
         results = await client.gather_generate(["ok", "bad", "fine"], save_to=tmp_path)
     assert [r.ok for r in results] == [True, False, True]
     assert isinstance(results[1].error, ImageDownloadError)
@@ -271,7 +353,7 @@ async def test_a_writer_process_that_dies_hands_its_images_to_the_thread(
             os.kill(writer._transport.get_pid(), signal.SIGKILL)
         return b64_answer(PNG)
 
-    async with mock_client(handler) as client:
+    async with mock_client(once_the_child_runs(children, handler)) as client:
         results = await client.gather_generate(
             [f"p{i}" for i in range(60)], concurrency=4, save_to=tmp_path
         )
@@ -326,6 +408,7 @@ async def test_the_child_survives_ctrl_c_until_its_pipe_closes(
     handed next, and ends when the parent closes its pipe."""
     writer = writer_process.ProcessWriter(ImageWriter(None))
     try:
+        assert await writer.ready()
         first = await writer.write(ImageJob(str(tmp_path), "a", PNG, None, None, 10**6))
         assert writer._transport is not None
         os.kill(writer._transport.get_pid(), signal.SIGINT)
