@@ -16,14 +16,15 @@ Every file is written as the library writes it: from the writer process a fan-ou
 name, made durable with one syncfs(2) per group of files (an fsync per file where there
 is none), renamed, and the renames made durable with one fsync of the directory. "On"
 runs twice: on local disk (a fresh directory under ``--dir``, by default the directory
-the script runs in, where a user's batch would write: on this VM a file created under
-/tmp or /var/tmp costs ~320 µs of kernel CPU and one under /root or /work ~60-75 µs, on
-the same ext4 disk) and on tmpfs (under ``--tmpfs-dir``, ``/dev/shm`` by default). Each
-run's directory is removed after it, then sync(2), so that no run pays for the writeback
-of the one before it. Each mode is warmed up once, then run ``--rounds`` times (5)
-interleaved. The prompts/s shown are medians; each ratio is the median of the rounds' own
-ratios (a round's runs are back to back, so on a machine whose load drifts their ratio is
-steadier than a ratio of two medians, which the notes give too).
+the script runs in, where a user's batch would write) and on tmpfs (under
+``--tmpfs-dir``, ``/dev/shm`` by default). Each run ends with sync(2), so that no run pays
+for the writeback of the one before it. A disk run's files stay until the benchmark ends,
+as a batch's would (`Scratch`: on ext4 without a journal, creating files right after
+thousands were removed ran 2-4x slower); a tmpfs run's go after it. Each mode is warmed
+up once, then run ``--rounds`` times (5) interleaved. The prompts/s shown are medians;
+each ratio is the median of the rounds' own ratios (a round's runs are back to back, so
+on a machine whose load drifts their ratio is steadier than a ratio of two medians,
+which the notes give too).
 
 A disk can be slower than any client: on a shared VM creating one small file can cost
 most of a millisecond of kernel time. So each round also measures the disk's own
@@ -261,7 +262,70 @@ def _clean(directory: str) -> None:
     os.sync()
 
 
-def ceiling(base: str, count: int, data: bytes, window: int | None = None) -> float:
+class Scratch:
+    """The runs' directories: a fresh one per run, under ``base``; those under a base in
+    ``keep`` stay until `close` (the end of the benchmark), the others go after their run.
+
+    Why keep them: a batch writes files and removes none, and on some filesystems a
+    removal slows the creations that follow it. ext4 without a journal (this VM's disk)
+    never reuses an inode freed in the last few seconds, and scans past each such inode
+    on every create: measured here, 3,000 files written right after the run before them
+    was removed went at 2,700-4,500 files/s, and at 5,400-10,100 files/s after runs whose
+    files were kept. Removing each run's files after it made the disk rows measure the
+    benchmark's own removals (and how long ago the last one was). On tmpfs, whose files
+    are memory, each run's directory goes after its run.
+
+    Example::
+
+        scratch = Scratch({"."})
+        directory = scratch.make(".")
+        ...
+        scratch.release(directory)
+        scratch.close()  # removes what it kept
+    """
+
+    def __init__(self, keep: set[str]) -> None:
+        self._keep = {os.path.realpath(base) for base in keep}
+        self._kept: list[str] = []
+
+    def make(self, base: str, prefix: str) -> str:
+        return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+    def release(self, directory: str) -> None:
+        if os.path.realpath(os.path.dirname(directory)) in self._keep:
+            self._kept.append(directory)
+            os.sync()  # its writeback is done before the next run starts
+        else:
+            _clean(directory)
+
+    def close(self) -> None:
+        for directory in self._kept:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._kept.clear()
+        os.sync()
+
+
+def _scratch(args: argparse.Namespace, count: int, size: int) -> Scratch:
+    """Keep the disk runs' files until the end (`Scratch`) if the disk has room for them
+    twice over; else remove each after its run, and say so."""
+    blocks = -(-size // 4096) + 1  # its data, rounded up to 4 KB blocks, and its inode
+    # Per round and warm-up: the disk runs of the b64 and url cases and their bare loops.
+    runs = (args.rounds + 1) * 9
+    needed = runs * count * blocks * 4096
+    free = shutil.disk_usage(args.dir).free
+    if free < 2 * needed:
+        print(
+            f"note: {free / 2**30:.1f} GB free under {args.dir}, and keeping every disk run's"
+            f" files until the end takes ~{needed / 2**30:.1f} GB: each is removed after its"
+            " run instead, which slows the next run's file creation on some filesystems"
+        )
+        return Scratch(set())
+    return Scratch({args.dir})
+
+
+def ceiling(
+    base: str, count: int, data: bytes, window: int | None = None, scratch: Scratch | None = None
+) -> float:
     """Files/s of a bare loop writing ``count`` files of ``data`` into a fresh directory
     under ``base`` by the library's protocol, on one thread (as the library's writer
     process does), and nothing else; ``window``: at most that many files not yet
@@ -275,7 +339,8 @@ def ceiling(base: str, count: int, data: bytes, window: int | None = None) -> fl
     """
     from flux_async._files import CREATE, find_syncfs, fsync_directory
 
-    directory = tempfile.mkdtemp(prefix="flux-bench-ceiling-", dir=base)
+    scratch = scratch or Scratch(set())
+    directory = scratch.make(base, "flux-bench-ceiling-")
     syncfs = find_syncfs()
     try:
         started = time.perf_counter()
@@ -301,7 +366,7 @@ def ceiling(base: str, count: int, data: bytes, window: int | None = None) -> fl
             fsync_directory(directory)
         return count / (time.perf_counter() - started)
     finally:
-        _clean(directory)
+        scratch.release(directory)
 
 
 def _decode_seconds(png: bytes) -> tuple[float, str]:
@@ -316,7 +381,8 @@ def _decode_seconds(png: bytes) -> tuple[float, str]:
     started = time.perf_counter()
     for _ in range(200):
         decode_b64(text)
-    return (time.perf_counter() - started) / 200, _fast_b64decode().__module__
+    seconds = (time.perf_counter() - started) / 200
+    return seconds, "pybase64" if "pybase64" in _fast_b64decode().__module__ else "base64"
 
 
 Rates = dict[tuple[str, float, str], list[float]]
@@ -378,7 +444,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
         loop_only: float | None = None,
         thread: bool = False,
     ) -> tuple[float, int, int]:
-        directory = None if base is None else tempfile.mkdtemp(prefix="flux-bench-save-", dir=base)
+        directory = None if base is None else scratch.make(base, "flux-bench-save-")
         try:
             async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
                 started = time.perf_counter()
@@ -399,54 +465,64 @@ def run(args: argparse.Namespace) -> BenchOutput:
             return wall, sum(r.ok for r in results), saved
         finally:
             if directory is not None:
-                _clean(directory)
+                scratch.release(directory)
 
     # (mode, latency, "off" or a place) -> prompts/s; (mode, latency, a place or
     # "disk window") -> the bare loop's files/s.
     rates: Rates = {}
     ceilings: Rates = {}
     problems: list[str] = []
-    print(
-        f"saving: {n} prompts, concurrency {c}, {args.rounds} round(s), writer process; "
-        + ", ".join(f"{k} {v}" for k, v in places.items())
-    )
-    for mode, latency in CASES:
-        # With a slow server neither the disk nor tmpfs is near the bound: disk only.
-        where = dict(places) if not latency else {"disk": args.dir}
-        variants = ["off", *where]
-        if (mode, latency) == GATED:
-            for variant in LOOP_ONLY:
-                variants.append(variant)
-                where[variant] = args.tmpfs_dir or args.dir
-            for variant, place in THREAD.items():
-                if place in places:
+    scratch = _scratch(args, n, len(png))
+    try:
+        print(
+            f"saving: {n} prompts, concurrency {c}, {args.rounds} round(s), writer process; "
+            + ", ".join(f"{k} {v}" for k, v in places.items())
+        )
+        for mode, latency in CASES:
+            # With a slow server neither the disk nor tmpfs is near the bound: disk only.
+            where = dict(places) if not latency else {"disk": args.dir}
+            variants = ["off", *where]
+            if (mode, latency) == GATED:
+                for variant in LOOP_ONLY:
                     variants.append(variant)
-                    where[variant] = places[place]
-        with ImageServerProcess("--serve", mode, "--latency", str(latency)) as server:
-            for variant in variants:  # warm-up
-                only = LOOP_ONLY.get(variant)
-                asyncio.run(batch(server.base_url, where.get(variant), 2 * c, loop_only=only))
-            for round_ in range(args.rounds):
-                shift = round_ % len(variants)
-                for variant in variants[shift:] + variants[:shift]:
+                    where[variant] = args.tmpfs_dir or args.dir
+                for variant, place in THREAD.items():
+                    if place in places:
+                        variants.append(variant)
+                        where[variant] = places[place]
+            with ImageServerProcess("--serve", mode, "--latency", str(latency)) as server:
+                for variant in variants:  # warm-up
                     only = LOOP_ONLY.get(variant)
-                    thread = variant in THREAD
-                    wall, ok, saved = asyncio.run(
-                        batch(server.base_url, where.get(variant), n, loop_only=only, thread=thread)
-                    )
-                    rates.setdefault((mode, latency, variant), []).append(ok / wall)
-                    label = "save off" if variant == "off" else f"save on, {variant}"
-                    rate = f"{ok / wall:8.0f} prompts/s ({wall:.2f} s)"
-                    print(f"  {mode:>3} latency {latency:g} s, {label:<14}: {rate}")
-                    if ok != n or (variant != "off" and saved != n):
-                        problems.append(f"{mode} {variant}: {ok} ok, {saved} files of {n}")
-                if latency:
-                    continue
-                loops = [(p, base, None) for p, base in where.items() if p in places]
-                for place, base, window in [*loops, ("disk window", args.dir, c)]:
-                    files = ceiling(base, n, png, window)
-                    ceilings.setdefault((mode, latency, place), []).append(files)
-                    print(f"  bare loop, {place:<11}: {files:8.0f} files/s")
+                    asyncio.run(batch(server.base_url, where.get(variant), 2 * c, loop_only=only))
+                for round_ in range(args.rounds):
+                    shift = round_ % len(variants)
+                    for variant in variants[shift:] + variants[:shift]:
+                        only = LOOP_ONLY.get(variant)
+                        thread = variant in THREAD
+                        wall, ok, saved = asyncio.run(
+                            batch(
+                                server.base_url,
+                                where.get(variant),
+                                n,
+                                loop_only=only,
+                                thread=thread,
+                            )
+                        )
+                        rates.setdefault((mode, latency, variant), []).append(ok / wall)
+                        label = "save off" if variant == "off" else f"save on, {variant}"
+                        rate = f"{ok / wall:8.0f} prompts/s ({wall:.2f} s)"
+                        print(f"  {mode:>3} latency {latency:g} s, {label:<14}: {rate}")
+                        if ok != n or (variant != "off" and saved != n):
+                            problems.append(f"{mode} {variant}: {ok} ok, {saved} files of {n}")
+                    if latency:
+                        continue
+                    loops = [(p, base, None) for p, base in where.items() if p in places]
+                    for place, base, window in [*loops, ("disk window", args.dir, c)]:
+                        files = ceiling(base, n, png, window, scratch)
+                        ceilings.setdefault((mode, latency, place), []).append(files)
+                        print(f"  bare loop, {place:<11}: {files:8.0f} files/s")
+    finally:
+        scratch.close()
     return _output(args, rates, ceilings, problems, _decode_seconds(png), len(png))
 
 
