@@ -153,14 +153,18 @@ def source_revision() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         head, dirty = "unknown commit", ""
-    # A digest of the code itself, so an edit made while the benchmarks run shows up even
-    # when nothing is committed.
+    tree = f"flux_async/ digest {code_digest()}"
+    return f"{head} ({tree}{', with uncommitted changes' if dirty else ''})"
+
+
+def code_digest() -> str:
+    """A digest of flux_async/'s code itself, so an edit made while the benchmarks run
+    shows up even when nothing is committed (and a commit of anything else does not)."""
     digest = hashlib.sha256()
     for path in sorted((REPO_ROOT / "flux_async").rglob("*.py")):
         digest.update(str(path.relative_to(REPO_ROOT)).encode())
         digest.update(path.read_bytes())
-    tree = f"flux_async/ digest {digest.hexdigest()[:10]}"
-    return f"{head} ({tree}{', with uncommitted changes' if dirty else ''})"
+    return digest.hexdigest()[:10]
 
 
 def machine_info() -> dict[str, str]:

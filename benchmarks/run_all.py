@@ -45,6 +45,7 @@ from _common import (
     DOCS_DIR,
     BenchOutput,
     Row,
+    code_digest,
     format_table,
     machine_info,
     markdown_table,
@@ -370,7 +371,7 @@ def main() -> int:
     args = parse_args()
     command = shlex.join(["python", *sys.argv])
     # Taken before the run: flux_async/ may be edited while the benchmarks run.
-    revision = source_revision()
+    revision, code = source_revision(), code_digest()
     names = args.only or list(BENCHMARKS)
     started = time.perf_counter()
     outputs = [run_benchmark(name, BENCHMARKS[name], args.quick) for name in names]
@@ -383,8 +384,8 @@ def main() -> int:
     for r in missed:
         print(f"  - {r.figure}: {r.ratio} (target {r.target})")
     print(f"\ncommand: {command}")
-    after = source_revision()
-    if after != revision:
+    if code_digest() != code:
+        after = source_revision()
         revision = (
             f"{revision}; flux_async/ changed during the run (at the end: {after}): the "
             "in-process benchmarks ran the code as it was at the start"
