@@ -48,6 +48,7 @@ __all__ = [
     "remove",
     "rename",
     "serve",
+    "simd_b64decode",
     "stage",
     "with_suffix",
     "write_round",
@@ -128,6 +129,18 @@ def _standard_b64decode(data: str | bytes | memoryview, validate: bool = True) -
     import base64  # imported when needed: it takes re with it (milliseconds)
 
     return base64.b64decode(data, validate=validate)
+
+
+def simd_b64decode() -> Callable[..., bytes] | None:
+    """pybase64's decoder if it is installed (``flux-async[fast]``), else None.
+
+    Example::
+
+        decode = simd_b64decode()
+        data = decode(text, validate=True) if decode is not None else b64decode(text)
+    """
+    fast = _fast_b64decode()
+    return None if fast is _standard_b64decode else fast
 
 
 def b64decode(data: str | bytes | memoryview) -> bytes:
@@ -436,27 +449,20 @@ def serve(source: int = 0, sink: int = 1, shared: memoryview | None = None) -> N
 
 
 def _main(argv: Sequence[str]) -> None:
-    """``_files.py [--path DIR] [--shared FD SIZE]``: serve on stdin and stdout; decode
-    with pybase64 from ``DIR`` (the child starts without site-packages); payloads in the
-    ``SIZE`` bytes of memory file ``FD`` shared with the parent."""
+    """``_files.py [--shared FD SIZE]``: serve on stdin and stdout, with payloads in the
+    ``SIZE`` bytes of memory file ``FD`` shared with the parent when given."""
     # Ctrl-C reaches the whole process group: the parent decides when to stop (it closes
     # the pipe), and every job it handed over is written first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    options = list(argv)
-    shared = None
-    while options:
-        option = options.pop(0)
-        if option == "--path":
-            sys.path.append(options.pop(0))
-        elif option == "--shared":
-            import mmap
+    if len(argv) == 3 and argv[0] == "--shared":
+        import mmap
 
-            fd, size = int(options.pop(0)), int(options.pop(0))
-            # Left mapped until the process exits: slices of it may outlive serve().
-            shared = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
-        else:
-            raise SystemExit(f"_files.py: unknown option {option!r}")
-    serve(shared=shared)
+        # Left mapped until the process exits: slices of it may outlive serve().
+        serve(shared=memoryview(mmap.mmap(int(argv[1]), int(argv[2]), prot=mmap.PROT_READ)))
+    elif not argv:
+        serve()
+    else:
+        raise SystemExit(f"usage: _files.py [--shared FD SIZE], not {' '.join(argv)!r}")
 
 
 if __name__ == "__main__":
