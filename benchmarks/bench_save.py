@@ -4,9 +4,9 @@ against what the disk itself can do.
 Setup: concurrency 64, 10,000 prompts per run with ``b64`` images (the gated case: a
 bulk job is 10k-1M prompts, and the writer process's start, ~25 ms once per batch,
 weighed ~4% of a 3,000-prompt run) and 3,000 with ``url`` ones, against a fast
-constant-answer server in its own process (this file, run with ``--serve``: standard library only, like ``_fastserver.py``),
-so the figure is what saving costs the client, not what a server takes. Two ways an image
-comes back, each measured off and on:
+constant-answer server in its own process (this file, run with ``--serve``: standard
+library only, like ``_fastserver.py``), so the figure is what saving costs the client,
+not what a server takes. Two ways an image comes back, each measured off and on:
 
 * ``b64``: the answer carries the PNG as ``b64_json`` (an 18 KB picture); saving decodes
   it and writes the file;
