@@ -295,7 +295,7 @@ class Scratch:
     Example::
 
         scratch = Scratch({"."})
-        directory = scratch.make(".")
+        directory = scratch.make(".", "flux-bench-save-")
         ...
         scratch.release(directory)
         scratch.close()  # removes what it kept
