@@ -7,8 +7,8 @@ So a fan-out hands its images to a `ProcessWriter`: a child Python (``python -I 
 _files.py``, standard library only: it starts in ~25 ms) that writes them
 by the same protocol as the thread (`_files.write_round`) and answers each one. The
 event loop's part per image is one copy of its payload into memory shared with the child
-and a header in a pipe, written once per turn of the loop for every image handed over
-in that turn.
+(a ``b64_json`` image decoded first when pybase64 is installed) and a header in a pipe,
+written once per turn of the loop for every image handed over in that turn.
 
 The child starts as the fan-out starts; images handed over before it runs are written by
 the thread writer, so no worker waits for it. Where a child cannot be had (a frozen
