@@ -60,6 +60,7 @@ from ._files import (
 )
 from ._retry import RetryPolicy, decide_retry, parse_retry_after
 from ._transport import AsyncTransport, RequestHeaders, TransportRequest
+from ._wakes import Wakes
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
@@ -364,14 +365,14 @@ def _write_rounds(
 
 
 def _wake(outcomes: list[_Written]) -> None:
-    """On the event loop: give each job of a round its path or its error."""
+    """On the event loop: give each job of a round its path or its error, as `Wakes`
+    paces them."""
+    if not outcomes:
+        return
+    wakes = Wakes(outcomes[0][0].loop)
     for job, outcome in outcomes:
-        if job.future.done():  # its awaiter was cancelled meanwhile
-            continue
-        if isinstance(outcome, BaseException):
-            job.future.set_exception(outcome)
-        else:
-            job.future.set_result(outcome)
+        wakes.add(job.future, outcome)
+    wakes.wake()
 
 
 #: A job and how it ended: the path written, or the error.

@@ -33,6 +33,7 @@ from typing import Final
 from . import _files
 from ._files import find_syncfs
 from ._save import ImageJob, ImageWriter
+from ._wakes import Wakes
 
 __all__ = ["ProcessWriter", "can_start"]
 
@@ -130,20 +131,22 @@ class _Pipe(asyncio.SubprocessProtocol):
     def __init__(self, writer: ProcessWriter) -> None:
         self._writer = writer
         self._buffer = bytearray()
+        self._wakes = Wakes(asyncio.get_running_loop())
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
-        at, answer = 0, _files.ANSWER
+        at, answer, wakes = 0, _files.ANSWER, self._wakes
         while len(buffer) - at >= answer.size:
             number, status, size = answer.unpack_from(buffer, at)
             end = at + answer.size + size
             if end > len(buffer):
                 break
-            self._writer.answered(number, status, bytes(buffer[at + answer.size : end]))
+            self._writer.answered(number, status, bytes(buffer[at + answer.size : end]), wakes)
             at = end
         del buffer[:at]
+        wakes.wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # After the process has exited and both pipes are closed: every answer it sent
@@ -314,25 +317,27 @@ class ProcessWriter:
         self._outbox.clear()
         stdin.write(data)
 
-    def answered(self, number: int, status: int, text: bytes) -> None:
-        """The child's answer for job ``number`` (`_Pipe` calls it)."""
+    def answered(self, number: int, status: int, text: bytes, wakes: Wakes) -> None:
+        """The child's answer for job ``number`` (`_Pipe` calls it, and has ``wakes``
+        give the outcomes once it has read the answers that came together)."""
         if self._ring is not None:
             self._ring.release(number)
         job = self._jobs.pop(number, None)
         if job is None or job.future.done():
             return  # its awaiter was cancelled meanwhile
         if status == _files.OK:
-            job.future.set_result(os.fsdecode(text))
+            wakes.add(job.future, os.fsdecode(text))
         elif status == _files.REJECTED:
             # Not an image, or too big, or not base64: the thread writer's check says
             # which, with the message and fields a caller gets from any save.
             self._fallback.write(job)
         else:
             code, filename, strerror = text.split(b"\0", 2)
-            job.future.set_exception(
+            wakes.add(
+                job.future,
                 OSError(int(code) or errnos.EIO, os.fsdecode(strerror), os.fsdecode(filename))
                 if filename
-                else OSError(int(code) or errnos.EIO, os.fsdecode(strerror))
+                else OSError(int(code) or errnos.EIO, os.fsdecode(strerror)),
             )
 
     def exited(self) -> None:

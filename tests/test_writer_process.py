@@ -192,9 +192,9 @@ def children(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
         init(self, fallback)
         seen["writers"].append(self)
 
-    def spy_answered(self: Any, number: int, status: int, text: bytes) -> None:
+    def spy_answered(self: Any, number: int, status: int, text: bytes, wakes: Any) -> None:
         seen["answers"].append(status)
-        answered(self, number, status, text)
+        answered(self, number, status, text, wakes)
 
     def spy_lost(self: Any, exc: Exception | None) -> None:
         seen["ended"].append(exc)
