@@ -179,8 +179,8 @@ HOW_TO_READ = """\
   emulator's timestamps show as each wave starting ~5 ms late. flux-async adds nothing
   measurable on top of raw aiohttp here.
 - **Fan-out against the emulator (target ≥ 0.90x raw aiohttp)** swings between runs on
-  this machine: 0.906x on this page; 0.788x, 0.929x, 1.005x, 0.82x, 0.84x and 1.00x on
-  the pages before it; `python
+  this machine: 0.858x on this page; 0.906x, 0.788x, 0.929x, 1.005x, 0.82x, 0.84x and
+  1.00x on the pages before it; `python
   benchmarks/bench_fanout.py` alone gave 1.01x, 0.80x, 0.62x, 0.81x, 0.77x and 1.07x in
   one day (round by round 0.53 to 1.08). The emulator shares the 2 cores with the
   client, and in the runs that miss, flux-async's CPU per request against it reads
@@ -188,9 +188,9 @@ HOW_TO_READ = """\
   as against the fast server (423 for flux-async, 411-421 for raw), so it is not extra
   work flux-async does for that server; not yet explained.
 - **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** are met, with a
-  thin margin: on every `run_all` page (CPU 0.944x and req/s 1.056x on this one; 0.99x
-  and 0.975x, 0.97x and 1.04x, 0.91x and 1.09x, 0.97x and 1.04x, 0.98x and 1.03x, 1.00x
-  and 1.00x on the six before it) and in the last three runs alone (`python
+  thin margin: on every `run_all` page (CPU 0.982x and req/s 0.987x on this one; 0.944x
+  and 1.056x, 0.99x and 0.975x, 0.97x and 1.04x, 0.91x and 1.09x, 0.97x and 1.04x, 0.98x
+  and 1.03x, 1.00x and 1.00x on the seven before it) and in the last three runs alone (`python
   benchmarks/bench_overhead.py`, paired medians of 9 rounds: CPU 1.08x, 1.03x, 1.06x;
   req/s 0.94x, 0.97x, 0.95x), while earlier runs alone missed (1.10x to 1.27x and 0.78x
   to 0.90x; round by round 0.87x-1.66x and 0.60x-1.16x in one run). Callgrind is steady:
@@ -209,46 +209,49 @@ HOW_TO_READ = """\
   two calls taken off the path saved 1.5k instructions, three 1.8k (Python 3.11 calls
   are cheap; the cost is the work each layer does).
 - **Saving at c=64 against the fast server (target ≥ 0.85)** is missed, on disk and on
-  tmpfs. On this page (10,000 prompts a run, medians of 5 rounds' own ratios): disk 0.69
-  (rounds 0.56-1.04), tmpfs 0.79 (rounds 0.68-0.99); the thread writer in the same rounds
-  0.55 and 0.67; a writer that writes nothing 0.91 and 0.92. `python
-  benchmarks/bench_save.py` alone the same day: disk 0.61, tmpfs 0.87 (rounds 0.56-1.06).
-  Earlier pages read disk 0.89 "of the disk's own ceiling": that ceiling was an artifact
-  (below), and the disk row is now plain on ÷ off. What is known:
-  - *The benchmark measured its own removals.* Each run's files were removed before the
-    next run; ext4 without a journal (this VM's disk) never reuses an inode freed in the
-    last seconds and scans past each on every create (`perf`: `recently_deleted()` under
-    `ext4_create`), so creating a file right after thousands were removed cost 300-800 µs
-    of kernel time, and the bare loop's "ceiling" (~1,250 files/s) swung with how long
-    ago the last removal was. A disk run's files now stay until the benchmark ends, as a
-    batch's would: the bare loop writes 7,000-16,000 files/s, above the fast server's
-    prompts/s, so the disk is no longer the bound and the gated disk figure became on ÷
-    off, with every file made durable.
-  - *On disk, the filesystem's own work*, on the same 2 cores as the client and the
-    server: creating each file (~70-100 µs of kernel time in the writer process), one
-    `syncfs` per round (~1.3 ms for 30 files here; the directory's `fsync`, ~0.2 ms)
-    and the kernel's writeback of the data. Ad hoc (`/proc/stat`, 10,000 prompts): the
-    machine was ~1.1 cores busy with saving off, ~1.4 with it on tmpfs, ~1.6 on disk.
-    A round holds at most `concurrency` files (a prompt's worker waits for its file,
-    which bounds a crash's cost to `concurrency` generations); the bare loop at that
-    bound (the "at most c=64 files in flight" row) writes 6,100-10,200 files/s alone.
-  - *The event loop's share* (tmpfs, and the rest of disk): handing an image over, its
-    answer, waking its worker and the extra objects a saved result holds (a `Path`, its
-    parts, the `files` tuple: a saving fan-out ran ~4x as many young-generation
-    collections and 4-5 full ones per 10,000 prompts instead of 1-2; ~29 µs of
-    collection per prompt against ~20). A child that answers without writing read 0.91
-    of off (ad hoc, 12 fresh processes per variant), the real one 0.85: the rest is the
-    child's own work on the same 2 cores.
-  - *What moved it this round:* the child starts with the fan-out without `site` (~25 ms,
-    was ~75 ms; meanwhile a thread writes, so no worker waits), exits without
-    finalization (the fan-out's end waited ~4 ms less), and with pybase64 the parent
-    decodes `b64_json` before handing it over (1.04x prompts/s, paired, 24 rounds). At
-    3,000 prompts a run, the start's ~25 ms weighed ~4%: the gated case now runs 10,000,
-    as a bulk job would (10k-1M prompts).
-  - *Noise.* Round by round the same code reads 0.56-1.06 here; the machine's own speed
+  tmpfs. On this page (10,000 prompts a run, medians of 5 rounds' own ratios): disk 0.70
+  (rounds 0.55-0.86), tmpfs 0.82 (rounds 0.73-0.98); the thread writer in the same rounds
+  0.48 and 0.58; a writer that writes nothing 0.86 and 0.85. `python
+  benchmarks/bench_save.py` alone at the same code (a6fb689), two runs: disk 0.67 and
+  0.70, tmpfs 0.85 and 0.76, the writer that writes nothing 1.01 and 0.75: the noise is
+  as wide as the gap. What is known:
+  - *The garbage collector, fixed this round.* A round's answers woke its 20-60 workers
+    in one turn of the event loop, each of which started a request (~50 objects the
+    collector counts; it collects the young generation once 700 more are allocated than
+    freed). That made a young collection in nearly every round: ~450-550 per 10,000
+    prompts saved against ~10 (`iter_generate`) or ~90 (`gather_generate`, whose results
+    stay) with saving off, and 4-5 full collections instead of 0-1. With the collector
+    disabled, saving on tmpfs read 0.99 of off (8 paired fresh processes; 0.84 with it).
+    The writers now wake eight per turn (`Wakes`): ~35-50 young collections
+    (`iter_generate`, tmpfs) and at most one full one. In back-to-back `bench_save.py`
+    runs, tmpfs went from 0.74 to 0.85 and the writer that writes nothing from 0.86 to
+    1.01; in the ad hoc runs after it, saving on tmpfs read 0.90-1.0 of off.
+  - *The benchmark measured its own removals (fixed the round before).* Each run's files
+    were removed before the next run; ext4 without a journal (this VM's disk) does not
+    reuse an inode freed in the last minute or so and scans past each on every create
+    (`perf`: `recently_deleted()` under `ext4_create`), so a create right after thousands
+    of removals cost 300-800 µs of kernel time. A disk run's files now stay until the
+    benchmark ends, as a batch's would; the bare loop writes 7,000-16,000 files/s, above
+    the fast server's prompts/s, and the gated disk figure is plain on ÷ off. Its removal
+    at the end still slows any benchmark writing to the same disk in the minute after it.
+  - *On disk, the filesystem's own work* on the same 2 cores as the client and the
+    server. A bare loop by the library's protocol spends 65-115 µs of kernel time per file
+    on this disk and 20-37 µs on tmpfs, and 50-130 µs on disk with no flush at all: the
+    create and the write cost, not the flush. Ad hoc (`getrusage`, 10,000 prompts) the
+    writer process used ~0.37 cores on disk and ~0.22 on tmpfs, the machine ~1.4 cores in
+    all, and the client's own CPU per prompt rose ~15% on disk and ~7% on tmpfs over the
+    same code path (this VM has no performance counters to say which cache or core it
+    lost to). Its event loop ran 96-98% of the time in those runs, idle 1-2%.
+  - *Tried and not taken:* a writer process that commits a round on a second thread
+    while it stages the next (0.93x of the current one on disk, 8 paired rounds, 3 wins);
+    `O_TMPFILE` and `linkat` instead of a temporary name and a rename (no kernel time
+    saved that the noise let through); decoupling a worker from its file's write is ruled
+    out by the crash bound (a worker that waits for its file is what keeps prompts
+    generated but not saved within `concurrency`).
+  - *Noise.* Round by round the same code reads 0.55-1.06 here; the machine's own speed
     swings ±25% between runs a few seconds apart, and a figure from 5 rounds moves by
-    ~±0.08 between runs. Against a real model (seconds per image) a save's milliseconds
-    are noise: the 0.2 s row reads 0.92.
+    ~±0.1 between runs. Against a real model (seconds per image) a save's milliseconds
+    are noise: the 0.2 s row reads 0.96.
 - **The 429 storm at burst 1** (information row): a server that rejects any two
   requests closer than 25 ms draws 429s from loopback jitter alone while the client
   paces below capacity; flux-async loses no prompt there (1.10 attempts per prompt) but
