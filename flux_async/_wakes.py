@@ -3,13 +3,13 @@
 A writer makes a round of files durable together, so their awaiters are ready together:
 up to a fan-out's ``concurrency`` workers, each of which goes on to start its next
 request. Starting a request allocates ~50 objects the garbage collector counts, and the
-young generation is collected once 700 more have been made than freed: dozens of
-workers woken in one turn made a young collection in nearly every round (~450 per
-10,000 prompts saved, against ~10 with saving off), each promoting the objects of every
-prompt still waiting for its file, and the promoted ones brought 4-5 full collections
-instead of 0-1: ~15% of a fast batch's prompts/s (with the collector disabled, saving
-on tmpfs read 0.99 of off; with it, 0.84). Woken eight per turn, the new
-requests start between the answers the event loop reads meanwhile, whose objects are
+young generation is collected once 700 more have been made than freed: dozens of workers
+woken in one turn made a young collection in nearly every round (~450 per 10,000 prompts
+saved by `iter_generate`, against ~10 with saving off), each promoting the objects of
+every prompt still waiting for its file, and the promoted ones brought 4-5 full
+collections instead of 0-1: ~15% of a fast batch's prompts/s (with the collector
+disabled, saving on tmpfs read 0.99 of off; with it, 0.84). Woken eight per turn, the
+new requests start between the answers the event loop reads meanwhile, whose objects are
 freed as they go, and the collector runs about as often as with saving off.
 """
 
