@@ -245,7 +245,8 @@ HOW_TO_READ = """\
   - *Tried and not taken:* a writer process that commits a round on a second thread
     while it stages the next (0.93x of the current one on disk, 8 paired rounds, 3 wins);
     `O_TMPFILE` and `linkat` instead of a temporary name and a rename (no kernel time
-    saved that the noise let through); decoupling a worker from its file's write is ruled
+    saved that the noise let through); a writer process at `nice` 10 (0.995x, 8 paired
+    rounds); decoupling a worker from its file's write is ruled
     out by the crash bound (a worker that waits for its file is what keeps prompts
     generated but not saved within `concurrency`).
   - *Noise.* Round by round the same code reads 0.55-1.06 here; the machine's own speed
