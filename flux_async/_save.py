@@ -301,30 +301,33 @@ class ImageWriter:
         path = await writer.write(ImageJob("out", "fox", png_bytes, None, None, 10**6))
     """
 
-    __slots__ = ("_loop", "_pending", "_running", "_syncfs")
+    __slots__ = ("_loop", "_pending", "_running", "_syncfs", "_wakes")
 
     def __init__(self, syncfs: Callable[[int], None] | None) -> None:
         self._syncfs = syncfs
         self._pending: deque[ImageJob] = deque()  # handed over, not yet taken by a round
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakes: Wakes | None = None  # paces the rounds' awaiters on that loop
 
     def write(self, job: ImageJob) -> asyncio.Future[str]:
         """Write ``job``'s image; the future is done, with its path, once it is durable."""
         if job.loop is not self._loop:
             # A new event loop (the old one's task, if any, ended with it).
             self._loop, self._running, self._pending = job.loop, False, deque()
+            self._wakes = Wakes(job.loop)
         self._pending.append(job)
         if not self._running:
             self._start()
         return job.future
 
     def _start(self) -> None:
-        loop = self._loop
+        loop, wakes = self._loop, self._wakes
         assert loop is not None
+        assert wakes is not None
         self._running = True
         pending = self._pending
-        task = loop.run_in_executor(None, _write_rounds, pending, self._syncfs, loop)
+        task = loop.run_in_executor(None, _write_rounds, pending, self._syncfs, loop, wakes)
         task.add_done_callback(functools.partial(self._finished, pending))
 
     def _finished(self, pending: deque[ImageJob], task: asyncio.Future[None]) -> None:
@@ -346,10 +349,14 @@ class ImageWriter:
 
 
 def _write_rounds(
-    pending: deque[ImageJob], syncfs: Callable[[int], None] | None, loop: asyncio.AbstractEventLoop
+    pending: deque[ImageJob],
+    syncfs: Callable[[int], None] | None,
+    loop: asyncio.AbstractEventLoop,
+    wakes: Wakes,
 ) -> None:
     """On a worker thread: write rounds of the images in ``pending`` until it is empty,
-    waking each round's awaiters on ``loop`` as soon as the round ends."""
+    waking each round's awaiters on ``loop`` (as ``wakes`` paces them) as soon as the
+    round ends."""
     while pending:
         jobs = []
         while pending:
@@ -359,17 +366,15 @@ def _write_rounds(
         except BaseException as exc:  # nobody may wait forever
             outcomes = [(job, exc) for job in jobs]
         try:
-            loop.call_soon_threadsafe(_wake, outcomes)
+            loop.call_soon_threadsafe(_wake, wakes, outcomes)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             return
 
 
-def _wake(outcomes: list[_Written]) -> None:
-    """On the event loop: give each job of a round its path or its error, as `Wakes`
-    paces them."""
-    if not outcomes:
-        return
-    wakes = Wakes(outcomes[0][0].loop)
+def _wake(wakes: Wakes, outcomes: list[_Written]) -> None:
+    """On the event loop: give each job of a round its path or its error, as ``wakes``
+    paces them (one per writer and loop, so rounds that follow each other closely share
+    the pace)."""
     for job, outcome in outcomes:
         wakes.add(job.future, outcome)
     wakes.wake()
