@@ -47,7 +47,12 @@ writer thread adds on top (decoding, system calls, and the interpreter lock it t
 from the loop each time one returns); on a noisy machine they need more rounds than the
 default 5 to be told apart. Two more, for information, write with the thread writer
 instead (what a fan-out used before the writer process, and still uses where there can
-be none): the interpreter lock's cost to it, on disk and on tmpfs.
+be none): the interpreter lock's cost to it, on disk and on tmpfs. And one more runs
+saving off while another process (this file with ``--write-beside``) writes the same PNG
+to disk by the same protocol, in rounds of 8, at the pace the disk runs saved files so
+far: its prompts/s ÷ off is what the disk's own work (the kernel's, and on a VM the
+host's) costs a client that neither decodes nor writes anything, so no change to the
+client can win it back.
 
 Targets, with b64 images: prompts/s with saving ÷ min(prompts/s without, the bare loop's
 files/s) >= 0.85, on disk and on tmpfs (where the disk is not the bound, so this is
@@ -81,6 +86,7 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -212,6 +218,61 @@ async def _serve(mode: str, port: int, latency: float) -> None:
         await stop
 
 
+def _write_beside(directory: str, rate: float) -> None:
+    """``--write-beside DIR --rate R``: write the benchmark's PNG into ``DIR`` by the
+    library's protocol (`flux_async._files.write_round`: a temporary name, one syncfs(2)
+    per round, a rename, a directory fsync) in rounds of 8 files, at ``R`` files/s, until
+    stdin closes; then print how many files it wrote and in how many seconds."""
+    import select
+
+    from flux_async._files import find_syncfs, write_round
+
+    syncfs, png = find_syncfs(), _png()
+    written, started = 0, time.monotonic()
+    print("READY", flush=True)
+    while not select.select([sys.stdin], [], [], 0)[0]:  # readable: closed (EOF)
+        write_round(
+            [(os.path.join(directory, f"{written + i:07d}.png"), png) for i in range(8)],
+            syncfs,
+        )
+        written += 8
+        ahead = written / rate - (time.monotonic() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+    print(written, time.monotonic() - started, flush=True)
+
+
+class _WritingBeside:
+    """`_write_beside` in a process of its own, for the length of a ``with`` block."""
+
+    def __init__(self, directory: str, rate: float) -> None:
+        self.args = ["--write-beside", directory, "--rate", f"{rate:.0f}"]
+        self.files_per_second = 0.0
+
+    def __enter__(self) -> _WritingBeside:
+        command = [sys.executable, str(Path(__file__).resolve()), *self.args]
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self._process.stdout is not None
+        if self._process.stdout.readline().strip() != "READY":
+            self._process.kill()
+            self._process.wait()
+            raise RuntimeError(f"{' '.join(command)} did not start")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        process = self._process
+        try:
+            out, _ = process.communicate(timeout=60)  # closes stdin: it ends its round
+            count, seconds = out.split()
+            self.files_per_second = int(count) / float(seconds)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 # -- the benchmark ------------------------------------------------------------------------------
 
 TARGET = 0.85
@@ -263,6 +324,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="instead: the bare loop alone, on a thread beside a busy fan-out, in a process",
     )
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--write-beside", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -326,8 +389,9 @@ def _scratch(args: argparse.Namespace, count: int, size: int) -> Scratch:
     """Keep the disk runs' files until the end (`Scratch`) if the disk has room for them
     twice over; else remove each after its run, and say so."""
     blocks = -(-size // 4096) + 1  # its data, rounded up to 4 KB blocks, and its inode
-    # Per round and warm-up: the disk runs of the b64 and url cases and their bare loops.
-    runs = (args.rounds + 1) * 9
+    # Per round and warm-up: the disk runs of the b64 and url cases, their bare loops, and
+    # the files written beside the run without saving.
+    runs = (args.rounds + 1) * 10
     needed = runs * count * blocks * 4096
     free = shutil.disk_usage(args.dir).free
     if free < 2 * needed:
@@ -407,6 +471,9 @@ Rates = dict[tuple[str, float, str], list[float]]
 LOOP_ONLY = {"loop only": 0.0, "loop only +2ms": 0.002}
 #: The variants written by the thread writer instead of the process, and where.
 THREAD = {"disk, thread writer": "disk", "tmpfs, thread writer": "tmpfs"}
+#: Saving off, while another process writes files to disk at the rate the disk run saved
+#: them: what the disk's own work costs a client that does not touch it.
+BESIDE = "off, disk writes beside"
 
 
 def _writer_does_nothing(delay: float) -> contextlib.AbstractContextManager[object]:
@@ -434,7 +501,7 @@ def _finish(future: asyncio.Future[str], path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> BenchOutput:
-    from _common import EmulatorProcess, prompts
+    from _common import EmulatorProcess, median, prompts
 
     from flux_async import FluxClient, _writer_process
 
@@ -460,21 +527,22 @@ def run(args: argparse.Namespace) -> BenchOutput:
         *,
         loop_only: float | None = None,
         thread: bool = False,
+        beside: _WritingBeside | None = None,
     ) -> tuple[float, int, int]:
         directory = None if base is None else scratch.make(base, "flux-bench-save-")
         try:
             async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
-                started = time.perf_counter()
                 writer: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
                 if loop_only is not None:
                     writer = _writer_does_nothing(loop_only)
                 elif thread:
                     writer = mock.patch.object(_writer_process, "can_start", return_value=False)
-                with writer:
+                with beside or contextlib.nullcontext(), writer:
+                    started = time.perf_counter()
                     results = await client.gather_generate(
                         prompts(count), concurrency=c, save_to=directory
                     )
-                wall = time.perf_counter() - started
+                    wall = time.perf_counter() - started
             if loop_only is not None:  # nothing was written: count the paths given back
                 saved = sum(len(r.files) for r in results)
             else:
@@ -488,6 +556,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
     # "disk window") -> the bare loop's files/s.
     rates: Rates = {}
     ceilings: Rates = {}
+    written: list[float] = []  # files/s of the process writing beside a fan-out
     problems: list[str] = []
     scratch = _scratch(args, max(prompts_per_run(args, *case) for case in CASES), len(png))
     try:
@@ -501,6 +570,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
             where = dict(places) if not latency else {"disk": args.dir}
             variants = ["off", *where]
             if (mode, latency) == GATED:
+                variants.insert(variants.index("disk") + 1, BESIDE)
                 for variant in LOOP_ONLY:
                     variants.append(variant)
                     where[variant] = args.tmpfs_dir or args.dir
@@ -510,6 +580,8 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         where[variant] = places[place]
             with ImageServerProcess("--serve", mode, "--latency", str(latency)) as server:
                 for variant in variants:  # warm-up
+                    if variant == BESIDE:
+                        continue  # a run without saving, as "off" is
                     only = LOOP_ONLY.get(variant)
                     asyncio.run(batch(server.base_url, where.get(variant), 2 * c, loop_only=only))
                 for round_ in range(args.rounds):
@@ -517,20 +589,34 @@ def run(args: argparse.Namespace) -> BenchOutput:
                     for variant in variants[shift:] + variants[:shift]:
                         only = LOOP_ONLY.get(variant)
                         thread = variant in THREAD
-                        wall, ok, saved = asyncio.run(
-                            batch(
-                                server.base_url,
-                                where.get(variant),
-                                n,
-                                loop_only=only,
-                                thread=thread,
+                        beside = None
+                        if variant == BESIDE:
+                            # As many files a second as the disk runs so far saved.
+                            pace = median(rates[(mode, latency, "disk")])
+                            scratch_beside = scratch.make(args.dir, "flux-bench-beside-")
+                            beside = _WritingBeside(scratch_beside, pace)
+                        try:
+                            wall, ok, saved = asyncio.run(
+                                batch(
+                                    server.base_url,
+                                    where.get(variant),
+                                    n,
+                                    loop_only=only,
+                                    thread=thread,
+                                    beside=beside,
+                                )
                             )
-                        )
+                        finally:
+                            if beside is not None:
+                                scratch.release(scratch_beside)
                         rates.setdefault((mode, latency, variant), []).append(ok / wall)
                         label = "save off" if variant == "off" else f"save on, {variant}"
+                        if beside is not None:
+                            label = f"{variant} ({beside.files_per_second:.0f} files/s)"
+                            written.append(beside.files_per_second)
                         rate = f"{ok / wall:8.0f} prompts/s ({wall:.2f} s)"
                         print(f"  {mode:>3} latency {latency:g} s, {label:<14}: {rate}")
-                        if ok != n or (variant != "off" and saved != n):
+                        if ok != n or (variant not in ("off", BESIDE) and saved != n):
                             problems.append(f"{mode} {variant}: {ok} ok, {saved} files of {n}")
                     if latency:
                         continue
@@ -541,7 +627,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         print(f"  bare loop, {place:<11}: {files:8.0f} files/s")
     finally:
         scratch.close()
-    return _output(args, rates, ceilings, problems, _decode_seconds(png), len(png))
+    return _output(args, rates, ceilings, written, problems, _decode_seconds(png), len(png))
 
 
 def _paired(on: list[float], off: list[float], files: list[float] | None = None) -> list[float]:
@@ -556,6 +642,7 @@ def _output(
     args: argparse.Namespace,
     rates: Rates,
     ceilings: Rates,
+    written: list[float],
     problems: list[str],
     decode: tuple[float, str],
     size: int,
@@ -615,6 +702,25 @@ def _output(
                     + ", ".join(f"{r:.2f}" for r in rounds)
                     + f"; ratio of the medians instead: {on / min(off, files):.2f})"
                 )
+        if (mode, latency, BESIDE) in rates:
+            beside = median(rates[(mode, latency, BESIDE)])
+            rows.append(
+                Row(
+                    figure=(
+                        f"prompts/s, save_to off, another process writing files to disk at "
+                        f"the disk run's pace ÷ alone, {mode} images, {server} (n={n}, c={c})"
+                    ),
+                    flux=f"{beside:.0f}/s",
+                    peer=f"off {off:.0f}/s",
+                    ratio=f"{median(_paired(rates[(mode, latency, BESIDE)], offs)):.2f}",
+                    target="(info)",
+                    met=None,
+                )
+            )
+            note += (
+                f"; off with disk writes beside: {beside:.0f} prompts/s, the other process "
+                f"writing {median(written):.0f} files/s"
+            )
         for variant, place in THREAD.items():
             if (mode, latency, variant) not in rates:
                 continue
@@ -741,12 +847,15 @@ def main() -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(args.serve, args.port, args.latency))
         return 0
+    if args.write_beside is not None:
+        _write_beside(args.write_beside, args.rate)
+        return 0
     (convoy(args) if args.convoy else run(args)).print()
     return 0
 
 
 if __name__ == "__main__":
-    if "--serve" in sys.argv:
+    if "--serve" in sys.argv or "--write-beside" in sys.argv:
         sys.exit(main())
     from _common import run_main
 

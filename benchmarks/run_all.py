@@ -343,7 +343,8 @@ The figures:
    ≥ 0.85x capacity, ≤ 1.3 attempts per prompt, 0 failed. The `peer` column runs the
    same with an in-process `RateLimiter(100)` per process. Cost: permits per second one
    process takes from the local Redis, ≥ 2,000/s.
-10. **Saving images** (`bench_save.py`): 3,000 prompts, concurrency 64, generated
+10. **Saving images** (`bench_save.py`): 10,000 prompts a run with `b64_json` images
+   and 3,000 with `url` ones, concurrency 64, generated
    prompts/s with `save_to=` on and off, against a constant-answer server in its own
    process: `b64_json` images (decode and write; an 18 KB PNG) and `url` images (a GET
    through the pool, then write), each file written durably and atomically as the
@@ -360,9 +361,12 @@ The figures:
    for its files before its next prompt, so a crash costs at most `concurrency`
    generations); the url cases; and the url case with a server taking 0.2 s per
    generation, like a (very fast) model; the same with the thread writer instead of the
-   process, on disk and tmpfs; and with a writer that writes nothing, answering at once
-   or 2 ms later (the event loop's own share). A note gives what decoding the image
-   costs (pybase64, from the `fast` extra, when installed).
+   process, on disk and tmpfs; with a writer that writes nothing, answering at once
+   or 2 ms later (the event loop's own share); and saving off while another process
+   writes the same files to disk by the same protocol at the pace the disk runs saved
+   them (what the disk's own work costs a client that neither decodes nor writes). A
+   note gives what decoding the image costs (pybase64, from the `fast` extra, when
+   installed).
 
 ## How to reproduce
 
