@@ -191,8 +191,9 @@ HOW_TO_READ = """\
 - **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** are met, with a
   thin margin: on every `run_all` page (CPU 0.976x and req/s 1.025x on this one; 0.982x
   and 0.987x, 0.944x and 1.056x, 0.99x and 0.975x, 0.97x and 1.04x, 0.91x and 1.09x,
-  0.97x and 1.04x, 0.98x and 1.03x, 1.00x and 1.00x on the eight before it) and in the last three runs alone (`python
-  benchmarks/bench_overhead.py`, paired medians of 9 rounds: CPU 1.08x, 1.03x, 1.06x;
+  0.97x and 1.04x, 0.98x and 1.03x, 1.00x and 1.00x on the eight before it) and in the
+  last three runs alone (`python benchmarks/bench_overhead.py`, paired medians of 9
+  rounds: CPU 1.08x, 1.03x, 1.06x;
   req/s 0.94x, 0.97x, 0.95x), while earlier runs alone missed (1.10x to 1.27x and 0.78x
   to 0.90x; round by round 0.87x-1.66x and 0.60x-1.16x in one run). Callgrind is steady:
   flux-async runs 610k instructions per request against raw aiohttp's 590k (1.03x;
