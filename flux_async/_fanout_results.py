@@ -153,6 +153,11 @@ class Delivery:
             return item
 
     def close(self) -> None:
-        """Forget the queue: the workers are gone."""
+        """Forget the queue and the sink: the workers are gone."""
         self.running = 0
         self.queue = None
+        # The engine lives in reference cycles (its parts call back into it), so it goes
+        # only at the collector's next pass over its generation: a sink kept here would
+        # keep a gather's results, payloads included, alive that long after the caller
+        # dropped them.
+        self.sink = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -406,3 +408,18 @@ async def test_breaking_out_without_async_with_stops_every_worker() -> None:
         connector = client.transport.session.connector if client.transport.session else None
         assert connector is not None
         assert not connector._acquired
+
+
+async def test_gather_results_go_when_the_caller_drops_them(client: FluxClient) -> None:
+    """Once gather_generate has returned, nothing of the fan-out holds its results: the
+    caller dropping the list frees them at once, not at the collector's next full pass
+    (10,000 results with their b64 payloads are hundreds of MB)."""
+    gc.disable()  # reference counting alone must free them
+    try:
+        results = await client.gather_generate([f"p{i}" for i in range(20)], concurrency=4)
+        assert all(r.ok for r in results)
+        freed = [weakref.ref(r) for r in results]
+        del results
+        assert [ref() for ref in freed] == [None] * 20
+    finally:
+        gc.enable()
