@@ -97,7 +97,7 @@ from typing import TYPE_CHECKING
 from unittest import mock
 
 if TYPE_CHECKING:
-    from _common import BenchOutput
+    from _common import BenchOutput, Row
 
 # -- the server (standard library only: it runs as `python bench_save.py --serve MODE`) ------
 
@@ -638,6 +638,20 @@ def _paired(on: list[float], off: list[float], files: list[float] | None = None)
     return [a / b for a, b in zip(on, bounds, strict=True)]
 
 
+def _versus_off(figure: str, runs: list[float], offs: list[float]) -> Row:
+    """An information row: the median of the rounds' own ratios, ``runs`` ÷ ``offs``."""
+    from _common import Row, median
+
+    return Row(
+        figure=figure,
+        flux=f"{median(runs):.0f}/s",
+        peer=f"off {median(offs):.0f}/s",
+        ratio=f"{median(_paired(runs, offs)):.2f}",
+        target="(info)",
+        met=None,
+    )
+
+
 def _output(
     args: argparse.Namespace,
     rates: Rates,
@@ -660,13 +674,10 @@ def _output(
         off = median(offs)
         disk = median(rates[(mode, latency, "disk")])
         rows.append(
-            Row(
-                figure=f"prompts/s, save_to on ÷ off, {mode} images, {server}, disk (n={n}, c={c})",
-                flux=f"{disk:.0f}/s",
-                peer=f"off {off:.0f}/s",
-                ratio=f"{median(_paired(rates[(mode, latency, 'disk')], offs)):.2f}",
-                target="(info)",
-                met=None,
+            _versus_off(
+                f"prompts/s, save_to on ÷ off, {mode} images, {server}, disk (n={n}, c={c})",
+                rates[(mode, latency, "disk")],
+                offs,
             )
         )
         note = f"{mode}, {server}: off {off:.0f} prompts/s; disk: on {disk:.0f} prompts/s"
@@ -705,16 +716,11 @@ def _output(
         if (mode, latency, BESIDE) in rates:
             beside = median(rates[(mode, latency, BESIDE)])
             rows.append(
-                Row(
-                    figure=(
-                        f"prompts/s, save_to off, another process writing files to disk at "
-                        f"the disk run's pace ÷ alone, {mode} images, {server} (n={n}, c={c})"
-                    ),
-                    flux=f"{beside:.0f}/s",
-                    peer=f"off {off:.0f}/s",
-                    ratio=f"{median(_paired(rates[(mode, latency, BESIDE)], offs)):.2f}",
-                    target="(info)",
-                    met=None,
+                _versus_off(
+                    f"prompts/s, save_to off, another process writing files to disk at the "
+                    f"disk run's pace ÷ alone, {mode} images, {server} (n={n}, c={c})",
+                    rates[(mode, latency, BESIDE)],
+                    offs,
                 )
             )
             note += (
@@ -749,16 +755,11 @@ def _output(
             only = median(rates[(mode, latency, variant)])
             after = f"{delay * 1000:g} ms later" if delay else "at once"
             rows.append(
-                Row(
-                    figure=(
-                        f"prompts/s, save_to on with a writer that writes nothing and answers "
-                        f"{after} ÷ off, {mode} images, {server} (n={n}, c={c})"
-                    ),
-                    flux=f"{only:.0f}/s",
-                    peer=f"off {off:.0f}/s",
-                    ratio=f"{median(_paired(rates[(mode, latency, variant)], offs)):.2f}",
-                    target="(info)",
-                    met=None,
+                _versus_off(
+                    f"prompts/s, save_to on with a writer that writes nothing and answers "
+                    f"{after} ÷ off, {mode} images, {server} (n={n}, c={c})",
+                    rates[(mode, latency, variant)],
+                    offs,
                 )
             )
             note += f"; {variant} (no decoding, no files): {only:.0f} prompts/s"
