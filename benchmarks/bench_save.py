@@ -86,7 +86,6 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -222,14 +221,15 @@ def _write_beside(directory: str, rate: float) -> None:
     """``--write-beside DIR --rate R``: write the benchmark's PNG into ``DIR`` by the
     library's protocol (`flux_async._files.write_round`: a temporary name, one syncfs(2)
     per round, a rename, a directory fsync) in rounds of 8 files, at ``R`` files/s, until
-    stdin closes; then print how many files it wrote and in how many seconds."""
+    stdin closes; then print how many files it wrote and in how many seconds. Started
+    like the emulator (`EmulatorProcess`), whose ``READY`` line it prints first."""
     import select
 
     from flux_async._files import find_syncfs, write_round
 
     syncfs, png = find_syncfs(), _png()
     written, started = 0, time.monotonic()
-    print("READY", flush=True)
+    print(f"READY {directory}", flush=True)
     while not select.select([sys.stdin], [], [], 0)[0]:  # readable: closed (EOF)
         write_round(
             [(os.path.join(directory, f"{written + i:07d}.png"), png) for i in range(8)],
@@ -240,37 +240,6 @@ def _write_beside(directory: str, rate: float) -> None:
         if ahead > 0:
             time.sleep(ahead)
     print(written, time.monotonic() - started, flush=True)
-
-
-class _WritingBeside:
-    """`_write_beside` in a process of its own, for the length of a ``with`` block."""
-
-    def __init__(self, directory: str, rate: float) -> None:
-        self.args = ["--write-beside", directory, "--rate", f"{rate:.0f}"]
-        self.files_per_second = 0.0
-
-    def __enter__(self) -> _WritingBeside:
-        command = [sys.executable, str(Path(__file__).resolve()), *self.args]
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self._process.stdout is not None
-        if self._process.stdout.readline().strip() != "READY":
-            self._process.kill()
-            self._process.wait()
-            raise RuntimeError(f"{' '.join(command)} did not start")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        process = self._process
-        try:
-            out, _ = process.communicate(timeout=60)  # closes stdin: it ends its round
-            count, seconds = out.split()
-            self.files_per_second = int(count) / float(seconds)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -514,6 +483,29 @@ def run(args: argparse.Namespace) -> BenchOutput:
         def stats(self) -> dict[str, object]:
             return self._get_json("/_fast/stats")
 
+    class WritingBeside(ImageServerProcess):
+        """This file with ``--write-beside DIR --rate R`` (`_write_beside`); stopping it
+        closes its stdin, so it ends its round and says how many files/s it wrote."""
+
+        stdin_pipe = True
+
+        def __init__(self, directory: str, rate: float) -> None:
+            super().__init__("--write-beside", directory, "--rate", f"{rate:.0f}")
+            self.files_per_second = 0.0
+
+        def stop(self) -> None:
+            process = self._proc
+            try:
+                if process is not None and process.poll() is None:
+                    assert process.stdin is not None
+                    assert process.stdout is not None
+                    process.stdin.close()
+                    process.wait(timeout=60)
+                    count, seconds = process.stdout.read().split()
+                    self.files_per_second = int(count) / float(seconds)
+            finally:
+                super().stop()
+
     c = args.concurrency
     places = {"disk": args.dir}
     if args.tmpfs_dir:
@@ -527,7 +519,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
         *,
         loop_only: float | None = None,
         thread: bool = False,
-        beside: _WritingBeside | None = None,
+        beside: WritingBeside | None = None,
     ) -> tuple[float, int, int]:
         directory = None if base is None else scratch.make(base, "flux-bench-save-")
         try:
@@ -594,7 +586,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
                             # As many files a second as the disk runs so far saved.
                             pace = median(rates[(mode, latency, "disk")])
                             scratch_beside = scratch.make(args.dir, "flux-bench-beside-")
-                            beside = _WritingBeside(scratch_beside, pace)
+                            beside = WritingBeside(scratch_beside, pace)
                         try:
                             wall, ok, saved = asyncio.run(
                                 batch(
