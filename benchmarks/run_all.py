@@ -237,6 +237,23 @@ HOW_TO_READ = """\
     (`copy_folio_from_iter_atomic`: ~15 µs per 18 KB file, against ~2 µs to overwrite
     pages already cached: first touches of memory are what cost on this VM), the rest is
     spread over ext4's directory and inode work; the client's own kernel share was 4.5%.
+  - *The client's own work, counted* (`python benchmarks/bench_save.py --instructions`,
+    callgrind, the client alone; steady where prompts/s is not): 930.8k instructions per
+    prompt with saving off, 986.2k with a writer that writes nothing (the event loop's own
+    share of a save: 1.06x) and 1041.2k saving to tmpfs (1.12x: decoding the image and
+    handing it to the writer process add the other 55k, ~18k of them the image's copy
+    into shared memory, which callgrind counts byte by byte). On a client bound by its
+    CPU that alone brings on ÷ off to about 0.9; the disk's own work has the rest of the
+    15%. The Python part is spread over the saver, the job, its future and the path (the
+    largest single item, `directory / name`, is ~2.8 µs of ~200).
+  - *Ruled out, ad hoc* (one process, runs of 6,000 prompts, each disk run between two
+    off runs, 12 such triples per arm): the collector. With it disabled for every run,
+    disk read 0.70 of off (median), with it on 0.77. And the workers that wait for their
+    files: saving off, concurrency 48, 32 and 16 read 0.95, 0.97 and 1.07 of 64 (6 paired
+    rounds), so fewer requests in flight do not slow a client bound by its CPU. In blocks
+    of off, disk, tmpfs, tmpfs, disk, off (10 blocks of 4,000 prompts) disk read 0.68
+    (0.57-0.95) and tmpfs 0.79 (0.51-1.02): the gap is real, and adjacent runs of the same
+    code still differ by up to 40%.
   - *The garbage collector, fixed the round before.* A round's answers woke its 20-60 workers
     in one turn of the event loop, each of which started a request (~50 objects the
     collector counts; it collects the young generation once 700 more are allocated than
@@ -395,7 +412,9 @@ The figures:
    writes the same files to disk by the same protocol at the pace the disk runs saved
    them (what the disk's own work costs a client that neither decodes nor writes). A
    note gives what decoding the image costs (pybase64, from the `fast` extra, when
-   installed).
+   installed). Not on this page: `python benchmarks/bench_save.py --instructions` counts
+   the client's instructions per prompt under callgrind, saving off, with the writer that
+   writes nothing, and to tmpfs (steady where prompts/s is not; see the known gaps).
 
 ## How to reproduce
 
