@@ -29,7 +29,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -585,6 +587,36 @@ def interleaved_rounds(
             log(f"  round {i + 1}/{rounds} {r.summary()}")
         order = order[1:] + order[:1]
     return out
+
+
+def callgrind_counts(
+    script_and_arguments: Sequence[str], *, branch_sim: bool = False
+) -> dict[str, int]:
+    """Run ``python SCRIPT ARGUMENTS...`` under valgrind's callgrind; the events it counted
+    (``Ir``, the instructions; with ``branch_sim`` also ``Bc``/``Bcm``/``Bi``/``Bim``,
+    branches and their mispredictions). Only that process is counted, not its children.
+
+    Example::
+
+        callgrind_counts([__file__, "--child", "flux", "500", url])["Ir"]
+    """
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise RuntimeError("counting instructions needs valgrind on the PATH")
+    command = [
+        valgrind,
+        "--tool=callgrind",
+        *(["--branch-sim=yes"] if branch_sim else []),
+        "--callgrind-out-file=/dev/null",
+        sys.executable,  # the interpreter itself, not a wrapper script
+        *script_and_arguments,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    events = re.search(r"Events\s*:\s*(.+)", done.stderr)
+    found = re.search(r"Collected\s*:\s*(.+)", done.stderr)
+    if done.returncode != 0 or events is None or found is None:
+        raise RuntimeError(f"callgrind run failed:\n{done.stderr[-2000:]}")
+    return dict(zip(events.group(1).split(), map(int, found.group(1).split()), strict=True))
 
 
 def fmt_ratio(value: float) -> str:

@@ -45,10 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,6 +55,7 @@ from _common import (
     BenchOutput,
     Row,
     RunResult,
+    callgrind_counts,
     fmt_ratio,
     interleaved_rounds,
     measure,
@@ -230,36 +227,15 @@ def run(args: argparse.Namespace) -> BenchOutput:
 def count_instructions(concurrency: int) -> dict[str, dict[str, float]]:
     """Per request for each contender, counted by callgrind: ``Ir`` (instructions) and
     ``mispredicted`` (conditional and indirect branches its branch simulation missed)."""
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise RuntimeError("--instructions needs valgrind on the PATH")
     low, high = INSTRUCTION_SIZES
     out: dict[str, dict[str, float]] = {}
     with FastServerProcess() as server:
         for name in (*CONTENDERS, OWN):
             counts = []
             for n in (low, high):
-                cmd = [
-                    valgrind,
-                    "--tool=callgrind",
-                    "--branch-sim=yes",
-                    "--callgrind-out-file=/dev/null",
-                    sys.executable,  # the interpreter itself, not a wrapper script
-                    str(Path(__file__).resolve()),
-                    "--concurrency",
-                    str(concurrency),
-                    "--child",
-                    name,
-                    str(n),
-                    server.base_url,
-                ]
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                events = re.search(r"Events\s*:\s*(.+)", done.stderr)
-                found = re.search(r"Collected\s*:\s*(.+)", done.stderr)
-                if done.returncode != 0 or events is None or found is None:
-                    raise RuntimeError(f"callgrind run failed:\n{done.stderr[-2000:]}")
-                names, values = events.group(1).split(), found.group(1).split()
-                counted = dict(zip(names, map(int, values), strict=True))
+                arguments = [str(Path(__file__).resolve()), "--concurrency", str(concurrency)]
+                arguments += ["--child", name, str(n), server.base_url]
+                counted = callgrind_counts(arguments, branch_sim=True)
                 counts.append(
                     {"Ir": counted["Ir"], "mispredicted": counted["Bcm"] + counted["Bim"]}
                 )

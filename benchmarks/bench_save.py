@@ -90,11 +90,9 @@ import contextlib
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -880,11 +878,8 @@ def count_instructions(args: argparse.Namespace) -> BenchOutput:
     sizes, so start-up and imports cancel out. Unlike prompts/s on a shared VM, the count
     does not move between runs: it says what saving adds to the client's own work, which
     a prompts/s ratio mixes with the disk's, the host's and the collector's."""
-    from _common import BenchOutput, Row
+    from _common import BenchOutput, Row, callgrind_counts
 
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise RuntimeError("--instructions needs valgrind on the PATH")
     if not args.tmpfs_dir:
         raise RuntimeError("--instructions writes to --tmpfs-dir: give one")
     c, (low, high) = args.concurrency, INSTRUCTION_SIZES
@@ -893,26 +888,10 @@ def count_instructions(args: argparse.Namespace) -> BenchOutput:
         for variant in COUNTED:
             counts = []
             for n in (low, high):
-                command = [
-                    valgrind,
-                    "--tool=callgrind",
-                    "--callgrind-out-file=/dev/null",
-                    sys.executable,  # the interpreter itself, not a wrapper script
-                    str(Path(__file__).resolve()),
-                    "--concurrency",
-                    str(c),
-                    "--tmpfs-dir",
-                    args.tmpfs_dir,
-                    "--count-child",
-                    variant,
-                    str(n),
-                    server.base_url,
-                ]
-                done = subprocess.run(command, capture_output=True, text=True, check=False)
-                found = re.search(r"Collected\s*:\s*(\d+)", done.stderr)
-                if done.returncode != 0 or found is None:
-                    raise RuntimeError(f"callgrind run failed:\n{done.stderr[-2000:]}")
-                counts.append(int(found.group(1)))
+                arguments = [str(Path(__file__).resolve()), "--concurrency", str(c)]
+                arguments += ["--tmpfs-dir", args.tmpfs_dir]
+                arguments += ["--count-child", variant, str(n), server.base_url]
+                counts.append(callgrind_counts(arguments)["Ir"])
             counted[variant] = (counts[1] - counts[0]) / (high - low)
             print(f"  instructions, {COUNTED[variant]}: {counted[variant] / 1000:.1f}k per prompt")
     off = counted["off"]
