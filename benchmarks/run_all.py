@@ -238,14 +238,15 @@ HOW_TO_READ = """\
     pages already cached: first touches of memory are what cost on this VM), the rest is
     spread over ext4's directory and inode work; the client's own kernel share was 4.5%.
   - *The client's own work, counted* (`python benchmarks/bench_save.py --instructions`,
-    callgrind, the client alone; steady where prompts/s is not): 930.8k instructions per
-    prompt with saving off, 986.2k with a writer that writes nothing (the event loop's own
-    share of a save: 1.06x) and 1041.2k saving to tmpfs (1.12x: decoding the image and
-    handing it to the writer process add the other 55k, ~18k of them the image's copy
-    into shared memory, which callgrind counts byte by byte). On a client bound by its
-    CPU that alone brings on ÷ off to about 0.9; the disk's own work has the rest of the
-    15%. The Python part is spread over the saver, the job, its future and the path (the
-    largest single item, `directory / name`, is ~2.8 µs of ~200).
+    callgrind, the client alone; within ~1.5% from run to run, where prompts/s moves by
+    tens of percent): 930k instructions per prompt with saving off, 983-986k with a writer that
+    writes nothing (the event loop's own share of a save: 1.06x) and 1028-1041k saving to
+    tmpfs (1.10x-1.12x in two runs: decoding the image and handing it to the writer
+    process add the other 45-55k, ~18k of them the image's copy into shared memory, which
+    callgrind counts byte by byte). On a client bound by its CPU that alone brings on ÷
+    off to about 0.9; the disk's own work has the rest of the 15%. The Python part is
+    spread over the saver, the job, its future and the path (the largest single item,
+    `directory / name`, is ~2.8 µs of ~200).
   - *Ruled out, ad hoc* (one process, runs of 6,000 prompts, each disk run between two
     off runs, 12 such triples per arm): the collector. With it disabled for every run,
     disk read 0.70 of off (median), with it on 0.77. And the workers that wait for their
