@@ -293,9 +293,13 @@ HOW_TO_READ = """\
     file from 2.4 to 1.6-2.0, but more workers waiting and more collections: 0.61 and
     0.62 against 0.66 in the same rounds); dropping each file's pages from the page cache
     once it is durable (`POSIX_FADV_DONTNEED`: the writer's CPU per file -15%, 1.02x the
-    prompts/s over 14 paired rounds, within the noise). Decoupling a worker from its
-    file's write is ruled out by the crash bound (a worker that waits for its file is
-    what keeps prompts generated but not saved within `concurrency`).
+    prompts/s over 14 paired rounds, within the noise); a writer process under
+    `SCHED_BATCH` or `SCHED_IDLE`, which do not preempt the client when they wake (the
+    client's involuntary switches on disk fell from 0.23-0.51 to 0.03-0.13 per prompt
+    under `SCHED_IDLE`): 0.75 and 0.72 of off against 0.70 (6 rounds, within the noise).
+    Decoupling a worker from its file's write is ruled out by the crash bound (a worker
+    that waits for its file is what keeps prompts generated but not saved within
+    `concurrency`).
   - *Noise.* Round by round the same code reads 0.55-1.06 here; the machine's own speed
     swings ±25% between runs a few seconds apart, and a figure from 5 rounds moves by
     ~±0.1 between runs. Against a real model (seconds per image) a save's milliseconds
