@@ -602,7 +602,9 @@ def callgrind_counts(
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
-        raise RuntimeError("counting instructions needs valgrind on the PATH")
+        raise RuntimeError(
+            "counting instructions needs valgrind on the PATH (Debian: apt install valgrind)"
+        )
     command = [
         valgrind,
         "--tool=callgrind",

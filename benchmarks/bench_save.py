@@ -67,8 +67,8 @@ With ``--instructions`` it counts instead the client's instructions per prompt u
 callgrind (needs valgrind; about five minutes): saving off, with the writer that writes
 nothing, and saving to tmpfs, each in a child process at two batch sizes so that start-up
 cancels out. The writer process and the server run natively and are not counted. Unlike
-prompts/s on a shared machine the count is steady, so it says what saving adds to the
-client's own work apart from the disk, the host and the noise.
+prompts/s on a shared machine the count is steady (within ~1.5% between runs), so it says
+what saving adds to the client's own work apart from the disk, the host and the noise.
 
 With ``--convoy`` it measures instead why a writer thread is slower beside a busy event
 loop than alone: the disk's bare loop (at most ``concurrency`` files in flight) alone, on a
@@ -294,12 +294,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a memory-backed directory for the runs the disk does not bound "
         "(default: /dev/shm when present; '' skips them)",
     )
-    parser.add_argument(
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument(
         "--convoy",
         action="store_true",
         help="instead: the bare loop alone, on a thread beside a busy fan-out, in a process",
     )
-    parser.add_argument(
+    instead.add_argument(
         "--instructions",
         action="store_true",
         help="instead: the client's instructions per prompt under valgrind, save_to off "
@@ -875,9 +876,10 @@ COUNTED = {
 def count_instructions(args: argparse.Namespace) -> BenchOutput:
     """``--instructions``: the client's instructions per prompt, counted by callgrind,
     for each of `COUNTED`, against this file's b64 server; the same figure at two batch
-    sizes, so start-up and imports cancel out. Unlike prompts/s on a shared VM, the count
-    does not move between runs: it says what saving adds to the client's own work, which
-    a prompts/s ratio mixes with the disk's, the host's and the collector's."""
+    sizes, so start-up and imports cancel out. Unlike prompts/s on a shared VM, which moves
+    by tens of percent between runs, the count moves by ~1.5%: it says what saving adds to
+    the client's own work, which a prompts/s ratio mixes with the disk's, the host's and
+    the collector's."""
     from _common import BenchOutput, Row, callgrind_counts
 
     if not args.tmpfs_dir:
