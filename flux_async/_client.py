@@ -44,7 +44,7 @@ from ._models import DEFAULT_MODEL, Image, ImageRequest, ImagesResponse, make_re
 from ._outage import OutageGuard
 from ._prompts import checked_requests
 from ._retry import RetryBudget, RetryPolicy, call_policy
-from ._save import Downloader
+from ._save import DEFAULT_MAX_IMAGE_BYTES, Downloader
 from ._status_errors import status_errors
 from ._transport import DEFAULT_MAX_CONNECTIONS, AsyncTransport, VerifySetting
 
@@ -89,10 +89,12 @@ class FluxClient:
     (then ``https://api.chainhub.tech/v1``: like the openai package's, it ends in ``/v1``);
     ``model`` is the default model. ``retry``, ``retry_budget``, ``limiter`` (an adaptive
     `RateLimiter` unless given), ``outage``, ``timeout`` and ``max_response_bytes`` shape
-    every call (docs/guides/rate-limits-and-retries.md); ``max_connections``, ``trust_env``,
-    ``proxy`` and ``verify`` set up the pool the client makes, which a ``transport`` (such
-    as `MockTransport`) or a ``session`` of yours replaces (docs/guides/web-apps.md, also
-    on event loops: a client serves one at a time). ``default_headers`` go with every call.
+    every call (docs/guides/rate-limits-and-retries.md); ``max_image_bytes`` caps one image
+    that `save` or ``save_to=`` downloads or decodes (`DEFAULT_MAX_IMAGE_BYTES`);
+    ``max_connections``, ``trust_env``, ``proxy`` and ``verify`` set up the pool the client
+    makes, which a ``transport`` (such as `MockTransport`) or a ``session`` of yours
+    replaces (docs/guides/web-apps.md, also on event loops: a client serves one at a time).
+    ``default_headers`` go with every call.
 
     Example::
 
@@ -116,6 +118,7 @@ class FluxClient:
         default_headers: Mapping[str, str] | None = None,
         outage: OutageGuard | None = None,
         max_response_bytes: int | None = None,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         trust_env: bool = True,
         proxy: str | None = None,
         verify: VerifySetting = True,
@@ -134,6 +137,7 @@ class FluxClient:
             default_headers=default_headers,
             outage=outage,
             max_response_bytes=max_response_bytes,
+            max_image_bytes=max_image_bytes,
             trust_env=trust_env,
             proxy=proxy,
             verify=verify,

@@ -100,6 +100,7 @@ class ClientSettings:
     headers: Mapping[str, str] = attrs.field(repr=False)
     transport: AsyncTransport
     max_response_bytes: int | None
+    max_image_bytes: int
     safe_url: str = attrs.field(init=False)
 
     @safe_url.default
@@ -122,6 +123,7 @@ class ClientSettings:
             api_origin=str(self.base_url.origin()),
             api_headers=self.headers,
             timeout=timeout,
+            max_bytes=self.max_image_bytes,
             is_closed=is_closed,
         )
 
@@ -175,6 +177,7 @@ def client_settings(
     default_headers: Mapping[str, str] | None,
     outage: OutageGuard | None,
     max_response_bytes: int | None,
+    max_image_bytes: int,
     trust_env: bool,
     proxy: str | None,
     verify: VerifySetting,
@@ -189,6 +192,8 @@ def client_settings(
     key = _api_key(api_key)
     url = _check_base_url(base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
     _check_settings(timeout, retry, retry_budget, limiter, outage, max_response_bytes)
+    if type(max_image_bytes) is not int or max_image_bytes < 1024:
+        raise ValidationError("max_image_bytes", max_image_bytes, "an integer >= 1024")
     _check_default_headers(default_headers)
     # Validate the default model the same way a request would, before any I/O.
     ImageRequest(prompt="x", model=model)
@@ -210,6 +215,7 @@ def client_settings(
         headers=headers,
         transport=_transport(transport, session, max_connections, headers, network),
         max_response_bytes=max_response_bytes,
+        max_image_bytes=max_image_bytes,
     )
 
 

@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 from aiohttp import web
 
 import flux_async._files as files_module
 import flux_async._save as save_module
 from flux_async import (
+    DEFAULT_MAX_IMAGE_BYTES,
     APIConnectionError,
     AuthenticationError,
     BadRequestError,
@@ -277,19 +277,38 @@ async def test_the_default_transport_sends_no_key_to_another_origin(
 
 
 async def test_size_cap_stops_an_endless_body(tmp_path: Path) -> None:
-    """A body over the cap is not read into memory: ImageDownloadError names the cap."""
+    """A body over the client's max_image_bytes is not read into memory, and a b64_json
+    image over it is not written, alone or inside a fan-out: errors name the cap."""
+    big = PNG + b"\x00" * 5000
 
     def handler(request: TransportRequest) -> TransportResponse:
         if request.method == "POST":
+            if request.json().get("response_format") == "b64_json":
+                return answer(b64=big)
             return answer("https://cdn.example/huge.png")
-        return image(PNG + b"\x00" * 5000)
+        return image(big)
 
-    async with mock_client(handler) as client:
+    async with mock_client(handler, max_image_bytes=1024) as client:
+        assert client.downloader.max_bytes == 1024
         response = await client.generate("x")
-        small = attrs.evolve(client.downloader, max_bytes=1024)
         with pytest.raises(ImageDownloadError, match="over the 1024-byte cap"):
-            await small.save(response.data[0].url, None, tmp_path / "huge")
+            await client.save(response, tmp_path)
+        encoded = await client.generate("x", response_format="b64_json")
+        with pytest.raises(ImageDownloadError, match="over the 1024-byte cap"):
+            await client.save(encoded, tmp_path)
+        [result] = await client.gather_generate(
+            [{"prompt": "x", "response_format": "b64_json"}], save_to=tmp_path
+        )
+        assert isinstance(result.error, ImageSaveError)
+        assert "over the 1024-byte cap" in str(result.error)
     assert names(tmp_path) == []
+    async with mock_client(handler) as client:
+        assert client.downloader.max_bytes == DEFAULT_MAX_IMAGE_BYTES
+        [path] = await client.save(await client.generate("x"), tmp_path)
+    assert path.read_bytes() == big
+    for bad in (0, 1023, 2.5e6, "1MB", True, None):
+        with pytest.raises(ValidationError, match=r"max_image_bytes=.*an integer >= 1024"):
+            FluxClient(api_key=API_KEY, base_url=API, max_image_bytes=bad)
 
 
 async def test_writes_are_atomic_and_off_the_event_loop(
