@@ -41,7 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ._batch import GENERATED, BatchDirectory, BatchError, Plan, Source, run_batch, thread_lines
 from ._client import ENV_API_KEY, ENV_BASE_URL, FluxClient, RequestFields
-from ._exceptions import APIStatusError, ValidationError
+from ._exceptions import APIStatusError, BatchStoppedError, ValidationError
 from ._fanout import (
     DEFAULT_CONCURRENCY,
     DEFAULT_STOP_ON,
@@ -282,6 +282,7 @@ class _Job:
     progress: bool = False
     total: int | None = None
     written: int = 0
+    not_sent: int = 0
     fanout: Fanout | None = None
     emulator_stats: dict[str, Any] = field(default_factory=dict)
 
@@ -318,6 +319,8 @@ async def _run(job: _Job) -> None:
             # Flushed per line: a crash or Ctrl-C loses nothing that had finished.
             job.out.flush()
             job.written += 1
+            if isinstance(result.error, BatchStoppedError):
+                job.not_sent += 1
 
 
 def _statistics(job: _Job) -> FanoutStatistics:
@@ -640,6 +643,10 @@ def _finish_generate(
 ) -> NoReturn:
     """The summary on stderr, then the exit status."""
     click.echo(_summary(job, elapsed), err=True)
+    stopped = None if job.fanout is None else job.fanout.stopped_by
+    if stopped is not None:
+        then = "their lines have the error BatchStoppedError; fix this and run those again."
+        click.echo(_stopped_line(stopped, job.not_sent, then), err=True)
     batch_deadline = job.fanout_options.get("batch_deadline")
     if batch_deadline is not None and elapsed >= batch_deadline:
         # Prompts still unread then were never taken from the input, so they have no line.
@@ -780,8 +787,18 @@ async def _run_batch(run: _BatchRun) -> None:
         )
 
 
+def _stopped_line(stopped: BaseException, not_sent: int, then: str) -> str:
+    """One line for a fan-out stopped on a fatal answer, with the library's hint."""
+    notes = " ".join(getattr(stopped, "__notes__", ()))
+    return (
+        f"Error: the batch stopped on an answer every prompt would get: "
+        f"{type(stopped).__name__}: {stopped}{' ' + notes if notes else ''} "
+        f"{not_sent} prompts were not sent; {then}"
+    )
+
+
 def _stop_line(plan: Plan) -> str | None:
-    """One line for a batch stopped on a fatal answer, with the library's hint."""
+    """`_stopped_line` for a ``batch`` run, or None if it did not stop."""
     stopped = None if plan.fanout is None else plan.fanout.stopped_by
     if stopped is None:
         return None
@@ -790,12 +807,7 @@ def _stop_line(plan: Plan) -> str | None:
         for r in plan.records.values()
         if r.get("run") == plan.run and (r.get("error") or {}).get("not_sent")
     )
-    notes = " ".join(getattr(stopped, "__notes__", ()))
-    return (
-        f"Error: the batch stopped on an answer every prompt would get: "
-        f"{type(stopped).__name__}: {stopped}{' ' + notes if notes else ''} "
-        f"{not_sent} prompts were not sent; fix this and rerun the same command to resume."
-    )
+    return _stopped_line(stopped, not_sent, "fix this and rerun the same command to resume.")
 
 
 def _batch_summary(plan: Plan, elapsed: float) -> tuple[str, bool]:

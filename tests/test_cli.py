@@ -262,6 +262,39 @@ async def test_wrong_api_key_fails_each_prompt_with_401(tmp_path: Path, server: 
     assert wrong not in out.read_text("utf-8")
 
 
+async def test_generate_stops_on_a_wrong_key_and_says_why_on_stderr(
+    tmp_path: Path, server: Emulator
+) -> None:
+    """60 prompts with a refused key: at most `concurrency` requests, a line per prompt
+    (the rest BatchStoppedError), and one stderr line with the count and the hint."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(60)), "utf-8")
+    out = tmp_path / "out.jsonl"
+    result = await run(
+        "generate",
+        str(prompts),
+        "--api-key",
+        "sk-wrong",
+        "--base-url",
+        server.base_url,
+        "--concurrency",
+        "4",
+        "-o",
+        str(out),
+    )
+    assert result.exit_code == 1, result.output
+    types = [record["error"]["type"] for record in read_jsonl(out)]
+    refused = types.count("AuthenticationError")
+    assert len(types) == 60
+    assert 1 <= refused <= 4
+    assert types.count("BatchStoppedError") == 60 - refused
+    assert server.stats.requests == refused
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "AuthenticationError" in line
+    assert "The API key was refused" in line
+    assert f"{60 - refused} prompts were not sent" in line
+
+
 async def test_demo_absorbs_429s_and_loses_nothing(tmp_path: Path) -> None:
     """demo (shortened with the hidden --count): a batch directory with every image saved,
     none lost, the bar shown, the gallery's path last; a second demo replaces the first."""
