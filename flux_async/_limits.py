@@ -105,7 +105,8 @@ class LimiterStatistics:
 
 
 class Limiter(abc.ABC):
-    """The interface the client and the fan-out talk to; a Redis implementation will follow.
+    """The interface the client and the fan-out talk to: `RateLimiter` in one process,
+    ``flux_async.redis.RedisRateLimiter`` for a quota shared through Redis.
 
     Call `acquire` before every attempt (retries included), then report how it went:
     `on_rate_limited` for a 429, `on_success` for a 2xx (other errors report nothing: a

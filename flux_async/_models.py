@@ -783,8 +783,9 @@ class ImagesResponse:
         """Write every image to ``directory`` (made if missing) and return the paths, in
         the order of ``data``: ``stem`` plus the suffix of its type for one image,
         ``stem-0``, ``stem-1`` ... for several. See `Image.save` for how each is fetched
-        and written (``client`` is required when the images came as URLs); several are
-        saved concurrently.
+        and written (``client`` is required when the images came as URLs); with
+        ``client``, several are saved concurrently and their files share one flush;
+        without, one after another.
 
         Example::
 

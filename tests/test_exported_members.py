@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import flux_async
 
 
@@ -23,3 +25,14 @@ def test_all_is_sorted_and_complete() -> None:
     # Submodules: the emulator, and the test helpers the pytest plugin (loaded by the
     # pytest11 entry point in any pytest run) imports.
     assert public - set(names) <= {"emulator", "pytest_plugin", "redis", "testing"}
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    """docs/reference/api.md names each name of __all__ (a rendered entry or the text)."""
+    page = (Path(__file__).parent.parent / "docs" / "reference" / "api.md").read_text("utf-8")
+    missing = [
+        name
+        for name in flux_async.__all__
+        if f"::: flux_async.{name}\n" not in page and f"`{name}`" not in page
+    ]
+    assert missing == []
