@@ -36,12 +36,22 @@ class ConcurrencyLimit:
 
     @property
     def limit(self) -> int:
-        """The most tasks allowed inside at once."""
+        """The most tasks allowed inside at once.
+
+        Example::
+
+            ConcurrencyLimit(8).limit  # 8
+        """
         return self._limit
 
     @property
     def in_flight(self) -> int:
-        """Tasks inside right now."""
+        """Tasks inside right now.
+
+        Example::
+
+            print(limit.in_flight, "of", limit.limit, "slots taken")
+        """
         return self._in_flight
 
     def try_acquire(self) -> bool:
@@ -49,6 +59,11 @@ class ConcurrencyLimit:
 
         The hot path: a fan-out with one worker per slot always finds one free, so it
         pays no coroutine for it.
+
+        Example::
+
+            if not limit.try_acquire():
+                await limit.acquire()   # none free now: wait in line
         """
         if self._free and not self._waiters:
             self._free -= 1
@@ -57,7 +72,14 @@ class ConcurrencyLimit:
         return False
 
     async def acquire(self) -> None:
-        """Wait for a free slot and take it."""
+        """Wait for a free slot and take it.
+
+        Example::
+
+            await limit.acquire()
+            ...   # at most `limit.limit` tasks are here at once
+            limit.release()
+        """
         if self.try_acquire():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -77,7 +99,12 @@ class ConcurrencyLimit:
         self._in_flight += 1
 
     def release(self) -> None:
-        """Give back a slot taken with `acquire`."""
+        """Give back a slot taken with `acquire`.
+
+        Example::
+
+            limit.release()   # the slot goes to the first task waiting in `acquire`, if any
+        """
         if not self._in_flight:
             raise RuntimeError("ConcurrencyLimit.release() without a matching acquire()")
         self._in_flight -= 1

@@ -125,7 +125,12 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     async def acquire(self) -> None:
-        """Wait until the pause gate is open, then for a pacing permit."""
+        """Wait until the pause gate is open, then for a pacing permit.
+
+        Example::
+
+            await limiter.acquire()   # before every attempt, retries included
+        """
 
     def try_acquire(self) -> bool:
         """Take a permit if one is due right now, without waiting; False otherwise.
@@ -133,16 +138,32 @@ class Limiter(abc.ABC):
         Callers try this first and await `acquire` only when it says False, so a permit
         that needs no wait costs no coroutine. The default says False: a limiter whose
         permits need I/O (Redis) simply always goes through `acquire`.
+
+        Example::
+
+            if not limiter.try_acquire():
+                await limiter.acquire()
         """
         return False
 
     @abc.abstractmethod
     def on_success(self) -> None:
-        """Report an attempt that got a 2xx answer."""
+        """Report an attempt that got a 2xx answer.
+
+        Example::
+
+            limiter.on_success()   # the attempt got a 2xx
+        """
 
     @abc.abstractmethod
     def on_rate_limited(self, retry_after: float | None) -> None:
-        """Report a 429; ``retry_after`` (seconds, or None) shuts the pause gate that long."""
+        """Report a 429; ``retry_after`` (seconds, or None) shuts the pause gate that long.
+
+        Example::
+
+            if response.status == 429:
+                limiter.on_rate_limited(retry_after)   # seconds, or None if none was sent
+        """
 
     def on_quota(self, limit: int, remaining: int, reset: float) -> None:  # noqa: B027
         """Report the server's stated request quota, from any answer that carried it:
@@ -159,7 +180,12 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     def statistics(self) -> LimiterStatistics:
-        """Return a snapshot of the limiter's state."""
+        """Return a snapshot of the limiter's state.
+
+        Example::
+
+            print(limiter.statistics().waiting, "tasks waiting for a permit")
+        """
 
 
 class RateLimiter(Limiter):
@@ -253,6 +279,11 @@ class RateLimiter(Limiter):
 
         Returns at once, without suspending, when the gate is open, nobody is queued and
         a permit is due (always, while unpaced).
+
+        Example::
+
+            limiter = RateLimiter(10)   # 10 req/s at most
+            await limiter.acquire()     # the first permit at once, then one every 0.1 s
         """
         if self.try_acquire():
             return
@@ -283,7 +314,13 @@ class RateLimiter(Limiter):
             self._waiting -= 1
 
     def try_acquire(self) -> bool:
-        """Take a permit if the gate is open, nobody is queued and a permit is due now."""
+        """Take a permit if the gate is open, nobody is queued and a permit is due now.
+
+        Example::
+
+            if not limiter.try_acquire():   # in the running event loop
+                await limiter.acquire()
+        """
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
@@ -359,6 +396,10 @@ class RateLimiter(Limiter):
         """Report a processed attempt; after a full window without a 429, grow the rate.
 
         Each call grows the rate by at most one step, so an idle spell is no credit.
+
+        Example::
+
+            limiter.on_success()   # in the running event loop, after each 2xx
         """
         if self._adaptive:
             # `_now` rebinds to the running loop; the controller reads it only when a
@@ -372,6 +413,11 @@ class RateLimiter(Limiter):
         """Report a 429: shut the pause gate for ``retry_after`` seconds, cut the rate.
 
         ``retry_after=None`` (no Retry-After sent) leaves the gate as it is.
+
+        Example::
+
+            limiter.on_rate_limited(2.0)    # a 429 with "Retry-After: 2"
+            limiter.on_rate_limited(None)   # a 429 without one
         """
         check_retry_after(retry_after)
         now = self._now()
@@ -396,6 +442,12 @@ class RateLimiter(Limiter):
         The refill rate is ``(limit - remaining) / reset``: the requests used up, won back
         in ``reset`` seconds. It caps the rate's growth; pacing starts at it (or comes down
         to it) once the server's bucket is empty. A full bucket tells no rate.
+
+        Example::
+
+            limiter = RateLimiter()
+            limiter.on_quota(limit=60, remaining=0, reset=30.0)
+            limiter.statistics().rate   # 2.0: 60 requests won back in 30 s
         """
         if not self._adaptive or remaining > limit or not reset > 0:
             return
@@ -441,7 +493,12 @@ class RateLimiter(Limiter):
     # -- state -------------------------------------------------------------------------
 
     def statistics(self) -> LimiterStatistics:
-        """Return a snapshot of the limiter's state (safe from any thread)."""
+        """Return a snapshot of the limiter's state (safe from any thread).
+
+        Example::
+
+            RateLimiter(600, per=60).statistics().ceiling   # 10.0 (requests per second)
+        """
         loop = self._loop
         return LimiterStatistics(
             rate=self._pacer.rate,

@@ -184,6 +184,11 @@ class OutageGuard:
         through them, while in a real outage the probes rotate. A True return must be
         followed by `on_success` / `on_failure` with ``probe=True``, or `abandon_probe`
         if the attempt ends without an answer (cancelled).
+
+        Example::
+
+            probe = await guard.enter(rank=attempts_sent) if guard.is_open else False
+            response = await send(request)   # then guard.on_success(probe) or on_failure(probe)
         """
         loop = asyncio.get_running_loop()
         me = (rank, next(self._arrivals))
@@ -243,7 +248,12 @@ class OutageGuard:
                 listener.set_result(None)
 
     def on_success(self, probe: bool = False) -> None:
-        """Report an attempt that got an answer other than a 5xx (the server is up)."""
+        """Report an attempt that got an answer other than a 5xx (the server is up).
+
+        Example::
+
+            guard.on_success(probe)   # a 2xx, 4xx or 429: closes an open guard
+        """
         self._failures = 0
         self._seen_up = True
         if probe:
@@ -259,6 +269,11 @@ class OutageGuard:
         Only retries count towards opening the guard. A server that fails first attempts
         (a cold cache, a per-request fault) and takes the retries is up; in an outage the
         retries fail too, a moment later. First attempts neither count nor reset.
+
+        Example::
+
+            if response.status >= 500:   # or the attempt raised APIConnectionError
+                guard.on_failure(probe, retry=attempts_sent > 1)
         """
         if not (retry or probe):
             return
@@ -280,7 +295,13 @@ class OutageGuard:
             self._next_probe_at = 0.0
 
     def abandon_probe(self) -> None:
-        """The probe ended without an answer (cancelled): let the next one go."""
+        """The probe ended without an answer (cancelled): let the next one go.
+
+        Example::
+
+            if probe:   # the attempt was cancelled before its answer came
+                guard.abandon_probe()
+        """
         self._probing = False
         if self._open:
             self._notify()

@@ -375,10 +375,21 @@ class AsyncTransport(abc.ABC):
 
     @abc.abstractmethod
     async def send(self, request: TransportRequest) -> TransportResponse:
-        """Make one HTTP exchange."""
+        """Make one HTTP exchange.
+
+        Example::
+
+            request = TransportRequest(method="GET", url=image_url, headers={})
+            response = await transport.send(request)   # any status; no answer: APIConnectionError
+        """
 
     async def aclose(self) -> None:  # noqa: B027 - a transport may hold nothing
-        """Release what the transport holds (its pool). Safe to call twice."""
+        """Release what the transport holds (its pool). Safe to call twice.
+
+        Example::
+
+            await transport.aclose()   # `FluxClient.aclose` calls this for you
+        """
 
 
 class MockTransport(AsyncTransport):
@@ -407,7 +418,14 @@ class MockTransport(AsyncTransport):
         self._handler = handler
 
     async def send(self, request: TransportRequest) -> TransportResponse:
-        """Call the handler (awaiting it if it is async) and cap its body."""
+        """Call the handler (awaiting it if it is async) and cap its body.
+
+        Example::
+
+            transport = MockTransport(lambda request: TransportResponse(204))
+            request = TransportRequest(method="GET", url="http://test", headers={})
+            assert (await transport.send(request)).status == 204
+        """
         result = self._handler(request)
         if inspect.isawaitable(result):
             result = await result
@@ -622,7 +640,13 @@ class AiohttpTransport(AsyncTransport):
         return client_timeout
 
     async def send(self, request: TransportRequest) -> TransportResponse:
-        """POST (or any method) with aiohttp and read the answer under the request's cap."""
+        """POST (or any method) with aiohttp and read the answer under the request's cap.
+
+        Example::
+
+            request = TransportRequest(method="GET", url=image_url, headers={})
+            response = await transport.send(request)   # response.truncated: a 2xx over 4 MiB
+        """
         session = self._session
         # Checked on every request, not only when the pool is made: a pool whose loop has
         # closed must be replaced, and another live loop must not touch it.

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
+
+import pytest
 
 import flux_async
 
@@ -35,4 +39,32 @@ def test_every_public_name_is_in_the_api_reference() -> None:
         for name in flux_async.__all__
         if f"::: flux_async.{name}\n" not in page and f"`{name}`" not in page
     ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "module_name", ["flux_async", "flux_async.redis", "flux_async.testing", "flux_async.emulator"]
+)
+def test_every_public_member_has_an_example(module_name: str) -> None:
+    """Each public method and property a public class defines itself has a docstring
+    with an ``Example::``, as its class has (exception classes aside)."""
+    if module_name == "flux_async.redis":
+        pytest.importorskip("redis")  # the extra; without it the module cannot import
+    module = importlib.import_module(module_name)
+    missing = []
+    for name in module.__all__:
+        cls = getattr(module, name)
+        if not inspect.isclass(cls) or issubclass(cls, BaseException):
+            continue
+        for attr, value in vars(cls).items():
+            if attr.startswith("_"):
+                continue
+            if isinstance(value, property):
+                function = value.fget
+            elif callable(value) or isinstance(value, staticmethod | classmethod):
+                function = getattr(value, "__func__", value)
+            else:
+                continue  # a constant or field
+            if "Example" not in (inspect.getdoc(function) or ""):
+                missing.append(f"{module_name}.{name}.{attr}")
     assert missing == []

@@ -236,12 +236,23 @@ class RedisRateLimiter(Limiter):
 
     @property
     def settings(self) -> RedisLimiterSettings:
-        """The settings it was made with (rate in requests per second)."""
+        """The settings it was made with (rate in requests per second).
+
+        Example::
+
+            limiter = RedisRateLimiter.from_url("redis://:secret@redis:6379/0", rate=10, name="k")
+            limiter.settings.redis_url   # 'redis://redis:6379/0': never the password
+        """
         return self._config.settings
 
     @property
     def keys(self) -> tuple[str, str]:
-        """The Redis keys it uses: (state hash, leases sorted set), for ACLs and debugging."""
+        """The Redis keys it uses: (state hash, leases sorted set), for ACLs and debugging.
+
+        Example::
+
+            state, leases = limiter.keys   # 'flux-async:{<hash of name>}:state', '...:leases'
+        """
         return self._config.keys
 
     # -- the hot path ------------------------------------------------------------------
@@ -252,6 +263,10 @@ class RedisRateLimiter(Limiter):
 
         Raises `RedisLimiterError` when Redis fails while it waits and
         ``on_redis_error="fail"``.
+
+        Example::
+
+            await limiter.acquire()   # before every attempt, in every process sharing the name
         """
         loop = self._bind()
         task = asyncio.current_task()
@@ -274,7 +289,12 @@ class RedisRateLimiter(Limiter):
 
     def on_success(self) -> None:
         """Report a 2xx: give back the task's in-flight slot; after a calm window the
-        controller proposes a growth step to every process."""
+        controller proposes a growth step to every process.
+
+        Example::
+
+            limiter.on_success()   # after a 2xx
+        """
         loop = self._bind()
         self._state.count_success()
         self._inflight.release_current(loop)
@@ -286,7 +306,12 @@ class RedisRateLimiter(Limiter):
     def on_rate_limited(self, retry_after: float | None) -> None:
         """Report a 429: as `RateLimiter.on_rate_limited`, for every process sharing
         ``name`` (the pause goes to Redis at once; other processes see it on their next
-        booking, within the horizon)."""
+        booking, within the horizon).
+
+        Example::
+
+            limiter.on_rate_limited(5.0)   # a 429 with "Retry-After: 5"
+        """
         check_retry_after(retry_after)
         loop = self._bind()
         now = loop.time()
@@ -340,7 +365,12 @@ class RedisRateLimiter(Limiter):
     # -- state -------------------------------------------------------------------------
 
     def statistics(self) -> RedisLimiterStatistics:
-        """Return a snapshot (no Redis call; safe from any thread)."""
+        """Return a snapshot (no Redis call; safe from any thread).
+
+        Example::
+
+            limiter.statistics().mode   # "shared", or "local" while falling back
+        """
         loop = self._conn.loop
         counts = self._counts
         return RedisLimiterStatistics(
