@@ -39,7 +39,16 @@ import click
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ._batch import GENERATED, BatchDirectory, BatchError, Plan, Source, run_batch, thread_lines
+from ._batch import (
+    GENERATED,
+    BatchDirectory,
+    BatchError,
+    Plan,
+    Source,
+    effective_records,
+    run_batch,
+    thread_lines,
+)
 from ._client import ENV_API_KEY, ENV_BASE_URL, FluxClient, RequestFields
 from ._exceptions import APIStatusError, BatchStoppedError, ValidationError
 from ._fanout import (
@@ -1040,7 +1049,9 @@ def batch(
 
 
 def _clear_demo(ctx: click.Context, out: Path) -> None:
-    """Remove an earlier demo's output from ``out`` (only a demo's: never anything else)."""
+    """Remove an earlier demo's output from ``out``: its state, manifest and gallery, and
+    the images its manifest lists; never a file it did not write, and never while
+    another run holds the directory."""
     directory = BatchDirectory(root=out)
     try:
         state = directory.read_state()
@@ -1051,12 +1062,28 @@ def _clear_demo(ctx: click.Context, out: Path) -> None:
     if state.get("input") != _DEMO_INPUT:
         click.echo(f"Error: {out} holds another batch; pass the demo another --out", err=True)
         ctx.exit(_EXIT_USAGE)
-    for path in (directory.manifest, directory.gallery, directory.state):
-        path.unlink(missing_ok=True)
-    if directory.images.is_dir():
-        for image in directory.images.iterdir():
-            if image.suffix in (".png", ".jpg", ".webp") or image.name.endswith(".part"):
-                image.unlink()
+    try:
+        # Held while removing: a demo still running there keeps its files. Released
+        # before the batch claims the directory again (a second flock from this process
+        # would refuse itself); a demo starting in between is refused by that claim.
+        lock = directory.claim()
+    except BatchError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        ctx.exit(_EXIT_USAGE)
+    try:
+        images = directory.images
+        for record in effective_records(directory.manifest).values():
+            for name in record.get("files") or ():
+                # Only a name the demo gives (images/<file>): a manifest edited by hand
+                # cannot point the removal anywhere else.
+                path = out / str(name)
+                if path.parent == images and path.name != "..":
+                    path.unlink(missing_ok=True)
+        for path in (directory.manifest, directory.gallery, directory.state):
+            path.unlink(missing_ok=True)
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 @cli.command()

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from flux_async._batch import BatchDirectory
 from flux_async._cli import cli, sample_prompts
 from flux_async._models import FIELD_SPECS
 from flux_async.emulator import Emulator
@@ -318,6 +319,34 @@ async def test_demo_absorbs_429s_and_loses_nothing(tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
     assert [r["status"] for r in read_jsonl(out / "manifest.jsonl")].count("ok") == 5
     assert len(list((out / "images").iterdir())) == 5
+
+
+async def test_demo_removes_only_its_own_files_and_never_a_running_ones(
+    tmp_path: Path,
+) -> None:
+    """A second demo into the same --out keeps a file the demo did not write, and one
+    started while another run holds the directory exits 2 having removed nothing."""
+    out = tmp_path / "demo"
+    first = await run("demo", "--count", "3", "--out", str(out), "--no-progress")
+    assert first.exit_code == 0, first.output
+    mine = out / "images" / "mine.png"
+    mine.write_bytes(b"not the demo's")
+    before = sorted(p.name for p in (out / "images").iterdir())
+    lock = BatchDirectory(root=out).claim()  # as a running batch holds it
+    try:
+        refused = await run("demo", "--count", "3", "--out", str(out), "--no-progress")
+    finally:
+        assert lock is not None
+        lock.close()
+    assert refused.exit_code == 2, refused.output
+    assert "being written by another flux-async batch" in refused.output
+    assert sorted(p.name for p in (out / "images").iterdir()) == before
+    assert (out / "manifest.jsonl").is_file()
+    assert (out / "batch.json").is_file()
+    again = await run("demo", "--count", "3", "--out", str(out), "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert mine.read_bytes() == b"not the demo's"
+    assert sorted(p.name for p in (out / "images").iterdir()) == before
 
 
 async def test_sample_prompts_are_300_distinct() -> None:
