@@ -27,11 +27,14 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, BinaryIO, NoReturn
 
 import attrs
@@ -373,11 +376,37 @@ def _bad_value(ctx: click.Context, exc: ValidationError) -> NoReturn:
     ctx.exit(_EXIT_USAGE)
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM (``kill``, a service manager's stop, a container's) ends a run as
+    Ctrl-C does, so it writes its summary and its gallery and exits 130; by default it
+    would kill the process mid-run with neither."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (a test calling us from another)
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        # Whatever handles Ctrl-C now: asyncio.run's (cancels the run, once) or Python's.
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored (a job started in the background): stop all the same
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _execute(ctx: click.Context, job: _Job) -> float:
-    """Run ``job``; return its elapsed seconds, or exit 2 (bad value) or 130 (Ctrl-C)."""
+    """Run ``job``; return its elapsed seconds, or exit 2 (bad value) or 130 (Ctrl-C or
+    SIGTERM)."""
     started = time.perf_counter()
     try:
-        asyncio.run(_run(job))
+        with _terminate_as_interrupt():
+            asyncio.run(_run(job))
     except ValidationError as exc:
         # The only ValidationErrors that escape come from option values (a prompt's own
         # bad fields end that prompt instead), and they are raised before anything is sent.
@@ -869,7 +898,8 @@ def _execute_batch(ctx: click.Context, run: _BatchRun) -> tuple[float, bool]:
     try:
         # Before the first request: a directory that exists is one that resumes.
         plan.save_state()
-        asyncio.run(_run_batch(run))
+        with _terminate_as_interrupt():
+            asyncio.run(_run_batch(run))
     except ValidationError as exc:
         _bad_value(ctx, exc)
     except KeyboardInterrupt:

@@ -201,6 +201,41 @@ def test_sigkill_at_any_moment_then_a_rerun_finishes_the_batch(
     assert f"{killed_at} from earlier runs" in rerun.stderr
 
 
+def test_sigterm_ends_a_run_like_ctrl_c_and_a_rerun_finishes_it(
+    tmp_path: Path, emulator: EmulatorProcess
+) -> None:
+    """SIGTERM (kill, a service manager's stop) mid-run: exit 130 with the summary and
+    the gallery written; the rerun finishes every prompt once."""
+    prompts = write_prompts(tmp_path / "prompts.txt", 200)
+    out = tmp_path / "run"
+    args = (str(prompts), "--out", str(out), "--base-url", emulator.base_url, "--api-key", KEY)
+    args += ("--concurrency", str(CONCURRENCY), "--no-progress")
+    proc = subprocess.Popen(
+        batch_command(*args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    deadline = time.monotonic() + 30
+    path = out / "manifest.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") >= 20:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the batch ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "Interrupted:" in stderr
+    assert "rerun the same command to resume" in stderr
+    assert (out / "gallery.html").is_file()
+    assert all((out / ref).is_file() for ref in gallery_refs(out))
+    rerun = batch(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_all_saved(out, 200)
+
+
 def fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as answer:
         return answer.read()  # type: ignore[no-any-return]
