@@ -234,6 +234,7 @@ def _scan(
     build: BuildRequest,
     fields: Mapping[str, Any],
     records: Mapping[int, Mapping[str, Any]],
+    changed: str,
 ) -> _Scan:
     """Pass 1 over a file: every line checked, the fingerprint computed, nothing kept.
 
@@ -249,20 +250,67 @@ def _scan(
         request = _request(item, number, source.name, build, fields)
         canonical = _canonical(request)
         digest.update(canonical + b"\n")
-        _check_key(records, index, hashlib.sha256(canonical).hexdigest()[:16], source, number)
+        key = hashlib.sha256(canonical).hexdigest()[:16]
+        _check_key(records, index, key, request.prompt, changed, source, number)
         index += 1
     return _Scan(total=index, fingerprint=digest.hexdigest())
 
 
 def _check_key(
-    records: Mapping[int, Mapping[str, Any]], index: int, key: str, source: Source, number: int
+    records: Mapping[int, Mapping[str, Any]],
+    index: int,
+    key: str,
+    prompt: str,
+    changed: str,
+    source: Source,
+    number: int,
 ) -> None:
+    """`BatchError` when prompt ``index`` asks for something else than its record says:
+    another prompt, or the same one with other fields (``changed``: the options that
+    differ from the run that made the directory, as `_changed_options` says)."""
     record = records.get(index)
-    if record is not None and record.get("key") not in (None, key):
+    if record is None or record.get("key") in (None, key):
+        return
+    where = f"{source.name}:{number}: prompt #{index}"
+    if changed:
         raise BatchError(
-            f"{source.name}:{number}: prompt #{index} is not the one this directory was made "
-            f"from ({record.get('prompt')!r}): use another --out for another input"
+            f"{where} is not what this directory was made with: the options differ from "
+            f"the run that made it ({changed}); rerun with its options, or use another --out"
         )
+    if record.get("prompt") == prompt:
+        raise BatchError(
+            f"{where} has the text of the one this directory was made from but other "
+            "request fields (a JSONL field changed); restore them, or use another --out"
+        )
+    raise BatchError(
+        f"{where} is not the one this directory was made from ({record.get('prompt')!r}): "
+        "use another --out for another input"
+    )
+
+
+def _jsonable(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` as batch.json stores them (tuples as lists), for comparing runs."""
+    value = json.loads(json.dumps(dict(fields), default=str))
+    return value if isinstance(value, dict) else {}
+
+
+def _changed_options(state: Mapping[str, Any] | None, fields: Mapping[str, Any]) -> str:
+    """The request options of this run that differ from the run that made the directory
+    (``--aspect-ratio '1:1' then, '16:9' now``), or "" (none, or a directory made before
+    batch.json recorded them)."""
+    before = None if state is None else state.get("fields")
+    if not isinstance(before, dict):
+        return ""
+    now = _jsonable(fields)
+    return "; ".join(
+        f"--{name.replace('_', '-')} {_shown(before.get(name))} then, {_shown(now.get(name))} now"
+        for name in sorted(before.keys() | now.keys())
+        if before.get(name) != now.get(name)
+    )
+
+
+def _shown(value: object) -> str:
+    return "not given" if value is None else repr(value)
 
 
 async def thread_lines(opener: Callable[[], Iterable[bytes]]) -> AsyncIterator[bytes]:
@@ -487,13 +535,17 @@ class _ManifestWriter:
 
 
 def _read_input(
-    source: Source, build: BuildRequest, fields: Mapping[str, Any], records: Mapping[int, Any]
+    source: Source,
+    build: BuildRequest,
+    fields: Mapping[str, Any],
+    records: Mapping[int, Any],
+    changed: str,
 ) -> _Scan | None:
     """Pass 1 over a file input (None for stdin, checked as it is read instead)."""
     if source.streaming:
         return None
     try:
-        scan = _scan(source, build, fields, records)
+        scan = _scan(source, build, fields, records, changed)
     except OSError as exc:
         raise BatchError(f"cannot read {source.name}: {exc.strerror or exc}") from None
     if scan.total == 0:
@@ -502,12 +554,17 @@ def _read_input(
 
 
 def _check_made_from(
-    state: Mapping[str, Any] | None, scan: _Scan | None, source: Source, root: Path
+    state: Mapping[str, Any] | None, scan: _Scan | None, source: Source, root: Path, changed: str
 ) -> None:
     """Refuse a directory whose batch.json names another input than ``source``."""
     if state is None or scan is None:
         return
     made_from = state.get("fingerprint")
+    if made_from is not None and made_from != scan.fingerprint and changed:
+        raise BatchError(
+            f"{root} was made with other options ({changed}); rerun with its options, or "
+            "use another --out"
+        )
     if made_from is not None and made_from != scan.fingerprint:
         raise BatchError(
             f"{root} was made from another input ({state.get('input')}, "
@@ -575,6 +632,8 @@ class Plan:
     #: URLs it recorded (not sent again), and how many of them it saved.
     refetched: set[int] = field(default_factory=set)
     resumed: int = 0
+    #: The options that differ from the run that made the directory (`_changed_options`).
+    changed: str = ""
 
     @classmethod
     def prepare(
@@ -599,9 +658,10 @@ class Plan:
         if root.exists() and not root.is_dir():
             raise BatchError(f"--out {root} is a file, not a directory")
         state = directory.read_state()
+        changed = _changed_options(state, fields)
         records = effective_records(directory.manifest)
-        scan = _read_input(source, build, fields, records)
-        _check_made_from(state, scan, source, root)
+        scan = _read_input(source, build, fields, records, changed)
+        _check_made_from(state, scan, source, root, changed)
         lock = directory.claim()
         if state is not None:
             width = int(state.get("width", 6))
@@ -622,6 +682,7 @@ class Plan:
             done=directory.done(records),
             run=run,
             lock=lock,
+            changed=changed,
         )
 
     def save_state(self) -> None:
@@ -637,6 +698,7 @@ class Plan:
             "prompts": self.total,
             "fingerprint": self.fingerprint,
             "width": self.width,
+            "fields": _jsonable(self.fields),
             "runs": self.run,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -704,7 +766,10 @@ class Plan:
                     continue
                 request = _request(item, number, source.name, self.build, self.fields)
                 if source.streaming:
-                    _check_key(self.records, index, request_key(request), source, number)
+                    key = request_key(request)
+                    _check_key(
+                        self.records, index, key, request.prompt, self.changed, source, number
+                    )
             except BatchError as exc:
                 # Stdin is validated as read: the prompts before this line still finish.
                 self.input_error = exc

@@ -424,6 +424,15 @@ def test_another_input_is_refused_and_retry_failed_reruns_only_failures(
         assert refused.returncode == 2
         assert refused.stderr.startswith(f"Error: {out} was made from another input")
         assert len(refused.stderr.strip().splitlines()) == 1
+        # The same input with another option: the refusal names the option.
+        emu.reset()
+        changed = batch(*args, "--aspect-ratio", "16:9", "--user", "u-1")
+        assert changed.returncode == 2
+        [line] = changed.stderr.strip().splitlines()
+        assert "the options differ from the run that made it" in line
+        assert "--aspect-ratio not given then, '16:9' now" in line
+        assert "--user not given then, 'u-1' now" in line
+        assert emu.stats()["requests"] == 0
     finally:
         emu.close()
 
