@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,12 +461,34 @@ def _request_options(command: Callable[..., None]) -> Callable[..., None]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flux-async")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Bulk image generation against OpenAI-format /v1/images/generations APIs.
 
     Try `flux-async demo` (no key, no network), then
     `flux-async batch prompts.txt --out run1`.
     """
+    ctx.with_resource(_warnings_as_lines())
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Within: a warning (a key about to cross plain http://, say) is one ``Warning:``
+    line on stderr, not Python's file, line number and source line."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: IO[str] | None = None,
+        line: str | None = None,
+    ) -> None:
+        click.echo(f"Warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 #: A click command function, as the option decorators see it.
@@ -599,7 +622,10 @@ def _common_options(ctx: click.Context, options: dict[str, Any]) -> _Common:
     try:
         ImageRequest(prompt="check", **fields)
         if not emulator and base_url is not None:
-            FluxClient(base_url=base_url, api_key=_EMULATOR_KEY)
+            with warnings.catch_warnings():
+                # Only the URL's check: the client that runs warns about the key, once.
+                warnings.simplefilter("ignore")
+                FluxClient(base_url=base_url, api_key=_EMULATOR_KEY)
     except ValidationError as exc:
         _bad_value(ctx, exc)
     return _Common(

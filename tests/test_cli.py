@@ -296,6 +296,35 @@ async def test_generate_stops_on_a_wrong_key_and_says_why_on_stderr(
     assert f"{60 - refused} prompts were not sent" in line
 
 
+@pytest.mark.filterwarnings("default::UserWarning")
+async def test_a_warning_is_one_line_and_the_key_check_warns_once(tmp_path: Path) -> None:
+    """A key about to cross plain http:// to another host: one ``Warning:`` line, not
+    Python's warning format, and once, though the options' check makes a client too."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n", "utf-8")
+    result = await run(
+        "generate",
+        str(prompts),
+        "--api-key",
+        "sk-plain-http",
+        "--base-url",
+        "http://192.0.2.1:9/v1",  # TEST-NET-1: never answers
+        "--deadline",
+        "0.2",
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        env={"NO_PROXY": "*", "no_proxy": "*"},
+    )
+    warned = [line for line in result.stderr.splitlines() if "clear text" in line]
+    assert warned == [
+        "Warning: FluxClient sends credentials to 192.0.2.1 over plain http://: the API key "
+        "would cross the network in clear text. Use an https:// base_url (plain http is "
+        "fine for a server on this machine: localhost, 127.0.0.1, ::1)."
+    ]
+    assert "UserWarning" not in result.stderr
+    assert "sk-plain-http" not in result.output
+
+
 async def test_demo_absorbs_429s_and_loses_nothing(tmp_path: Path) -> None:
     """demo (shortened with the hidden --count): a batch directory with every image saved,
     none lost, the bar shown, the gallery's path last; a second demo replaces the first."""
