@@ -373,6 +373,9 @@ def _bad_value(ctx: click.Context, exc: ValidationError) -> NoReturn:
     option = "--" + exc.field.split("[")[0].replace("_", "-")
     # The library's wording is for Python callers; an option is omitted by not passing it.
     allowed = exc.allowed.removesuffix(" (or None to omit it)")
+    allowed = allowed.replace("aspect_ratio=None", "--aspect-ratio none")
+    if allowed.startswith("None: "):  # the library's None is the option's none
+        allowed = "none" + allowed.removeprefix("None")
     click.echo(f"Error: {option} {exc.value!r} is not allowed: {allowed}", err=True)
     ctx.exit(_EXIT_USAGE)
 
@@ -427,6 +430,10 @@ def _request_fields(options: dict[str, Any]) -> RequestFields:
     """The request options that were given; the others keep `ImageRequest`'s defaults."""
     # A repeatable option (--input-image) that was not given is an empty tuple.
     fields: RequestFields = {k: v for k, v in options.items() if v is not None and v != ()}  # type: ignore[assignment]
+    if str(fields.get("aspect_ratio", "")).lower() == "none":
+        # The library's aspect_ratio=None: send none (a server that takes none, or a size
+        # with none of the nine ratios).
+        fields["aspect_ratio"] = None
     return fields
 
 
@@ -434,6 +441,8 @@ def _option_help(name: str) -> str:
     spec = FIELD_SPECS[name]
     if spec.choices is None:
         return spec.help + "."
+    if name == "aspect_ratio":
+        return f"{spec.help}. One of: {', '.join(spec.choices)}; or none to send none."
     return f"{spec.help}. One of: {', '.join(spec.choices)}."
 
 

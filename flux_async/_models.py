@@ -3,11 +3,12 @@
 The contract's prose is garbled in places; it is read this way:
 ``prompt`` 1-1000 characters, ``aspect_ratio`` one of nine ratios (when the caller gives
 none: the one ``size`` implies, or ``1:1`` without a ``size``; omitted when the caller
-passes ``None``), ``n`` 1-10 per HTTP request (a larger ``n`` is split into several
-requests), ``size`` any ``WxH``, ``quality`` standard/hd, ``response_format``
-url/b64_json, ``style`` vivid/natural. "A prompt and/or an input image": an input image
-is an http(s) URL that OpenAI-format gateways for kontext take inside the prompt, so
-``input_images`` are sent there and count against its 1,000 characters.
+passes ``None``, which a ``size`` implying none of the nine needs), ``n`` 1-10 per HTTP
+request (a larger ``n`` is split into several requests), ``size`` any ``WxH``,
+``quality`` standard/hd, ``response_format`` url/b64_json, ``style`` vivid/natural.
+"A prompt and/or an input image": an input image is an http(s) URL that OpenAI-format
+gateways for kontext take inside the prompt, so ``input_images`` are sent there and
+count against its 1,000 characters.
 
 Each request field is declared once, as an `ImageRequest` attribute carrying a
 `FieldSpec`; the JSON body, `FIELD_SPECS`, the command line's options and the emulator's
@@ -377,10 +378,10 @@ class ImageRequest:
 
     ``aspect_ratio`` is required by this API. When the caller gives none it is ``"1:1"``,
     or, with a ``size``, the ratio that size has (``1792x1024`` sends ``16:9``; a size
-    matching none of the nine sends no ratio). Pass ``None`` to omit it for servers that
-    reject it. A ``size`` and an ``aspect_ratio`` that disagree are a `ValidationError`;
-    they agree when width/height is within 3 % of the ratio (1792x1024 is 1.75, 16:9 is
-    1.78).
+    matching none of the nine is a `ValidationError`, since the request would be refused).
+    Pass ``None`` to omit it for servers that reject it (a size is then sent alone). A
+    ``size`` and an ``aspect_ratio`` that disagree are a `ValidationError`; they agree
+    when width/height is within 3 % of the ratio (1792x1024 is 1.75, 16:9 is 1.78).
 
     ``input_images`` are http(s) URLs of images to edit (kontext models). OpenAI-format
     gateways take them inside the prompt, so that is where they are sent: after the
@@ -453,6 +454,17 @@ class ImageRequest:
         size = self.size
         if ratio is _UNSET:
             ratio = DEFAULT_ASPECT_RATIO if size is None else _ratio_of_size(size)
+            if ratio is None:
+                # The API requires aspect_ratio, and this size implies none of the nine:
+                # sent without one, every such request would come back a 400.
+                raise ValidationError(
+                    "size",
+                    size,
+                    f"a size whose width/height is within 3 % of one of the aspect ratios "
+                    f"{', '.join(ASPECT_RATIOS)} (this API requires an aspect_ratio, and "
+                    "this size has none); or pass aspect_ratio=None to send the size alone, "
+                    "to a server that takes no aspect_ratio",
+                )
             _set(self, "aspect_ratio", ratio)
             _set(self, "_ratio_implied", True)
         elif size is not None and ratio is not None and _ratio_of_size(size) != ratio:
@@ -462,8 +474,8 @@ class ImageRequest:
                 ratio,
                 f"the ratio of size={size!r}, {implied!r} (within 3 %); or leave aspect_ratio out"
                 if implied
-                else f"none: size={size!r} has none of the nine ratios (within 3 %); "
-                "leave aspect_ratio out",
+                else f"None: size={size!r} has none of the nine ratios (within 3 %), so "
+                "only a server that takes no aspect_ratio can take it",
             )
 
     def _evolve(self, fields: Mapping[str, Any]) -> ImageRequest:

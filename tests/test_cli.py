@@ -172,7 +172,9 @@ async def test_generate_help_has_an_option_per_request_field() -> None:
         option = "--" + name.replace("_", "-")
         assert f"{option} {'INTEGER' if spec.type is int else 'TEXT'} {spec.help}" in text
         if spec.choices:
-            assert "One of: " + ", ".join(spec.choices) + "." in text
+            # aspect_ratio also takes none (send none), as its help says.
+            end = "; or none to send none." if name == "aspect_ratio" else "."
+            assert "One of: " + ", ".join(spec.choices) + end in text
     assert "-n, --n INTEGER" in text
 
 
@@ -220,6 +222,25 @@ async def test_size_contradicting_aspect_ratio_is_a_usage_error(
         "(within 3 %); or leave aspect_ratio out"
     ]
     assert server.stats.requests == 0
+
+
+async def test_a_size_with_no_ratio_needs_aspect_ratio_none(
+    tmp_path: Path, server: Emulator
+) -> None:
+    """--size 1024x512 (none of the nine ratios): exit 2 saying to pass --aspect-ratio
+    none, nothing sent; with it, the size goes alone (to a server that takes that)."""
+    args = ["--size", "1024x512", "--base-url", server.base_url, "--api-key", KEY]
+    refused = await run("generate", *args, input="a fox\n")
+    assert refused.exit_code == 2
+    [line] = refused.output.strip().splitlines()
+    assert line.startswith("Error: --size '1024x512' is not allowed: ")
+    assert "or pass --aspect-ratio none to send the size alone" in line
+    assert server.stats.requests == 0
+    sent = await run("generate", *args, "--aspect-ratio", "none", input="a fox\n")
+    assert sent.exit_code == 1  # this emulator requires aspect_ratio, like the API
+    [seen] = server.requests
+    assert "aspect_ratio" not in seen.body
+    assert seen.body["size"] == "1024x512"
 
 
 async def test_conflicting_rate_limits_are_a_usage_error() -> None:

@@ -115,7 +115,7 @@ _UNSET = object()  # "not passed" in the table below
         (_UNSET, "1024x1792", "9:16"),
         (_UNSET, "512x512", "1:1"),
         (_UNSET, "1024x1524", "2:3"),  # the contract's commented-out example
-        (_UNSET, "1000x300", None),  # no ratio fits: only the size is sent
+        (None, "1000x300", None),  # no ratio fits: only with None, the size alone
         ("16:9", "1792x1024", "16:9"),  # both given and agreeing
         ("1:1", "1024x1024", "1:1"),
         (None, "1792x1024", None),  # None still means "omit it"
@@ -138,6 +138,20 @@ def test_aspect_ratio_follows_size_unless_given(
     assert body.get("size") == size
     assert json.loads(req.to_bytes()) == body
     assert list(json.loads(req.to_bytes())) == list(body)
+
+
+def test_a_size_with_none_of_the_ratios_needs_aspect_ratio_none() -> None:
+    """The API requires aspect_ratio: a size implying none of the nine, without one, is
+    refused before sending, saying what to pass."""
+    with pytest.raises(ValidationError) as info:
+        ImageRequest(prompt="x", size="1000x300")
+    assert info.value.field == "size"
+    assert info.value.value == "1000x300"
+    assert "21:9, 16:9, 4:3, 3:2, 1:1, 2:3, 3:4, 9:16, 9:21" in str(info.value)
+    assert "aspect_ratio=None" in str(info.value)
+    base = ImageRequest(prompt="x")
+    with pytest.raises(ValidationError, match="size='1000x300'"):
+        attrs.evolve(base, size="1000x300")
 
 
 @pytest.mark.parametrize(
