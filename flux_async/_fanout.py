@@ -1,11 +1,13 @@
 """The fan-out engine behind `FluxClient.iter_generate` and `FluxClient.gather_generate`.
 
-Shape: a fixed pool of worker tasks pulls prompts one at a time from the caller's
-iterable (sync or async), so memory is O(concurrency) however many prompts there are:
-no task or coroutine exists for a prompt before a worker takes it. Every HTTP attempt
-takes a concurrency slot only while it is on the wire; a prompt sleeping in backoff
-holds no slot, and the pool has more workers than slots so that sleepers do not starve
-the wire. Results go to a bounded queue, which is the back-pressure on a slow consumer.
+Shape: a pool of worker tasks pulls prompts one at a time from the caller's iterable
+(sync or async), so memory is O(concurrency) however many prompts there are: no task or
+coroutine exists for a prompt before a worker takes it. The pool grows with the prompts
+taken (`Workers`), so a ``concurrency`` far beyond the input costs nothing. Every HTTP
+attempt takes a concurrency slot only while it is on the wire; a prompt sleeping in
+backoff holds no slot, and the pool has more workers than slots so that sleepers do not
+starve the wire. Results go to a bounded queue, which is the back-pressure on a slow
+consumer.
 
 Nothing is dropped: every prompt taken from the input yields exactly one
 `GenerationResult`, a response or the error that ended it. Nothing outlives the
@@ -291,8 +293,14 @@ class _Engine:
     def _on_backoff(self, delta: int) -> None:
         """A worker goes to sleep in backoff (+1) or wakes up (-1): see `Workers`."""
         self._workers.sleeping += delta
-        if delta > 0 and not self._closed and not self._feed.exhausted and not self._expired:
-            self._workers.add_stand_in()
+        if delta > 0:
+            self._add_worker()
+
+    def _add_worker(self) -> None:
+        """One more worker, if the pool is short of ``concurrency`` awake (`Workers.add`)
+        and more prompts may come."""
+        if not self._closed and not self._feed.exhausted and not self._expired:
+            self._workers.add()
 
     async def _worker(self) -> None:
         feed = self._feed
@@ -302,10 +310,13 @@ class _Engine:
         sink = delivery.sink
         fail_fast = self._settings.fail_fast
         try:
-            while not feed.exhausted and not self._expired:
-                taken = await feed.take()
-                if taken is None:
-                    break
+            # The first prompt is taken outside the loop: with it, this worker starts the
+            # next one, so the pool grows with the prompts actually taken, never ahead of
+            # them, at no cost per request.
+            taken = None if feed.exhausted or self._expired else await feed.take()
+            if taken is not None:
+                self._add_worker()
+            while taken is not None:
                 result = await self._process(*taken)
                 if sink is None:
                     assert queue is not None
@@ -317,6 +328,9 @@ class _Engine:
                         break
                 if workers.surplus():
                     break  # a sleeper woke up: this worker was its stand-in
+                if feed.exhausted or self._expired:
+                    break
+                taken = await feed.take()
         except Exception as exc:
             # Only the caller's own iterable can get here (_process captures the rest):
             # its error is the caller's to see, raised from the iteration.

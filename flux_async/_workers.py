@@ -1,5 +1,5 @@
-"""How many worker tasks a fan-out runs: one per concurrency slot, plus stand-ins while
-workers sleep in backoff (``docs/design.md``, "The fan-out").
+"""How many worker tasks a fan-out runs: one per concurrency slot, started as prompts
+come, plus stand-ins while workers sleep in backoff (``docs/design.md``, "The fan-out").
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ class Workers:
     """The worker tasks of one fan-out.
 
     One worker per slot: in the common case no worker ever waits for a slot, so a
-    request costs no hand-over between tasks. While workers sleep in backoff,
-    `add_stand_in` puts others on the wire, up to ``limit`` tasks in all; a worker that
-    finds itself `surplus` (a sleeper woke up) retires after its prompt.
+    request costs no hand-over between tasks. The pool grows with the input, not ahead of
+    it: `start` starts one worker, and each worker calls `add` once it has taken its first
+    prompt, so that the next one waits for the next prompt. A fan-out of 5 prompts runs
+    at most 6 workers whatever its ``concurrency`` (a million workers started up front,
+    each to find the input empty, took 20 s and 1.4 GB). While workers sleep in backoff,
+    `add` puts stand-ins on the wire, up to ``limit`` tasks in all; a worker that finds
+    itself `surplus` (a sleeper woke up) retires after its prompt.
 
     Example::
 
         workers = Workers(worker, concurrency=16, limit=64, on_start=lambda: None)
-        workers.start(asyncio.get_running_loop())
+        workers.start(asyncio.get_running_loop())  # the worker calls workers.add()
         await workers.wait()
     """
 
@@ -46,10 +50,9 @@ class Workers:
         self.sleeping = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start one worker per slot in ``loop``."""
+        """Start the first worker in ``loop``; the others are started by `add`."""
         self._loop = loop
-        for _ in range(self._concurrency):
-            self._spawn()
+        self._spawn()
 
     def _spawn(self) -> None:
         assert self._loop is not None
@@ -58,9 +61,10 @@ class Workers:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def add_stand_in(self) -> None:
-        """A worker went to sleep: add one, if fewer than ``concurrency`` are awake and
-        the pool has room."""
+    def add(self) -> None:
+        """Start one more worker, if fewer than ``concurrency`` are awake and the pool has
+        room: when a worker has taken its first prompt (the next prompt gets a worker
+        waiting for it), or gone to sleep in backoff (a stand-in for it)."""
         awake = len(self.tasks) - self.sleeping
         if awake < self._concurrency and len(self.tasks) < self.limit:
             self._spawn()

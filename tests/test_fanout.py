@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any
 
 import pytest
 
@@ -17,9 +19,12 @@ from flux_async import (
     InternalServerError,
     Limiter,
     LimiterStatistics,
+    MockTransport,
     RateLimiter,
     RetryBudget,
     RetryPolicy,
+    TransportRequest,
+    TransportResponse,
     ValidationError,
 )
 from flux_async._fanout import FanoutStatistics
@@ -423,3 +428,93 @@ async def test_gather_results_go_when_the_caller_drops_them(client: FluxClient) 
         assert [ref() for ref in freed] == [None] * 20
     finally:
         gc.enable()
+
+
+@contextlib.contextmanager
+def _counting_workers(at_most: int) -> Iterator[list[int]]:
+    """Count the fan-out worker tasks started in the running loop (``counted[0]``); the
+    one past ``at_most`` fails the test at once, instead of letting a million start."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    counted = [0]
+
+    def factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+    ) -> asyncio.Future[Any]:
+        if getattr(coro, "__qualname__", "") == "_Engine._worker":
+            counted[0] += 1
+            if counted[0] > at_most:
+                coro.close()
+                raise AssertionError(f"more than {at_most} fan-out workers were started")
+        if previous is not None:
+            return previous(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)
+    try:
+        yield counted
+    finally:
+        loop.set_task_factory(previous)
+
+
+class _Held:
+    """A MockTransport handler that holds every request until ``wanted`` are in at once
+    (so a fan-out that never has that many on the wire fails on its timeout), and counts
+    the most in at once."""
+
+    def __init__(self, wanted: int) -> None:
+        self.wanted = wanted
+        self.inside = 0
+        self.most = 0
+        self.all_in = asyncio.Event()
+
+    async def __call__(self, request: TransportRequest) -> TransportResponse:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        if self.inside >= self.wanted:
+            self.all_in.set()
+        await self.all_in.wait()
+        self.inside -= 1
+        return TransportResponse(200, json={"created": 1, "data": [{"url": "https://x/1.png"}]})
+
+
+@pytest.mark.parametrize("mode", ["gather", "iter", "async input"])
+async def test_a_huge_concurrency_costs_only_the_prompts_given(mode: str) -> None:
+    """concurrency=1_000_000 over 5 prompts (a typo's extra zeros) starts a worker per
+    prompt taken (plus one that finds the input ended), not one per slot: a million
+    workers, each to find the input empty, took 20 s and 1.4 GB. The concurrency is
+    not capped either: all 5 prompts are on the wire at once."""
+    prompts = [f"p{i}" for i in range(5)]
+    held = _Held(wanted=len(prompts))
+
+    async def async_prompts() -> AsyncIterator[str]:
+        for prompt in prompts:
+            yield prompt
+
+    async with FluxClient(api_key="sk-test", transport=MockTransport(held)) as client:
+        with _counting_workers(at_most=50) as started:
+            async with asyncio.timeout(30):  # a guard against a hang, not a measurement
+                if mode == "gather":
+                    results = await client.gather_generate(prompts, concurrency=1_000_000)
+                else:
+                    source = prompts if mode == "iter" else async_prompts()
+                    fanout = client.iter_generate(source, concurrency=1_000_000)
+                    async with fanout:
+                        results = [result async for result in fanout]
+    assert sorted(r.index for r in results) == [0, 1, 2, 3, 4]
+    assert all(r.ok for r in results)
+    assert held.most == len(prompts)
+    assert len(prompts) <= started[0] <= len(prompts) + 1
+
+
+async def test_workers_fill_the_concurrency_as_prompts_come() -> None:
+    """Started as prompts come, the workers still put ``concurrency`` prompts on the wire
+    at once, and no more workers than that run without a backoff."""
+    held = _Held(wanted=8)
+    async with FluxClient(api_key="sk-test", transport=MockTransport(held)) as client:
+        with _counting_workers(at_most=50) as started:
+            async with asyncio.timeout(30):  # a guard against a hang, not a measurement
+                results = await client.gather_generate([f"p{i}" for i in range(40)], concurrency=8)
+    assert all(r.ok for r in results)
+    assert held.most == 8
+    assert started[0] == 8
