@@ -863,8 +863,13 @@ async def _run_batch(run: _BatchRun) -> None:
 def _stopped_line(stopped: BaseException, not_sent: int, then: str) -> str:
     """One line for a fan-out stopped on a fatal answer, with the library's hint."""
     notes = " ".join(getattr(stopped, "__notes__", ()))
+    why = (
+        "on an answer every prompt would get"
+        if isinstance(stopped, APIStatusError)
+        else "as its server has never answered"
+    )
     return (
-        f"Error: the batch stopped on an answer every prompt would get: "
+        f"Error: the batch stopped {why}: "
         f"{type(stopped).__name__}: {stopped}{' ' + notes if notes else ''} "
         f"{not_sent} prompts were not sent; {then}"
     )

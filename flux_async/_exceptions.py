@@ -202,8 +202,10 @@ class BatchStoppedError(FluxError):
     A fan-out stops when the server answers with a status in ``stop_on`` (by default
     401, 403 and 404: a wrong key, a key without access, a wrong ``base_url``), which
     every other prompt would get too. The prompts after it end with this error instead
-    of being sent; ``reason`` is the answer that stopped the batch (with its hint, such
-    as "Check base_url ..."), ``attempts`` what this prompt had sent before (0 for most).
+    of being sent; so do they after a prompt could not reach a server that has never
+    answered (a wrong host or port). ``reason`` is the error that stopped the batch (with
+    its hint, such as "Check base_url ..."), ``attempts`` what this prompt had sent
+    before (0 for most).
 
     Example::
 

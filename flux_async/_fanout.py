@@ -27,7 +27,7 @@ from types import TracebackType
 
 from ._attempt import CallContext, run_request
 from ._counters import Counters
-from ._exceptions import APIStatusError, DeadlineExceededError, FluxError
+from ._exceptions import APIError, DeadlineExceededError, FluxError
 from ._fanout_results import END, Delivery, FanoutStatistics, GenerationResult
 from ._fanout_save import Saver
 from ._fanout_settings import DEFAULT_CONCURRENCY, DEFAULT_STOP_ON, FanoutSettings
@@ -97,8 +97,9 @@ class Fanout:
         return self._engine.statistics()
 
     @property
-    def stopped_by(self) -> APIStatusError | None:
-        """The answer that stopped this fan-out early (``stop_on``), or None.
+    def stopped_by(self) -> APIError | None:
+        """The error that stopped this fan-out early, or None: a ``stop_on`` answer, or a
+        connection error from a server that has never answered (a wrong host or port).
 
         Example::
 
@@ -178,7 +179,7 @@ class _Engine:
         concurrency = settings.concurrency
         self._slot = ConcurrencyLimit(concurrency)
         self._counters = Counters(self._on_backoff)
-        self._stop = Stop(settings.stop_on, self._counters)
+        self._stop = Stop(settings.stop_on, self._counters, ctx.outage)
         self._saver = None if settings.save is None else Saver(settings.save)
         self._delivery = Delivery()
         # Stand-ins keep the wire full while workers sleep in backoff. When saving, none:
@@ -198,7 +199,7 @@ class _Engine:
         self._closed = False
 
     @property
-    def stopped_by(self) -> APIStatusError | None:
+    def stopped_by(self) -> APIError | None:
         return self._stop.stopped_by
 
     def statistics(self) -> FanoutStatistics:

@@ -174,6 +174,18 @@ class OutageGuard:
         """
         return self._open
 
+    @property
+    def answered(self) -> bool:
+        """True once the server has answered this client with anything but a 5xx. A
+        fan-out whose prompt cannot reach a server that never has answered stops there
+        (a wrong host or port, more likely than an outage at the very start).
+
+        Example::
+
+            if not client.outage.answered: print("nothing has answered this client yet")
+        """
+        return self._seen_up
+
     async def enter(self, rank: int = 0) -> bool:
         """Wait while the guard is open; True when this attempt goes as the probe.
 
@@ -198,13 +210,15 @@ class OutageGuard:
                 now = loop.time()
                 held_for = now - self._opened_at
                 limit = self._max_outage if self._seen_up else _MAX_OUTAGE_NEVER_SEEN
-                if held_for >= limit:
+                if held_for >= limit - 1e-6:  # (the same float noise as below)
                     return False
                 if self._probing or self._next_in_line() is not me:
                     await self._changed(loop, limit - held_for)
                     continue
                 delay = min(self._next_probe_at - now, limit - held_for)
-                if delay > 0:
+                # Under a microsecond is the float noise of `_next_probe_at - now`: a loop
+                # whose clock ticks in whole microseconds would never get past such a wait.
+                if delay > 1e-6:
                     await self._changed(loop, delay)
                     continue
                 self._probing = True

@@ -513,6 +513,56 @@ async def test_a_wrong_base_url_stops_with_the_base_url_hint(emulator: Emulator)
     assert "Check base_url" in str(results[-1].error)
 
 
+def _refusing(answer_first: int = 0) -> tuple[MockTransport, list[int]]:
+    """A transport whose server answers the first ``answer_first`` requests, then is
+    never reached again (every attempt a connection error); it counts the attempts."""
+    sent = [0]
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        sent[0] += 1
+        if sent[0] <= answer_first:
+            return answer("https://cdn.example/x.png")
+        raise APIConnectionError("Cannot connect to host api.example:443 [refused]")
+
+    return MockTransport(handler), sent
+
+
+@pytest.mark.looptime
+async def test_a_server_that_never_answered_stops_the_batch_with_the_hint() -> None:
+    """A wrong host or port (default retries): the batch stops after its first prompts
+    fail, the rest unsent, the error saying to check base_url, instead of each of 200
+    prompts spending its own retries."""
+    transport, sent = _refusing()
+    async with FluxClient(api_key=API_KEY, base_url=API, transport=transport) as client:
+        results = await client.gather_generate([f"p{i}" for i in range(200)], concurrency=8)
+    failed = [r for r in results if isinstance(r.error, APIConnectionError)]
+    stopped = [r for r in results if isinstance(r.error, BatchStoppedError)]
+    assert 1 <= len(failed) <= 8
+    assert len(failed) + len(stopped) == 200
+    # At most 4 x concurrency prompts under way (stand-ins for those in backoff), each
+    # with at most max_attempts (4); without the stop: 200 x 4.
+    assert sent[0] <= 4 * 8 * 4
+    assert "Check base_url: nothing has answered this client there" in str(stopped[-1].error)
+    assert "has never answered" in str(stopped[-1].error)
+
+
+@pytest.mark.looptime
+async def test_an_outage_after_answers_or_with_stop_on_off_stops_nothing() -> None:
+    """A server that has answered once is down, not wrong: every prompt spends its own
+    retries (no stop); with stop_on=() a server never reached does not stop it either."""
+    transport, _ = _refusing(answer_first=1)
+    async with FluxClient(api_key=API_KEY, base_url=API, transport=transport) as client:
+        results = await client.gather_generate([f"p{i}" for i in range(12)], concurrency=4)
+    assert results[0].ok
+    assert all(isinstance(r.error, APIConnectionError) for r in results[1:])
+    transport, _ = _refusing()
+    async with FluxClient(api_key=API_KEY, base_url=API, transport=transport) as client:
+        results = await client.gather_generate(
+            [f"p{i}" for i in range(12)], concurrency=4, stop_on=()
+        )
+    assert all(isinstance(r.error, APIConnectionError) for r in results)
+
+
 async def test_stop_on_can_be_turned_off_and_a_400_never_stops(emulator: Emulator) -> None:
     """stop_on=() sends every prompt; one prompt's 400 leaves the others alone."""
     async with FluxClient(
