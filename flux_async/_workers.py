@@ -30,7 +30,16 @@ class Workers:
         await workers.wait()
     """
 
-    __slots__ = ("_concurrency", "_loop", "_on_start", "_work", "limit", "sleeping", "tasks")
+    __slots__ = (
+        "_concurrency",
+        "_loop",
+        "_on_start",
+        "_retiring",
+        "_work",
+        "limit",
+        "sleeping",
+        "tasks",
+    )
 
     def __init__(
         self,
@@ -46,6 +55,8 @@ class Workers:
         self._on_start = on_start
         self._loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        # Workers that `surplus` let go, still in `tasks` until their task has ended.
+        self._retiring: set[asyncio.Task[Any]] = set()
         #: Workers in a backoff sleep.
         self.sleeping = 0
 
@@ -59,19 +70,34 @@ class Workers:
         self._on_start()
         task = self._loop.create_task(self._work())
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._retiring.discard(task)
+
+    def _awake(self) -> int:
+        return len(self.tasks) - len(self._retiring) - self.sleeping
 
     def add(self) -> None:
         """Start one more worker, if fewer than ``concurrency`` are awake and the pool has
         room: when a worker has taken its first prompt (the next prompt gets a worker
         waiting for it), or gone to sleep in backoff (a stand-in for it)."""
-        awake = len(self.tasks) - self.sleeping
-        if awake < self._concurrency and len(self.tasks) < self.limit:
+        if self._awake() < self._concurrency and len(self.tasks) < self.limit:
             self._spawn()
 
     def surplus(self) -> bool:
-        """More workers are awake than slots: the caller was a stand-in and may retire."""
-        return len(self.tasks) - self.sleeping > self._concurrency
+        """More workers are awake than slots: the calling worker was a stand-in and must
+        retire (True), and is counted out at once. A task leaves `tasks` only once it
+        has ended, a turn of the loop later: counted until then, workers finishing in
+        the same turn (a whole wave let go by the outage guard, a batch that stopped)
+        each saw the same surplus and all retired, leaving prompts with no worker."""
+        if self._awake() <= self._concurrency:
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            self._retiring.add(task)
+        return True
 
     def cancel(self, spare: asyncio.Task[Any] | None = None) -> None:
         """Cancel every worker but ``spare``."""

@@ -28,6 +28,7 @@ from flux_async import (
     ValidationError,
 )
 from flux_async._fanout import FanoutStatistics
+from flux_async._workers import Workers
 from flux_async.emulator import Emulator, Fault, FaultRates
 
 from .conftest import API_KEY
@@ -518,3 +519,27 @@ async def test_workers_fill_the_concurrency_as_prompts_come() -> None:
     assert all(r.ok for r in results)
     assert held.most == 8
     assert started[0] == 8
+
+
+async def test_stand_ins_finishing_in_the_same_turn_retire_only_the_surplus() -> None:
+    """Six workers for two slots wake together (an outage guard letting its wave go, a
+    batch that stopped) and ask `surplus` in one turn of the loop: four retire, two stay.
+    A worker's task leaves the pool only once it has ended, and counted until then all
+    six retired, leaving the rest of the input with no worker."""
+    go = asyncio.Event()
+    answers: list[bool] = []
+
+    async def work() -> None:
+        await go.wait()
+        answers.append(workers.surplus())
+
+    workers = Workers(work, concurrency=2, limit=8, on_start=lambda: None)
+    workers.start(asyncio.get_running_loop())
+    workers.sleeping = 4  # as if four were in backoff: room for four stand-ins
+    for _ in range(5):
+        workers.add()
+    assert len(workers.tasks) == 6
+    workers.sleeping = 0  # they all woke up
+    go.set()
+    await workers.wait()
+    assert sorted(answers) == [False, False, True, True, True, True]
