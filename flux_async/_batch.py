@@ -64,6 +64,7 @@ from ._exceptions import (
     ImageDownloadError,
     ImageSaveError,
     ValidationError,
+    short_repr,
 )
 from ._fanout import BuildRequest, Fanout, GenerationResult, to_request
 from ._models import ImageRequest, ImagesResponse
@@ -220,7 +221,23 @@ def _request(item: Any, number: int, where: str, build: BuildRequest, fields: An
     try:
         return to_request(build, item, fields)
     except ValidationError as exc:
-        raise BatchError(f"{where}:{number}: {exc}") from None
+        problem = _as_json(exc, item) if isinstance(item, dict) else str(exc)
+        raise BatchError(f"{where}:{number}: {problem}") from None
+
+
+def _as_json(exc: ValidationError, item: Mapping[str, Any]) -> str:
+    """A JSONL line's bad field in the line's own terms (``"n": true``, ``null``), not
+    Python's (``n=True``, ``None``)."""
+    allowed = exc.allowed.replace("or None to omit it", "or null to omit it")
+    if exc.value is None and exc.field not in item:
+        return f'"{exc.field}" is missing: {allowed}'
+    try:
+        value = json.dumps(exc.value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        value = short_repr(exc.value)
+    if len(value) > 80:
+        value = value[:77] + "..."
+    return f'"{exc.field}": {value} is not allowed: {allowed}'
 
 
 @dataclass(frozen=True, kw_only=True)

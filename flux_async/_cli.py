@@ -900,7 +900,9 @@ def _batch_summary(plan: Plan, elapsed: float) -> tuple[str, bool]:
         1 for r in records.values() if r.get("run") == plan.run and r.get("status") != GENERATED
     )
     earlier = len(plan.done)
-    total = plan.total if plan.total is not None else plan.read
+    # Stdin's size is what was read, or what earlier runs recorded if this run read less
+    # (a line it refused): never fewer prompts than are ok.
+    total = plan.total if plan.total is not None else max(plan.read, len(records))
     pending = max(0, total - ok - failed - unsaved)
     stats = None if plan.fanout is None else plan.fanout.statistics()
     rate = done / elapsed if elapsed > 0 else 0.0
@@ -969,6 +971,10 @@ def _finish_batch(ctx: click.Context, run: _BatchRun, elapsed: float, interrupte
         click.echo(stop, err=True)
     if plan.input_error is not None:
         click.echo(f"Error: {plan.input_error}; later lines were not read", err=True)
+        ctx.exit(_EXIT_USAGE)
+    if plan.source.streaming and plan.read == 0 and not interrupted:
+        # As a file with no prompt is refused (exit 2) before anything is sent.
+        click.echo(f"Error: {plan.source.name} held no prompt (only blank or # lines)", err=True)
         ctx.exit(_EXIT_USAGE)
     if interrupted:
         ctx.exit(_EXIT_INTERRUPTED)

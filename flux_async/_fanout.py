@@ -384,9 +384,9 @@ class _Engine:
                         files = await saver.store(index, request, response, attempts)
         except TimeoutError:
             self._expired = True
-            deadline = settings.batch_deadline
             expired = DeadlineExceededError(
-                f"the batch deadline of {deadline}s passed before this prompt finished"
+                f"the batch deadline of {settings.batch_deadline or 0:g} s passed before "
+                "this prompt finished"
             )
             return self._finish(index, item, request, response, expired, attempts, started)
         except FluxError as exc:
@@ -454,7 +454,7 @@ async def gather_results(
 
     await fanout.drain(collect)
     missing = DeadlineExceededError(
-        f"the batch deadline of {batch_deadline}s passed before this prompt started",
+        f"the batch deadline of {batch_deadline or 0:g} s passed before this prompt started",
         attempts=0,
     )
     return [

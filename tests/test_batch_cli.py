@@ -393,7 +393,21 @@ def test_a_malformed_line_40_fails_before_any_request(
     prompts.write_text("\n".join(lines) + "\n")
     done = batch(str(prompts), "--out", str(out), "--base-url", emulator.base_url)
     assert done.returncode == 2
-    assert f"{prompts}:40: n=0 is not allowed" in done.stderr
+    assert f'{prompts}:40: "n": 0 is not allowed: an integer from 1 to 1000' in done.stderr
+    assert emulator.stats()["requests"] == 0
+    # In the line's own JSON terms: a missing key, true, null.
+    for bad, says in (
+        ({"n": 2}, '"prompt" is missing: a string of 1 to 1000 characters'),
+        ({"prompt": "x", "n": True}, '"n": true is not allowed'),
+        ({"prompt": "x", "size": "12"}, '"size": "12" is not allowed: WIDTHxHEIGHT'),
+    ):
+        lines[39] = json.dumps(bad)
+        prompts.write_text("\n".join(lines) + "\n")
+        done = batch(str(prompts), "--out", str(out), "--base-url", emulator.base_url)
+        assert done.returncode == 2
+        assert f"{prompts}:40: {says}" in done.stderr
+        assert "None" not in done.stderr
+        assert "True" not in done.stderr
     assert emulator.stats()["requests"] == 0
 
 
@@ -450,4 +464,10 @@ def test_stdin_is_validated_as_it_is_read(tmp_path: Path, emulator: EmulatorProc
     assert "Error: <stdin>:3: the line is not JSON" in done.stderr
     assert sorted(effective(out)) == [0, 1]
     assert_all_saved(out, 2)
+    assert emulator.stats()["successes"] == 2
+    # Empty stdin is refused like an empty file (exit 2), not "0 of 0 prompts ok".
+    empty = batch("-", "--out", str(tmp_path / "empty"), "--base-url", emulator.base_url,
+                  input="\n# nothing\n")  # fmt: skip
+    assert empty.returncode == 2, empty.stderr
+    assert "Error: <stdin> held no prompt (only blank or # lines)" in empty.stderr
     assert emulator.stats()["successes"] == 2
