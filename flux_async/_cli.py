@@ -860,6 +860,17 @@ async def _run_batch(run: _BatchRun) -> None:
         )
 
 
+def _in_cli_terms(hint: str) -> str:
+    """The library's hint with the options that set what it names (``api_key=`` is
+    ``--api-key`` here)."""
+    return (
+        hint.replace("pass api_key= to FluxClient", "pass --api-key")
+        .replace("api_key=", "--api-key")
+        .replace("Check base_url", "Check --base-url")
+        .replace("model=", "--model")
+    )
+
+
 def _stopped_line(stopped: BaseException, not_sent: int, then: str) -> str:
     """One line for a fan-out stopped on a fatal answer, with the library's hint."""
     notes = " ".join(getattr(stopped, "__notes__", ()))
@@ -868,11 +879,8 @@ def _stopped_line(stopped: BaseException, not_sent: int, then: str) -> str:
         if isinstance(stopped, APIStatusError)
         else "as its server has never answered"
     )
-    return (
-        f"Error: the batch stopped {why}: "
-        f"{type(stopped).__name__}: {stopped}{' ' + notes if notes else ''} "
-        f"{not_sent} prompts were not sent; {then}"
-    )
+    error = _in_cli_terms(f"{type(stopped).__name__}: {stopped}{' ' + notes if notes else ''}")
+    return f"Error: the batch stopped {why}: {error} {not_sent} prompts were not sent; {then}"
 
 
 def _stop_line(plan: Plan) -> str | None:
@@ -1227,7 +1235,7 @@ def demo(ctx: click.Context, out: Path, progress: bool, verbose: bool, count: in
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def emulator_command(args: tuple[str, ...]) -> None:
     """Serve the emulator (same as flux-async-emulator; --help for its options)."""
-    sys.exit(emulator_main(list(args)))
+    sys.exit(emulator_main(list(args), prog="flux-async emulator"))
 
 
 def main() -> None:

@@ -293,9 +293,10 @@ def test_a_rerun_fetches_what_a_killed_run_generated_instead_of_paying_again(
 @pytest.mark.parametrize(
     ("key", "path", "hint"),
     [
-        ("sk-wrong-key", "/v1", "The API key was refused"),
-        (None, "/v1", "No API key was sent"),
-        (KEY, "", "Check base_url"),
+        # The library's hints, in the CLI's terms (its options, not FluxClient's).
+        ("sk-wrong-key", "/v1", "The API key was refused: check --api-key / $FLUX_API_KEY"),
+        (None, "/v1", "No API key was sent: pass --api-key or set $FLUX_API_KEY"),
+        (KEY, "", "Check --base-url: calls go to"),
     ],
 )
 def test_a_wrong_key_or_base_url_stops_the_batch_at_once(

@@ -71,15 +71,16 @@ def _integer(text: str) -> int:
     return int(_number(text, int, lambda v: True, "an integer"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser (exposed for ``--help`` rendering and tests).
+def build_parser(prog: str = "python -m flux_async.emulator") -> argparse.ArgumentParser:
+    """Return the argument parser (exposed for ``--help`` rendering and tests); ``prog``
+    is the command its usage and errors name.
 
     Example::
 
         args = build_parser().parse_args(["--port", "0", "--latency", "0.05"])
     """
     parser = argparse.ArgumentParser(
-        prog="python -m flux_async.emulator",
+        prog=prog,
         description="Serve the flux-async images emulator (POST /v1/images/generations).",
     )
     add = parser.add_argument
@@ -179,14 +180,15 @@ async def _serve(emulator: Emulator) -> None:
             loop.remove_signal_handler(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the emulator until SIGINT/SIGTERM; return the exit status.
+def main(argv: list[str] | None = None, prog: str = "python -m flux_async.emulator") -> int:
+    """Run the emulator until SIGINT/SIGTERM; return the exit status. ``prog``: the
+    command the usage line and errors name (``flux-async emulator`` from the CLI).
 
     Example::
 
         raise SystemExit(main(["--port", "0", "--api-key", "sk-test"]))
     """
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     emulator = _emulator_from(args, parser)
     try:
