@@ -38,11 +38,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 
 import attrs
 
 from ._exceptions import ValidationError
+
+logger = logging.getLogger("flux_async")
 
 __all__ = [
     "DEFAULT_MAX_OUTAGE",
@@ -276,6 +279,10 @@ class OutageGuard:
             self._open = False
             self._probe_delay = self._probe_initial
             self._notify()
+            logger.info(
+                "the server answered again after %.1fs: attempts go on",
+                asyncio.get_running_loop().time() - self._opened_at,
+            )
 
     def on_failure(self, probe: bool = False, *, retry: bool = True) -> None:
         """Report a connection error, timeout or 5xx; ``retry``: the call had failed before.
@@ -307,6 +314,12 @@ class OutageGuard:
             self._probe_delay = self._probe_initial
             # The first probe may go at once: a blip may already be over.
             self._next_probe_at = 0.0
+            logger.info(
+                "the server looks down (%d failed retries in a row): attempts wait, one "
+                "probe at a time, for up to %gs",
+                self._failures,
+                self._max_outage if self._seen_up else _MAX_OUTAGE_NEVER_SEEN,
+            )
 
     def abandon_probe(self) -> None:
         """The probe ended without an answer (cancelled): let the next one go.

@@ -134,3 +134,20 @@ def test_validation_names_the_field(kwargs: dict[str, object], field: str) -> No
     with pytest.raises(ValidationError) as info:
         OutageGuard(**kwargs)  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+@pytest.mark.looptime
+async def test_opening_and_closing_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """`-v` (INFO on the flux_async logger) says when attempts start to wait and when
+    they go on, so a held batch is never silent."""
+    caplog.set_level("INFO", logger="flux_async")
+    guard = OutageGuard(threshold=2)
+    guard.on_failure()
+    guard.on_failure()
+    await asyncio.sleep(3)
+    guard.on_success()
+    assert [r.getMessage() for r in caplog.records] == [
+        "the server looks down (2 failed retries in a row): attempts wait, one probe at a "
+        "time, for up to 10s",
+        "the server answered again after 3.0s: attempts go on",
+    ]
