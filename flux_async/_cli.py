@@ -863,11 +863,13 @@ async def _run_batch(run: _BatchRun) -> None:
 def _in_cli_terms(hint: str) -> str:
     """The library's hint with the options that set what it names (``api_key=`` is
     ``--api-key`` here)."""
+    # Whole phrases of the library's hints (`_status_errors`, `_fanout_stop`): a bare
+    # "model=" could be in the server's own message.
     return (
         hint.replace("pass api_key= to FluxClient", "pass --api-key")
-        .replace("api_key=", "--api-key")
-        .replace("Check base_url", "Check --base-url")
-        .replace("model=", "--model")
+        .replace("check api_key= /", "check --api-key /")
+        .replace("Check base_url:", "Check --base-url:")
+        .replace("and model= (this request's", "and --model (this request's")
     )
 
 
