@@ -65,6 +65,7 @@ from ._exceptions import (
     ImageSaveError,
     ValidationError,
     short_repr,
+    shorten,
 )
 from ._fanout import BuildRequest, Fanout, GenerationResult, to_request
 from ._models import ImageRequest, ImagesResponse
@@ -232,11 +233,9 @@ def _as_json(exc: ValidationError, item: Mapping[str, Any]) -> str:
     if exc.value is None and exc.field not in item:
         return f'"{exc.field}" is missing: {allowed}'
     try:
-        value = json.dumps(exc.value, ensure_ascii=False)
+        value = shorten(json.dumps(exc.value, ensure_ascii=False))
     except (TypeError, ValueError):
         value = short_repr(exc.value)
-    if len(value) > 80:
-        value = value[:77] + "..."
     return f'"{exc.field}": {value} is not allowed: {allowed}'
 
 
@@ -577,17 +576,18 @@ def _check_made_from(
     if state is None or scan is None:
         return
     made_from = state.get("fingerprint")
-    if made_from is not None and made_from != scan.fingerprint and changed:
+    if made_from is None or made_from == scan.fingerprint:
+        return
+    if changed:
         raise BatchError(
             f"{root} was made with other options ({changed}); rerun with its options, or "
             "use another --out"
         )
-    if made_from is not None and made_from != scan.fingerprint:
-        raise BatchError(
-            f"{root} was made from another input ({state.get('input')}, "
-            f"{state.get('prompts')} prompts, fingerprint {str(made_from)[:12]}); "
-            f"{source.name} has fingerprint {scan.fingerprint[:12]}: use another --out"
-        )
+    raise BatchError(
+        f"{root} was made from another input ({state.get('input')}, "
+        f"{state.get('prompts')} prompts, fingerprint {str(made_from)[:12]}); "
+        f"{source.name} has fingerprint {scan.fingerprint[:12]}: use another --out"
+    )
 
 
 def _recorded_urls(record: Mapping[str, Any]) -> list[str] | None:

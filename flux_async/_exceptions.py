@@ -552,7 +552,12 @@ def short_repr(value: object, limit: int = 80) -> str:
     except Exception:
         # A value whose own repr() fails is still named in the message.
         shown = f"<{type(value).__name__} object>"
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    return shorten(shown, limit)
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text``, cut to at most ``limit`` characters with "..." where it was cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _message_text(body: object) -> str:
