@@ -372,7 +372,7 @@ def _bad_value(ctx: click.Context, exc: ValidationError) -> NoReturn:
     # "input_images[1]" names one value of a repeatable option: the option is the name.
     option = "--" + exc.field.split("[")[0].replace("_", "-")
     # The library's wording is for Python callers; an option is omitted by not passing it.
-    allowed = exc.allowed.removesuffix(" (or None to omit it)")
+    allowed = exc.allowed.removesuffix(" (or None to omit it)").removesuffix(", or None to omit it")
     allowed = allowed.replace("aspect_ratio=None", "--aspect-ratio none")
     if allowed.startswith("None: "):  # the library's None is the option's none
         allowed = "none" + allowed.removeprefix("None")
@@ -976,6 +976,13 @@ def _finish_batch(ctx: click.Context, run: _BatchRun, elapsed: float, interrupte
             err=True,
         )
     click.echo(summary, err=True)
+    batch_deadline = run.fanout_options.get("batch_deadline")
+    if batch_deadline is not None and elapsed >= batch_deadline and not all_ok:
+        click.echo(
+            f"The batch deadline of {batch_deadline:g} s passed: the prompts in progress then "
+            "failed, and the rest were not run.",
+            err=True,
+        )
     stop = _stop_line(plan)
     if stop is not None:
         click.echo(stop, err=True)

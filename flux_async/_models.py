@@ -150,8 +150,10 @@ def _one_of(choices: tuple[str, ...]) -> Any:
 def _optional_str(_: object, attribute: attrs.Attribute[str | None], value: object) -> None:
     if value is None:
         return
-    if not isinstance(value, str):
-        raise ValidationError(attribute.name, value, "a string, or None to omit it")
+    if not isinstance(value, str) or not value.strip():
+        # A blank one is most likely a variable that was never set (--user "$USER_ID"):
+        # sent, it would tell the provider every prompt came from one anonymous user.
+        raise ValidationError(attribute.name, value, "a non-empty string, or None to omit it")
     _check_text(attribute.name, value)
 
 

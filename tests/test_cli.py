@@ -163,6 +163,69 @@ async def test_bad_aspect_ratio_is_a_clean_usage_error(tmp_path: Path, server: E
     assert server.stats.requests == 0
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "allowed"),
+    [
+        ("--user", "", "a non-empty string"),
+        ("--user", " ", "a non-empty string"),
+        ("--model", "", "a non-empty string such as 'flux-kontext-pro'"),
+        (
+            "--size",
+            "12",
+            "WIDTHxHEIGHT such as '1024x1024' (documented: 256x256, 512x512, "
+            "1024x1024; the server judges other sizes)",
+        ),
+    ],
+)
+async def test_a_blank_or_malformed_value_is_refused_in_cli_terms(
+    server: Emulator, option: str, value: str, allowed: str
+) -> None:
+    """--user "" is refused like --model "" (an unset variable, most likely), in the
+    CLI's terms (no Python None), before anything is sent."""
+    result = await run(
+        "generate", option, value, "--base-url", server.base_url, "--api-key", KEY, input="a\n"
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: {option} {value!r} is not allowed: {allowed}"
+    ]
+    assert server.stats.requests == 0
+
+
+async def test_batch_deadline_cuts_off_in_progress_and_leaves_the_rest(tmp_path: Path) -> None:
+    """--batch-deadline 0.3 against answers that take 60 s: the prompts in progress fail
+    naming the deadline as given, the rest are "not run" (no record), the run says why,
+    and a rerun without the deadline finishes every one."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(10)), "utf-8")
+    out = tmp_path / "out"
+    async with Emulator(api_keys=[KEY], latency=60) as slow:
+        args = ["--base-url", slow.base_url, "--api-key", KEY, "--concurrency", "2"]
+        result = await run(
+            "batch", str(prompts), "--out", str(out), *args, "--batch-deadline", "0.3"
+        )
+        assert result.exit_code == 1, result.output
+        records = read_jsonl(out / "manifest.jsonl")
+        assert [r["status"] for r in records] == ["failed", "failed"]
+        assert {r["error"]["message"] for r in records} == {
+            "the batch deadline of 0.3 s passed before this prompt finished"
+        }
+        assert slow.stats.requests == 2
+    lines = result.output.strip().splitlines()
+    assert "0 of 10 prompts ok" in lines[-2]
+    assert "2 failed, 8 not run" in lines[-2]
+    assert lines[-1] == (
+        "The batch deadline of 0.3 s passed: the prompts in progress then failed, and the "
+        "rest were not run."
+    )
+    async with Emulator(api_keys=[KEY]) as fast:
+        args = ["--base-url", fast.base_url, "--api-key", KEY]
+        rerun = await run("batch", str(prompts), "--out", str(out), *args)
+        assert rerun.exit_code == 0, rerun.output
+        assert fast.stats.requests == 10
+    assert "The batch deadline" not in rerun.output
+
+
 async def test_generate_help_has_an_option_per_request_field() -> None:
     """Every ImageRequest field is an option of `generate`, with its help and choices."""
     result = await run("generate", "--help")

@@ -109,6 +109,18 @@ def test_build_request_checks_extra_body(emulator: Emulator) -> None:
         client.build_request("x", {"extra_body": {"seed": math.nan}})
 
 
+@pytest.mark.parametrize("user", ["", "   ", "\t"])
+def test_blank_user_is_refused(user: str) -> None:
+    """A blank user (an unset variable, most likely) is refused naming the field, as a
+    blank model is; None omits it."""
+    with pytest.raises(ValidationError) as info:
+        ImageRequest(prompt="x", user=user)
+    assert info.value.field == "user"
+    assert info.value.value == user
+    assert "non-empty string, or None to omit it" in str(info.value)
+    assert "user" not in json.loads(ImageRequest(prompt="x", user=None).to_bytes())
+
+
 # -- property tests: either ValidationError or a body that round-trips ----------------
 
 _ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=30)
