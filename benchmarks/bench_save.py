@@ -70,6 +70,13 @@ cancels out. The writer process and the server run natively and are not counted.
 prompts/s on a shared machine the count is steady (within ~1.5% between runs), so it says
 what saving adds to the client's own work apart from the disk, the host and the noise.
 
+With ``--client-cpu`` it measures instead the client's CPU time per prompt (user and
+system) in one process over a transport that answers at once, with no server and no
+socket: saving off, with the writer that writes nothing, and saving to tmpfs through the
+writer process, each with the collector on and off (about a minute). Noisier than the
+count, but in time: it weighs what an instruction count does not (a copy into fresh
+memory, a system call, a wake-up, a collection).
+
 With ``--convoy`` it measures instead why a writer thread is slower beside a busy event
 loop than alone: the disk's bare loop (at most ``concurrency`` files in flight) alone, on a
 thread of a process whose event loop runs a fan-out without saving against the fast
@@ -78,7 +85,8 @@ interpreter lock back after each system call, and a busy event loop gives it up 
 when its switch interval (5 ms) runs out; a process shares no lock.
 
     python benchmarks/bench_save.py [--prompts N] [--concurrency 64] [--rounds 5]
-                                    [--dir DIR] [--tmpfs-dir DIR] [--convoy | --instructions]
+                                    [--dir DIR] [--tmpfs-dir DIR]
+                                    [--convoy | --instructions | --client-cpu]
 """
 
 from __future__ import annotations
@@ -305,6 +313,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="instead: the client's instructions per prompt under valgrind, save_to off "
         "vs on (slow, steady; needs valgrind)",
+    )
+    instead.add_argument(
+        "--client-cpu",
+        action="store_true",
+        help="instead: the client's CPU per prompt in one process over a transport that "
+        "answers at once (no server, no socket), save_to off vs on (a minute)",
     )
     # Internal: one counted batch in this process, for --instructions.
     parser.add_argument(
@@ -860,6 +874,121 @@ def convoy(args: argparse.Namespace) -> BenchOutput:
     return BenchOutput("a writer thread beside a busy event loop", rows, notes)
 
 
+#: --client-cpu: what is measured, as `COUNTED`, each with the collector on and off.
+CLIENT_CPU = {
+    "off": "save_to off",
+    "loop only": "a writer that writes nothing",
+    "tmpfs": "save_to on, tmpfs",
+}
+
+
+def client_cpu(args: argparse.Namespace) -> BenchOutput:
+    """``--client-cpu``: the client's CPU time per prompt (user + system, `getrusage`) for
+    each of `CLIENT_CPU`, in this one process, over a transport that answers this file's
+    b64 body at once: no server and no socket share the CPU, so the figure is the client's
+    own cost, in time rather than instructions (a copy into fresh memory, a collection, a
+    system call cost more time per instruction than the interpreter's loop). Each variant
+    runs with the collector on (as a user's program does) and off (what the collector's
+    share is), ``--rounds`` interleaved rounds after a warm-up, medians shown; the writer
+    process's own CPU is not counted."""
+    import gc
+    import resource
+
+    from _common import BenchOutput, Row, median
+
+    from flux_async import AsyncTransport, FluxClient, TransportRequest, TransportResponse
+
+    if not args.tmpfs_dir:
+        raise RuntimeError("--client-cpu writes to --tmpfs-dir: give one")
+    body = json.dumps(
+        {"created": 1700000000, "data": [{"b64_json": base64.b64encode(_png()).decode()}]}
+    ).encode()
+    headers = {"content-type": "application/json"}
+
+    class Instant(AsyncTransport):
+        async def send(self, request: TransportRequest) -> TransportResponse:
+            await asyncio.sleep(0)  # one turn of the loop, as an answer from a socket takes
+            return TransportResponse(200, headers=headers, body=body)
+
+        async def aclose(self) -> None:
+            pass
+
+    n, c = args.prompts or (1000 if args.quick else 6000), args.concurrency
+
+    async def batch(variant: str) -> float:
+        directory = None
+        if variant != "off":
+            directory = tempfile.mkdtemp(prefix="flux-bench-cpu-", dir=args.tmpfs_dir)
+        writer = _writer_does_nothing(0.0) if variant == "loop only" else contextlib.nullcontext()
+        try:
+            with writer:
+                transport = Instant()
+                async with FluxClient(
+                    base_url="http://127.0.0.1:9/v1", transport=transport
+                ) as client:
+                    before = resource.getrusage(resource.RUSAGE_SELF)
+                    results = await client.gather_generate(
+                        [f"prompt {i}" for i in range(n)], concurrency=c, save_to=directory
+                    )
+                    after = resource.getrusage(resource.RUSAGE_SELF)
+            if sum(r.ok for r in results) != n:
+                raise RuntimeError(f"{variant}: not every prompt succeeded")
+        finally:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+        used = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        return used / n * 1e6
+
+    variants = [(v, collector) for collector in (True, False) for v in CLIENT_CPU]
+    found: dict[tuple[str, bool], list[float]] = {key: [] for key in variants}
+    try:
+        for round_ in range(args.rounds + 1):  # the first is a warm-up
+            for variant, collector in variants[round_ % 3 :] + variants[: round_ % 3]:
+                (gc.enable if collector else gc.disable)()
+                figure = asyncio.run(batch(variant))
+                if round_:
+                    found[variant, collector].append(figure)
+            if round_:
+                print(
+                    f"  round {round_}: "
+                    + ", ".join(
+                        f"{v}{'' if g else ' (no gc)'} {found[v, g][-1]:.1f}" for v, g in variants
+                    )
+                    + " us/prompt"
+                )
+    finally:
+        gc.enable()
+    rows = []
+    for collector in (True, False):
+        off = median(found["off", collector])
+        for variant in ("loop only", "tmpfs"):
+            cpu = median(found[variant, collector])
+            rows.append(
+                Row(
+                    figure=f"client CPU us/prompt, {CLIENT_CPU[variant]} ÷ save_to off, b64 "
+                    f"images, instant transport{'' if collector else ', collector off'} "
+                    f"(n={n}, c={c})",
+                    flux=f"{cpu:.1f} us",
+                    peer=f"off {off:.1f} us",
+                    ratio=f"{cpu / off:.2f}",
+                    target="(info)",
+                    met=None,
+                )
+            )
+    notes = [
+        f"median of {args.rounds} interleaved round(s) after a warm-up, one process, "
+        "`gather_generate` over a transport answering at once (a real client adds aiohttp "
+        "and the socket's ~120-150 us a prompt, the same in each variant); saving adds "
+        + ", ".join(
+            f"{median(found['tmpfs', g]) - off_cpu:.1f} us a prompt (the event loop's own "
+            f"share {median(found['loop only', g]) - off_cpu:.1f}) with the collector "
+            f"{'on' if g else 'off'}"
+            for g, off_cpu in ((g, median(found["off", g])) for g in (True, False))
+        )
+    ]
+    return BenchOutput("saving images: the client's CPU per prompt", rows, notes)
+
+
 #: --instructions: batch sizes whose difference is counted (start-up cancels out).
 INSTRUCTION_SIZES = (1000, 3000)
 #: --instructions: what is counted. Saving off; saving with a writer that writes nothing
@@ -965,6 +1094,8 @@ def main() -> int:
         return count_child(args)
     if args.instructions:
         count_instructions(args).print()
+    elif args.client_cpu:
+        client_cpu(args).print()
     else:
         (convoy(args) if args.convoy else run(args)).print()
     return 0

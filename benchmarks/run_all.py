@@ -247,10 +247,29 @@ HOW_TO_READ = """\
     writes nothing (the event loop's own share of a save: 1.06x) and 1028-1041k saving to
     tmpfs (1.10x-1.12x in two runs: decoding the image and handing it to the writer
     process add the other 45-55k, ~18k of them the image's copy into shared memory, which
-    callgrind counts byte by byte). On a client bound by its CPU that alone brings on ÷
-    off to about 0.9; the disk's own work has the rest of the 15%. The Python part is
-    spread over the saver, the job, its future and the path (the largest single item,
-    `directory / name`, is ~2.8 µs of ~200).
+    callgrind counts byte by byte). By instructions alone on ÷ off would be about 0.9; in
+    time it is lower (next item). The Python part is spread over the saver, the job, its
+    future and the path (the largest single item, `directory / name`, is ~2.1-2.8 µs).
+  - *The client's own work, in time* (`python benchmarks/bench_save.py --client-cpu`: one
+    process, a transport that answers at once, no server and no socket; medians of 5
+    rounds of 6,000 prompts, at 0ac0cdc): 47.0 µs of CPU a prompt with saving off, 63.0 with
+    the writer that writes nothing, 94.0 saving to tmpfs through the writer process. Saving
+    adds ~47 µs a prompt (~40 with the collector off), about two thirds of it in handing
+    the image to the writer process and taking its answer back: decoding, the copy into
+    shared memory and the job's header take ~4.5 µs measured alone; the rest is the pipe's
+    system calls, reading the answers, waking the workers and the collections this brings
+    (ad hoc, same setup: a writer that answers 2 ms later costs the client only 3-5 µs
+    more than one that answers at once, so the wait itself is not it). Against the fast
+    server the client spends ~180-250 µs a prompt, so this alone brings on ÷ off to about
+    0.8: the instruction count understates it, as a save's instructions (system calls, a
+    copy into memory not in cache, wake-ups, collections) each cost more time than the
+    interpreter's own. It is the same on disk and on tmpfs, which read alike on this page
+    (0.73 and 0.75) and in the per-process accounting below (the client's CPU a prompt
+    rose ~50 µs on each). So most of the gap is the client's own work, not the disk's;
+    what is left to win is in the handover to the writer process and the saver's Python,
+    a few µs each (the header's directory encoded once, one answer per round rather than
+    per file, one coroutine less: ~5-8 µs together by the measurements above, ~0.03 of the
+    ratio; not done).
   - *Ruled out, ad hoc* (one process, runs of 6,000 prompts, each disk run between two
     off runs, 12 such triples per arm): the collector. With it disabled for every run,
     disk read 0.70 of off (median), with it on 0.77. And the workers that wait for their
@@ -287,17 +306,19 @@ HOW_TO_READ = """\
     same code path (this VM has no performance counters to say which cache or core it
     lost to). Its event loop ran 96-98% of the time in those runs, idle 1-2%.
   - *Where the client's time goes, per process* (ad hoc, `/proc` and `getrusage`, two sets
-    of 6 and 8 paired rounds of 8,000 prompts, `gather_generate`): the client was on its
-    CPU 100% of the wall time with saving off and 96-97% on disk, so its prompts/s follow
-    its CPU per prompt: 177 and 202 µs off, 238 and 246 µs on disk (+20-35%, where its
-    instructions grow ~11%). The writer process used 110-114 µs per file (84-86 of them in
-    the kernel), kernel threads and interrupts another ~32 µs per prompt, the machine 1.66
-    of its 2 cores. The rest of the client's rise is the same instructions running slower
-    beside the disk's work. This VM has no performance counters to say why; its two
-    vCPUs are not hyperthreads of one core (a loop spinning on one does not slow a loop on
-    the other). Re-tried in the same sets, ad hoc: `O_TMPFILE` and `linkat` (the writer's
-    CPU per file -20%; 0.80 of off against 0.76) and `POSIX_FADV_DONTNEED` (0.84 against
-    0.76 in the first set, 0.76 against 0.81 in the second): within the noise again.
+    of 6 and 8 paired rounds of 8,000 prompts, `gather_generate`): the client was on its CPU
+    100% of the wall time with saving off and 96-97% on disk, so its prompts/s follow its
+    CPU per prompt: 177 and 202 µs off, 238 and 246 µs on disk (+20-35%, where its
+    instructions grow ~11%; on tmpfs, in an earlier set, 254-294 against 193-242 off). The
+    writer process used 110-114 µs per file (84-86 of them in the kernel), kernel threads
+    and interrupts another ~32 µs per prompt, the machine 1.66 of its 2 cores. The client's
+    rise is about what `--client-cpu` finds a save costs it with no disk at all (the item
+    above), and tmpfs rose as much: the disk's own work is the smaller part, at most what
+    the row with files written beside a run without saving shows (0.86-0.92). The two vCPUs
+    are not hyperthreads of one core (a loop spinning on one does not slow a loop on the
+    other). Re-tried in the same sets, ad hoc: `O_TMPFILE` and `linkat` (the writer's CPU
+    per file -20%; 0.80 of off against 0.76) and `POSIX_FADV_DONTNEED` (0.84 against 0.76 in
+    the first set, 0.76 against 0.81 in the second): within the noise again.
   - *Tried and not taken:* a writer process that commits a round on a second thread
     while it stages the next (0.93x of the current one on disk, 8 paired rounds, 3 wins);
     `O_TMPFILE` and `linkat` instead of a temporary name and a rename (no kernel time
@@ -435,7 +456,10 @@ The figures:
    note gives what decoding the image costs (pybase64, from the `fast` extra, when
    installed). Not on this page: `python benchmarks/bench_save.py --instructions` counts
    the client's instructions per prompt under callgrind, saving off, with the writer that
-   writes nothing, and to tmpfs (steady where prompts/s is not; see the known gaps).
+   writes nothing, and to tmpfs (steady where prompts/s is not; see the known gaps), and
+   `--client-cpu` the client's CPU time per prompt for the same three in one process over
+   a transport that answers at once, with the collector on and off (what a save costs the
+   client in time, with no server, socket or disk sharing the CPU).
 
 ## How to reproduce
 
