@@ -889,8 +889,9 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
     own cost, in time rather than instructions (a copy into fresh memory, a collection, a
     system call cost more time per instruction than the interpreter's loop). Each variant
     runs with the collector on (as a user's program does) and off (what the collector's
-    share is), ``--rounds`` interleaved rounds after a warm-up, medians shown; the writer
-    process's own CPU is not counted."""
+    share is), ``--rounds`` interleaved rounds after a warm-up, medians shown, each at two
+    batch sizes so that the start cancels out; the writer process's own CPU is not
+    counted."""
     import gc
     import resource
 
@@ -914,8 +915,13 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
             pass
 
     n, c = args.prompts or (1000 if args.quick else 6000), args.concurrency
+    # Each figure is the CPU of a batch of n prompts less that of a batch of n // 4, per
+    # prompt between them: what a prompt costs once the batch runs, without the start
+    # (the writer process's ~25 ms, during which a thread writes the images, which at the
+    # ~15,000 prompts/s of this transport would be ~7% of a 6,000-prompt batch).
+    low = n // 4
 
-    async def batch(variant: str) -> float:
+    async def batch(variant: str, n: int) -> float:
         directory = None
         if variant != "off":
             directory = tempfile.mkdtemp(prefix="flux-bench-cpu-", dir=args.tmpfs_dir)
@@ -936,8 +942,7 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
         finally:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
-        used = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-        return used / n * 1e6
+        return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
     variants = [(v, collector) for collector in (True, False) for v in CLIENT_CPU]
     found: dict[tuple[str, bool], list[float]] = {key: [] for key in variants}
@@ -945,9 +950,9 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
         for round_ in range(args.rounds + 1):  # the first is a warm-up
             for variant, collector in variants[round_ % 3 :] + variants[: round_ % 3]:
                 (gc.enable if collector else gc.disable)()
-                figure = asyncio.run(batch(variant))
+                used = asyncio.run(batch(variant, n)) - asyncio.run(batch(variant, low))
                 if round_:
-                    found[variant, collector].append(figure)
+                    found[variant, collector].append(used / (n - low) * 1e6)
             if round_:
                 print(
                     f"  round {round_}: "
@@ -976,7 +981,8 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
                 )
             )
     notes = [
-        f"median of {args.rounds} interleaved round(s) after a warm-up, one process, "
+        f"median of {args.rounds} interleaved round(s) after a warm-up, one process; per "
+        f"prompt: (CPU of a batch of {n} - CPU of one of {low}) / {n - low}; "
         "`gather_generate` over a transport answering at once (a real client adds aiohttp "
         "and the socket's ~120-150 us a prompt, the same in each variant); saving adds "
         + ", ".join(

@@ -250,26 +250,26 @@ HOW_TO_READ = """\
     callgrind counts byte by byte). By instructions alone on ÷ off would be about 0.9; in
     time it is lower (next item). The Python part is spread over the saver, the job, its
     future and the path (the largest single item, `directory / name`, is ~2.1-2.8 µs).
-  - *The client's own work, in time* (`python benchmarks/bench_save.py --client-cpu`: one
-    process, a transport that answers at once, no server and no socket; medians of 5
-    rounds of 6,000 prompts, at 0ac0cdc): 47.0 µs of CPU a prompt with saving off, 63.0 with
-    the writer that writes nothing, 94.0 saving to tmpfs through the writer process. Saving
-    adds ~47 µs a prompt (~40 with the collector off), about two thirds of it in handing
-    the image to the writer process and taking its answer back: decoding, the copy into
-    shared memory and the job's header take ~4.5 µs measured alone; the rest is the pipe's
-    system calls, reading the answers, waking the workers and the collections this brings
-    (ad hoc, same setup: a writer that answers 2 ms later costs the client only 3-5 µs
-    more than one that answers at once, so the wait itself is not it). Against the fast
-    server the client spends ~180-250 µs a prompt, so this alone brings on ÷ off to about
-    0.8: the instruction count understates it, as a save's instructions (system calls, a
-    copy into memory not in cache, wake-ups, collections) each cost more time than the
-    interpreter's own. It is the same on disk and on tmpfs, which read alike on this page
-    (0.73 and 0.75) and in the per-process accounting below (the client's CPU a prompt
-    rose ~50 µs on each). So most of the gap is the client's own work, not the disk's;
-    what is left to win is in the handover to the writer process and the saver's Python,
-    a few µs each (the header's directory encoded once, one answer per round rather than
-    per file, one coroutine less: ~5-8 µs together by the measurements above, ~0.03 of the
-    ratio; not done).
+  - *The client's own work, in time* (`python benchmarks/bench_save.py --client-cpu --rounds
+    7`: one process, a transport that answers at once, no server and no socket; each figure
+    the CPU of 6,000 prompts less that of 1,500, per prompt between them, so the writer
+    process's start, when a thread writes the images, cancels out; medians of 7 rounds, at
+    48e8d75): 44.2 µs of CPU a prompt with saving off, 65.3 with the writer that writes
+    nothing, 74.2 saving to tmpfs through the writer process. Saving adds ~30 µs a prompt
+    (~27 with the collector off): ~21 the event loop's own share (the saver, the job, its
+    future, the path: the saver alone takes ~7 µs in a tight loop, where every object stays
+    in cache) and ~9 the handover to the writer process (decoding, the copy into shared
+    memory and the job's header take ~4.5 µs of it measured alone; the pipe and the answers
+    the rest). A first version of this mode, without the start cancelled, read ~47 µs.
+    Against the fast server the client spends ~180-250 µs a prompt, so this alone brings on
+    ÷ off to about 0.87-0.89, as the instruction count does. The client's CPU per prompt
+    rose ~50 µs there, on disk and on tmpfs alike (per process, below): the other ~20 µs is the same
+    work costing more in the real client, beside aiohttp's working set and the writer
+    process, and not the disk's own work, as tmpfs rose as much; this VM has no performance
+    counters to split it further. What is left to win in the client is a few µs an item (the
+    header's directory encoded once, one answer per round rather than per file, one
+    coroutine less, the path made without parsing it again: ~5-8 µs together by the
+    measurements above, ~0.03 of the ratio; not done).
   - *Ruled out, ad hoc* (one process, runs of 6,000 prompts, each disk run between two
     off runs, 12 such triples per arm): the collector. With it disabled for every run,
     disk read 0.70 of off (median), with it on 0.77. And the workers that wait for their
@@ -312,13 +312,14 @@ HOW_TO_READ = """\
     instructions grow ~11%; on tmpfs, in an earlier set, 254-294 against 193-242 off). The
     writer process used 110-114 µs per file (84-86 of them in the kernel), kernel threads
     and interrupts another ~32 µs per prompt, the machine 1.66 of its 2 cores. The client's
-    rise is about what `--client-cpu` finds a save costs it with no disk at all (the item
-    above), and tmpfs rose as much: the disk's own work is the smaller part, at most what
-    the row with files written beside a run without saving shows (0.86-0.92). The two vCPUs
-    are not hyperthreads of one core (a loop spinning on one does not slow a loop on the
-    other). Re-tried in the same sets, ad hoc: `O_TMPFILE` and `linkat` (the writer's CPU
-    per file -20%; 0.80 of off against 0.76) and `POSIX_FADV_DONTNEED` (0.84 against 0.76 in
-    the first set, 0.76 against 0.81 in the second): within the noise again.
+    rise, ~50 µs a prompt here and as much on tmpfs, is ~30 µs of its own work
+    (`--client-cpu`, the item above) and ~20 µs of that work costing more beside the rest;
+    the disk's own work is at most what the row with files written beside a run without
+    saving shows (0.86-0.92). The two vCPUs are not hyperthreads of one core (a loop
+    spinning on one does not slow a loop on the other). Re-tried in the same sets, ad hoc:
+    `O_TMPFILE` and `linkat` (the writer's CPU per file -20%; 0.80 of off against 0.76) and
+    `POSIX_FADV_DONTNEED` (0.84 against 0.76 in the first set, 0.76 against 0.81 in the
+    second): within the noise again.
   - *Tried and not taken:* a writer process that commits a round on a second thread
     while it stages the next (0.93x of the current one on disk, 8 paired rounds, 3 wins);
     `O_TMPFILE` and `linkat` instead of a temporary name and a rename (no kernel time
