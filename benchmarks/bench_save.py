@@ -105,7 +105,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from unittest import mock
@@ -675,13 +675,25 @@ def _paired(on: list[float], off: list[float], files: list[float] | None = None)
 
 def _versus_off(figure: str, runs: list[float], offs: list[float]) -> Row:
     """An information row: the median of the rounds' own ratios, ``runs`` ÷ ``offs``."""
-    from _common import Row, median
+    from _common import median
+
+    return _over_off(
+        figure, median(runs), median(offs), "/s", ratio=median(_paired(runs, offs)), digits=0
+    )
+
+
+def _over_off(
+    figure: str, value: float, off: float, unit: str, *, ratio: float | None = None, digits: int = 1
+) -> Row:
+    """An information row: ``value`` and ``off`` shown with ``unit``, and ``ratio``
+    (``value`` ÷ ``off`` when None)."""
+    from _common import Row
 
     return Row(
         figure=figure,
-        flux=f"{median(runs):.0f}/s",
-        peer=f"off {median(offs):.0f}/s",
-        ratio=f"{median(_paired(runs, offs)):.2f}",
+        flux=f"{value:.{digits}f}{unit}",
+        peer=f"off {off:.{digits}f}{unit}",
+        ratio=f"{value / off if ratio is None else ratio:.2f}",
         target="(info)",
         met=None,
     )
@@ -874,17 +886,38 @@ def convoy(args: argparse.Namespace) -> BenchOutput:
     return BenchOutput("a writer thread beside a busy event loop", rows, notes)
 
 
-#: --client-cpu: what is measured, as `COUNTED`, each with the collector on and off.
-CLIENT_CPU = {
+#: --instructions: batch sizes whose difference is counted (start-up cancels out).
+INSTRUCTION_SIZES = (1000, 3000)
+#: --instructions and --client-cpu: what is measured. Saving off; saving with a writer
+#: that writes nothing and answers at once (the event loop's own share of a save: the
+#: saver, the job, its future, the path); saving to tmpfs through the writer process (that
+#: share plus decoding the image and handing it to the process, whose own work is not
+#: counted).
+COUNTED = {
     "off": "save_to off",
     "loop only": "a writer that writes nothing",
     "tmpfs": "save_to on, tmpfs",
 }
 
 
+@contextlib.contextmanager
+def _saving_as(variant: str, tmpfs_dir: str, prefix: str) -> Iterator[str | None]:
+    """The ``save_to`` of one of `COUNTED` (None for "off"): a fresh directory under
+    ``tmpfs_dir``, removed afterwards, with the writer that writes nothing for "loop only"."""
+    if variant == "off":
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix=prefix, dir=tmpfs_dir)
+    try:
+        with _writer_does_nothing(0.0) if variant == "loop only" else contextlib.nullcontext():
+            yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def client_cpu(args: argparse.Namespace) -> BenchOutput:
     """``--client-cpu``: the client's CPU time per prompt (user + system, `getrusage`) for
-    each of `CLIENT_CPU`, in this one process, over a transport that answers this file's
+    each of `COUNTED`, in this one process, over a transport that answers this file's
     b64 body at once: no server and no socket share the CPU, so the figure is the client's
     own cost, in time rather than instructions (a copy into fresh memory, a collection, a
     system call cost more time per instruction than the interpreter's loop). Each variant
@@ -895,7 +928,7 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
     import gc
     import resource
 
-    from _common import BenchOutput, Row, median
+    from _common import BenchOutput, median
 
     from flux_async import AsyncTransport, FluxClient, TransportRequest, TransportResponse
 
@@ -922,29 +955,18 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
     low = n // 4
 
     async def batch(variant: str, n: int) -> float:
-        directory = None
-        if variant != "off":
-            directory = tempfile.mkdtemp(prefix="flux-bench-cpu-", dir=args.tmpfs_dir)
-        writer = _writer_does_nothing(0.0) if variant == "loop only" else contextlib.nullcontext()
-        try:
-            with writer:
-                transport = Instant()
-                async with FluxClient(
-                    base_url="http://127.0.0.1:9/v1", transport=transport
-                ) as client:
-                    before = resource.getrusage(resource.RUSAGE_SELF)
-                    results = await client.gather_generate(
-                        [f"prompt {i}" for i in range(n)], concurrency=c, save_to=directory
-                    )
-                    after = resource.getrusage(resource.RUSAGE_SELF)
-            if sum(r.ok for r in results) != n:
-                raise RuntimeError(f"{variant}: not every prompt succeeded")
-        finally:
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+        with _saving_as(variant, args.tmpfs_dir, "flux-bench-cpu-") as directory:
+            async with FluxClient(base_url="http://127.0.0.1:9/v1", transport=Instant()) as client:
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                results = await client.gather_generate(
+                    [f"prompt {i}" for i in range(n)], concurrency=c, save_to=directory
+                )
+                after = resource.getrusage(resource.RUSAGE_SELF)
+        if sum(r.ok for r in results) != n:
+            raise RuntimeError(f"{variant}: not every prompt succeeded")
         return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
-    variants = [(v, collector) for collector in (True, False) for v in CLIENT_CPU]
+    variants = [(v, collector) for collector in (True, False) for v in COUNTED]
     found: dict[tuple[str, bool], list[float]] = {key: [] for key in variants}
     try:
         for round_ in range(args.rounds + 1):  # the first is a warm-up
@@ -969,15 +991,12 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
         for variant in ("loop only", "tmpfs"):
             cpu = median(found[variant, collector])
             rows.append(
-                Row(
-                    figure=f"client CPU us/prompt, {CLIENT_CPU[variant]} ÷ save_to off, b64 "
-                    f"images, instant transport{'' if collector else ', collector off'} "
-                    f"(n={n}, c={c})",
-                    flux=f"{cpu:.1f} us",
-                    peer=f"off {off:.1f} us",
-                    ratio=f"{cpu / off:.2f}",
-                    target="(info)",
-                    met=None,
+                _over_off(
+                    f"client CPU us/prompt, {COUNTED[variant]} ÷ save_to off, b64 images, "
+                    f"instant transport{'' if collector else ', collector off'} (n={n}, c={c})",
+                    cpu,
+                    off,
+                    " us",
                 )
             )
     notes = [
@@ -995,19 +1014,6 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
     return BenchOutput("saving images: the client's CPU per prompt", rows, notes)
 
 
-#: --instructions: batch sizes whose difference is counted (start-up cancels out).
-INSTRUCTION_SIZES = (1000, 3000)
-#: --instructions: what is counted. Saving off; saving with a writer that writes nothing
-#: and answers at once (the event loop's own share of a save: the saver, the job, its
-#: future, the path); saving to tmpfs through the writer process (that share plus
-#: decoding the image and handing it to the process, whose own work is not counted).
-COUNTED = {
-    "off": "save_to off",
-    "loop only": "a writer that writes nothing",
-    "tmpfs": "save_to on, tmpfs",
-}
-
-
 def count_instructions(args: argparse.Namespace) -> BenchOutput:
     """``--instructions``: the client's instructions per prompt, counted by callgrind,
     for each of `COUNTED`, against this file's b64 server; the same figure at two batch
@@ -1015,7 +1021,7 @@ def count_instructions(args: argparse.Namespace) -> BenchOutput:
     by tens of percent between runs, the count moves by ~1.5%: it says what saving adds to
     the client's own work, which a prompts/s ratio mixes with the disk's, the host's and
     the collector's."""
-    from _common import BenchOutput, Row, callgrind_counts
+    from _common import BenchOutput, callgrind_counts
 
     if not args.tmpfs_dir:
         raise RuntimeError("--instructions writes to --tmpfs-dir: give one")
@@ -1033,14 +1039,12 @@ def count_instructions(args: argparse.Namespace) -> BenchOutput:
             print(f"  instructions, {COUNTED[variant]}: {counted[variant] / 1000:.1f}k per prompt")
     off = counted["off"]
     rows = [
-        Row(
-            figure=f"client instructions/prompt, {COUNTED[variant]} ÷ save_to off, b64 images, "
+        _over_off(
+            f"client instructions/prompt, {COUNTED[variant]} ÷ save_to off, b64 images, "
             f"fast server (callgrind, c={c})",
-            flux=f"{counted[variant] / 1000:.1f}k",
-            peer=f"off {off / 1000:.1f}k",
-            ratio=f"{counted[variant] / off:.2f}",
-            target="(info)",
-            met=None,
+            counted[variant] / 1000,
+            off / 1000,
+            "k",
         )
         for variant in ("loop only", "tmpfs")
     ]
@@ -1069,20 +1073,10 @@ def count_child(args: argparse.Namespace) -> int:
     c = args.concurrency
 
     async def batch() -> int:
-        directory = None
-        if variant != "off":
-            directory = tempfile.mkdtemp(prefix="flux-bench-count-", dir=args.tmpfs_dir)
-        writer = _writer_does_nothing(0.0) if variant == "loop only" else contextlib.nullcontext()
-        try:
-            with writer:
-                async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
-                    results = await client.gather_generate(
-                        prompts(n), concurrency=c, save_to=directory
-                    )
-            return sum(r.ok for r in results)
-        finally:
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+        with _saving_as(variant, args.tmpfs_dir, "flux-bench-count-") as directory:
+            async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
+                results = await client.gather_generate(prompts(n), concurrency=c, save_to=directory)
+        return sum(r.ok for r in results)
 
     return 0 if asyncio.run(batch()) == n else 1
 
