@@ -71,6 +71,7 @@ __all__ = [
     "ImageWriter",
     "Writer",
     "check_directory",
+    "check_stem",
     "decode_b64",
     "image_paths",
     "image_type",
@@ -145,9 +146,21 @@ def check_directory(field: str, value: object) -> Path:
 _STEM = re.compile(r"[^/\\\x00]+")
 
 
-def _names(stem: str, count: int) -> list[str]:
+def check_stem(stem: object) -> str:
+    """``stem`` if it is a file name without a directory, else a `ValidationError`.
+
+    Example::
+
+        check_stem("fox")  # 'fox'
+        check_stem("../fox")  # ValidationError: stem='../fox' is not allowed: ...
+    """
     if not isinstance(stem, str) or not _STEM.fullmatch(stem) or stem in (".", ".."):
         raise ValidationError("stem", stem, "a file name without a directory: no '/', '\\\\'")
+    return stem
+
+
+def _names(stem: str, count: int) -> list[str]:
+    check_stem(stem)
     if count == 1:
         return [stem]
     return [f"{stem}-{k}" for k in range(count)]

@@ -21,9 +21,11 @@ import flux_async._writer_process as writer_process
 from flux_async import (
     FluxClient,
     ImageDownloadError,
+    ImageSaveError,
     MockTransport,
     RetryPolicy,
     TransportResponse,
+    ValidationError,
 )
 from flux_async._save import ImageJob, ImageWriter
 
@@ -416,3 +418,39 @@ async def test_the_child_survives_ctrl_c_until_its_pipe_closes(
     assert first == str(tmp_path / "a.png")
     assert children["answers"] == [files.OK, files.OK]  # both by the child, none by a thread
     assert children["ended"] == [None]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_one_image_and_several_are_saved_and_refused_alike(tmp_path: Path, n: int) -> None:
+    """A batch's common answer (one b64_json image) takes a shorter path than several;
+    both name files by a caller's save_stem, refuse a stem with a directory in it on its
+    prompt alone, and say the generation succeeded when the file cannot be written."""
+
+    def handler(request: Any) -> TransportResponse:
+        body = {"b64_json": base64.b64encode(PNG).decode()}
+        return TransportResponse(200, json={"created": 1, "data": [body] * n})
+
+    def stem(index: int, prompt: str) -> str:
+        return prompt  # "a/b" is no file name
+
+    suffixes = [".png"] if n == 1 else ["-0.png", "-1.png"]
+    async with mock_client(handler) as client:
+        results = await client.gather_generate(
+            ["fox", "a/b", "crow"], save_to=tmp_path, save_stem=stem
+        )
+        assert [r.ok for r in results] == [True, False, True]
+        assert [p.name for p in results[0].files] == [f"fox{s}" for s in suffixes]
+        assert all(p.parent == tmp_path for r in results for p in r.files)
+        assert isinstance(results[1].error, ValidationError)
+        assert results[1].error.field == "stem"
+        assert listing(tmp_path) == sorted(
+            f"{name}{s}" for name in ("crow", "fox") for s in suffixes
+        )
+        # A directory stands where the file goes: its rename fails (for root too).
+        for s in suffixes:
+            (tmp_path / "blocked" / f"000000{s}" / "keep").mkdir(parents=True)
+        [failed] = await client.gather_generate(["owl"], save_to=tmp_path / "blocked")
+    assert isinstance(failed.error, ImageSaveError)
+    assert failed.error.message.startswith("The generation succeeded but writing")
+    assert failed.error.response is not None
+    assert failed.error.attempts == 1
