@@ -219,7 +219,7 @@ HOW_TO_READ = """\
   rounds' own ratios): disk 0.73 (rounds 0.65-0.84) and tmpfs 0.75 (rounds 0.65-1.06).
   In the same rounds the thread writer read 0.46 and 0.58, and a writer that writes
   nothing at all 0.90 (answering at once) and 0.81 (2 ms later). On the pages before it:
-  disk 0.72 and 0.77, tmpfs 0.81 and 0.99 (met). Six `bench_save.py` runs alone read disk
+  disk 0.72 and 0.77, tmpfs 0.81 and 0.99 (met). Seven `bench_save.py` runs alone read disk
   0.67-0.82 and tmpfs 0.72-0.90. The noise is as wide as the gap. What is known:
   - *The disk's own work, measured.* The row "save_to off, another process writing files to
     disk at the disk run's pace" runs the fan-out without saving while a second process
@@ -263,13 +263,15 @@ HOW_TO_READ = """\
     the rest). A first version of this mode, without the start cancelled, read ~47 µs.
     Against the fast server the client spends ~180-250 µs a prompt, so this alone brings on
     ÷ off to about 0.87-0.89, as the instruction count does. The client's CPU per prompt
-    rose ~50 µs there, on disk and on tmpfs alike (per process, below): the other ~20 µs is the same
-    work costing more in the real client, beside aiohttp's working set and the writer
-    process, and not the disk's own work, as tmpfs rose as much; this VM has no performance
-    counters to split it further. What is left to win in the client is a few µs an item (the
-    header's directory encoded once, one answer per round rather than per file, one
-    coroutine less, the path made without parsing it again: ~5-8 µs together by the
-    measurements above, ~0.03 of the ratio; not done).
+    rose ~50 µs there, on disk and on tmpfs alike (per process, below): the other ~20 µs is
+    the same work costing more in the real client, beside aiohttp's working set and the
+    writer process, and not the disk's own work, as tmpfs rose as much; this VM has no
+    performance counters to split it further. Since then the saver saves a prompt's one
+    `b64_json` image in one step (035edf7: ~6-10 µs less a prompt in an A/B of the two
+    paths, 10 rounds of this setup; the next `bench_save.py` run read disk 0.80 and tmpfs
+    0.84, within the noise of the ones before). What is left to win in the client is a few
+    µs an item: the header's directory encoded once, one answer per round rather than per
+    file, the path made without parsing it again (not done).
   - *Ruled out, ad hoc* (one process, runs of 6,000 prompts, each disk run between two
     off runs, 12 such triples per arm): the collector. With it disabled for every run,
     disk read 0.70 of off (median), with it on 0.77. And the workers that wait for their
