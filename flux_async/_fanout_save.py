@@ -136,30 +136,24 @@ class Saver:
         # downloads a fraction of that, the wire stays nearly full anyway.)
         save = self._save
         data = response.data
-        if len(data) == 1 and data[0].b64_json is not None:
-            # A batch's common case, in one frame: the general path below costs the event
-            # loop ~6-10 us more a prompt (`bench_save.py --client-cpu`), a third of a save.
-            try:
-                stem = save.stem(index, request.prompt)
+        try:
+            stem = save.stem(index, request.prompt)
+            if len(data) == 1 and data[0].b64_json is not None:
+                # A batch's common case, in one frame: the general path below costs the
+                # event loop ~6-10 us more a prompt (`bench_save.py --client-cpu`).
                 name = stem if self._stem_checked else check_stem(stem)
                 job = ImageJob(self._folder, name, data[0].b64_json, None, None, self._max_bytes)
                 written = await self._writer.write(job)
-            except (ImageSaveError, OSError) as exc:
-                error = _not_saved(exc, response, attempts, 1)
-                if error is exc:
-                    raise
-                raise error from exc
-            return (save.directory / os.path.basename(written),)  # half of Path(written)'s cost
-        images = [(image.url, image.b64_json) for image in data]
-        try:
-            stem = save.stem(index, request.prompt)
+                # directory / name: half of Path(written)'s cost.
+                return (save.directory / os.path.basename(written),)
+            images = [(image.url, image.b64_json) for image in data]
             if any(b64 is None for _, b64 in images):
                 async with self._downloads:
                     paths = await save.downloader.save_all(images, save.directory, stem)
             else:
                 paths = await save.downloader.save_all(images, save.directory, stem)
         except (ImageSaveError, OSError) as exc:
-            error = _not_saved(exc, response, attempts, len(images))
+            error = _not_saved(exc, response, attempts, len(data))
             if error is exc:
                 raise
             raise error from exc

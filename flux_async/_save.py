@@ -673,8 +673,8 @@ class Downloader:
         if len(images) == 1:
             ((url, b64),) = images
             if b64 is not None:
-                # A batch's common case, without a coroutine per layer: each is an object
-                # the garbage collector keeps track of for as long as the write takes.
+                # Without a coroutine per layer: each is an object the garbage collector
+                # keeps track of for as long as the write takes.
                 job = ImageJob(folder, names[0], b64, None, None, self.max_bytes)
                 written = await self.writer.write(job)
                 return [directory / os.path.basename(written)]  # half of Path(written)'s cost
