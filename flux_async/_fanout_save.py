@@ -100,7 +100,7 @@ class Saver:
             await saver.aclose()
     """
 
-    __slots__ = ("_downloads", "_folder", "_max_bytes", "_save", "_stem_checked", "_writer")
+    __slots__ = ("_downloads", "_folder", "_max_bytes", "_save", "_stem_always_valid", "_writer")
 
     def __init__(self, save: SaveTo) -> None:
         self._writer = ProcessWriter()
@@ -109,7 +109,7 @@ class Saver:
         self._folder = os.fspath(save.directory)
         self._max_bytes = save.downloader.max_bytes
         # The default stem makes a valid file name from any index: only a caller's is checked.
-        self._stem_checked = save.stem is default_stem
+        self._stem_always_valid = save.stem is default_stem
 
     def start(self) -> None:
         """Start the writer process as the fan-out starts: it takes ~25 ms, mostly over
@@ -141,7 +141,7 @@ class Saver:
             if len(data) == 1 and data[0].b64_json is not None:
                 # A batch's common case, in one frame: the general path below costs the
                 # event loop ~6-10 us more a prompt (`bench_save.py --client-cpu`).
-                name = stem if self._stem_checked else check_stem(stem)
+                name = stem if self._stem_always_valid else check_stem(stem)
                 job = ImageJob(self._folder, name, data[0].b64_json, None, None, self._max_bytes)
                 written = await self._writer.write(job)
                 # directory / name: half of Path(written)'s cost.
