@@ -219,7 +219,7 @@ HOW_TO_READ = """\
   rounds' own ratios): disk 0.73 (rounds 0.65-0.84) and tmpfs 0.75 (rounds 0.65-1.06).
   In the same rounds the thread writer read 0.46 and 0.58, and a writer that writes
   nothing at all 0.90 (answering at once) and 0.81 (2 ms later). On the pages before it:
-  disk 0.72 and 0.77, tmpfs 0.81 and 0.99 (met). Seven `bench_save.py` runs alone read disk
+  disk 0.72 and 0.77, tmpfs 0.81 and 0.99 (met). Eight `bench_save.py` runs alone read disk
   0.67-0.82 and tmpfs 0.72-0.90. The noise is as wide as the gap. What is known:
   - *The disk's own work, measured.* The row "save_to off, another process writing files to
     disk at the disk run's pace" runs the fan-out without saving while a second process
@@ -268,10 +268,15 @@ HOW_TO_READ = """\
     writer process, and not the disk's own work, as tmpfs rose as much; this VM has no
     performance counters to split it further. Since then the saver saves a prompt's one
     `b64_json` image in one step (035edf7: ~6-10 µs less a prompt in an A/B of the two
-    paths, 10 rounds of this setup; the next `bench_save.py` run read disk 0.80 and tmpfs
-    0.84, within the noise of the ones before). What is left to win in the client is a few
-    µs an item: the header's directory encoded once, one answer per round rather than per
-    file, the path made without parsing it again (not done).
+    paths, 10 rounds of this setup; the next two `bench_save.py` runs read disk 0.80 and
+    0.68, tmpfs 0.84 and 0.79, the second while tmpfs's bare loop ran at a third of its
+    speed an hour before: within the noise of the runs before; `--client-cpu` at f5b0dc9
+    read the event loop's share at 3-8 µs a prompt and the handover at ~20-23). What is left
+    is mostly the handover (~20 µs: the pipe's system calls, the answers, the wake-ups,
+    decoding and the copy), where the trims found so far are worth a few µs each (the
+    header's directory encoded once, one answer per round rather than per file, the path
+    made without parsing it again; not done), and a ring of shared memory that reuses what
+    is still in cache was within the noise (ad hoc).
   - *Ruled out, ad hoc* (one process, runs of 6,000 prompts, each disk run between two
     off runs, 12 such triples per arm): the collector. With it disabled for every run,
     disk read 0.70 of off (median), with it on 0.77. And the workers that wait for their
