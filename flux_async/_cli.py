@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -720,14 +720,10 @@ def _finish_generate(
     if stopped is not None:
         then = "their lines have the error BatchStoppedError; fix this and run those again."
         click.echo(_stopped_line(stopped, job.not_sent, then), err=True)
-    batch_deadline = job.fanout_options.get("batch_deadline")
-    if batch_deadline is not None and elapsed >= batch_deadline:
-        # Prompts still unread then were never taken from the input, so they have no line.
-        click.echo(
-            f"The batch deadline of {batch_deadline:g} s passed: prompts after the last "
-            "index listed were not read.",
-            err=True,
-        )
+    # Prompts still unread then were never taken from the input, so they have no line.
+    _say_deadline_passed(
+        job.fanout_options, elapsed, "prompts after the last index listed were not read."
+    )
     if problems:
         click.echo(f"Error: {name}: {problems[0]}", err=True)
         ctx.exit(_EXIT_USAGE)
@@ -860,6 +856,13 @@ async def _run_batch(run: _BatchRun) -> None:
         )
 
 
+def _say_deadline_passed(options: Mapping[str, Any], elapsed: float, then: str) -> None:
+    """One stderr line if the run's --batch-deadline passed: what it did to the prompts."""
+    deadline = options.get("batch_deadline")
+    if deadline is not None and elapsed >= deadline:
+        click.echo(f"The batch deadline of {deadline:g} s passed: {then}", err=True)
+
+
 def _in_cli_terms(hint: str) -> str:
     """The library's hint with the options that set what it names (``api_key=`` is
     ``--api-key`` here)."""
@@ -976,12 +979,11 @@ def _finish_batch(ctx: click.Context, run: _BatchRun, elapsed: float, interrupte
             err=True,
         )
     click.echo(summary, err=True)
-    batch_deadline = run.fanout_options.get("batch_deadline")
-    if batch_deadline is not None and elapsed >= batch_deadline and not all_ok:
-        click.echo(
-            f"The batch deadline of {batch_deadline:g} s passed: the prompts in progress then "
-            "failed, and the rest were not run.",
-            err=True,
+    if not all_ok:
+        _say_deadline_passed(
+            run.fanout_options,
+            elapsed,
+            "the prompts in progress then failed, and the rest were not run.",
         )
     stop = _stop_line(plan)
     if stop is not None:
