@@ -220,7 +220,39 @@ HOW_TO_READ = """\
   In the same rounds the thread writer read 0.46 and 0.58, and a writer that writes
   nothing at all 0.90 (answering at once) and 0.81 (2 ms later). On the pages before it:
   disk 0.72 and 0.77, tmpfs 0.81 and 0.99 (met). Eight `bench_save.py` runs alone read disk
-  0.67-0.82 and tmpfs 0.72-0.90. The noise is as wide as the gap. What is known:
+  0.67-0.82 and tmpfs 0.72-0.90; three at 3874677-e7d0ef5 read disk 0.66, 0.59 and 0.71,
+  tmpfs 0.89, 0.76 and 0.89 (the 0.59 run's first rounds, 0.36 and 0.45, ran minutes after
+  the run before it had removed its files: see the removals below; the 0.71 run wrote to a
+  new directory at the top of the filesystem instead). The noise is as wide as the gap.
+  What is known:
+  - *Where the processes run* (e7d0ef5). On these 2 CPUs the fast server shares the
+    client's. A scheduler trace of one disk run of 10,000 prompts (`perf record -a -e
+    sched:sched_switch`, ad hoc) had the client preempted 721 times by the server and 81
+    times by the writer process, against about none with saving off: while the writer
+    is busy on the other CPU, the server's wake-ups land on the client's. `python
+    benchmarks/bench_save.py --confine` gives the server the last CPU and the client's
+    event loop the others (the writer process and the process writing beside a run get
+    both), and runs off and disk unconfined in the same rounds for comparison. Two runs:
+    disk 0.84 and 0.71 confined against 0.72 and 0.69 unconfined; tmpfs 0.87 and 0.76;
+    the row with files written beside a run without saving 1.06 and 0.95. Ad hoc A/B runs
+    (8-10 paired rounds of 10,000 prompts) read confined disk at 0.81 of unconfined off
+    where unconfined disk read 0.72, but confined off itself at 0.90 and 0.98 of
+    unconfined off: a client that no longer shares a CPU and its caches with the server
+    at times loses something too. So neither placement is a remote server's, the gated
+    figures stay the unconfined ones, and placement explains a part of the gap that the
+    noise does not let us size. A writer process under `SCHED_BATCH` (no wake-up
+    preemption) was within the noise (disk 0.73 against 0.77 of off, tmpfs 0.86 against
+    0.81; 8 paired rounds).
+  - *Workers waiting for a slow flush* (ad hoc, the writer's rounds logged, runs of 10,000
+    prompts): a round takes 1.3-2.3 ms on disk at the median, but 2-6 ms at the 90th
+    percentile and up to 10-25 ms, against 0.3-0.4 ms and at most 2-5 ms on tmpfs. At
+    ~5,000 prompts/s, 64 workers are all waiting for files within ~13 ms, so a long flush
+    idles the client: it was on its CPU 86-99% of the time in disk runs against 99-100%
+    with saving off. A fixed 2 ms wait costs nothing (the row with a writer answering 2
+    ms later: 0.96 and 0.89 in the last two runs); the tail does. A wider window would
+    hide it, but prompts generated and not yet saved are bounded by `concurrency` so
+    that a crash costs at most that many generations, and a worker released before its
+    file is durable would make an `ok` in the manifest mean less.
   - *The disk's own work, measured.* The row "save_to off, another process writing files to
     disk at the disk run's pace" runs the fan-out without saving while a second process
     writes the same PNG by the same protocol, as many files a second as the disk runs saved:
@@ -228,7 +260,8 @@ HOW_TO_READ = """\
     in four `python benchmarks/bench_save.py` runs, 0.92 ad hoc (8 paired rounds of 6,000
     prompts; the same process writing to tmpfs: 0.98). That client decodes and writes
     nothing; what it loses is the kernel's and, on this VM, the host's work for the disk, on
-    the same 2 cores, which no change to the client can win back. How much of the disk gap
+    the same 2 cores, which no change to the client can win back (this round: 0.86, 0.73
+    and 0.95 unconfined, 1.06 and 0.95 confined; see the item above). How much of the disk gap
     it is, the rows are too noisy to say: tmpfs times that row gives 0.65 on this page,
     where disk read 0.73; 0.71 and 0.94 on the pages before, where disk read 0.72 and 0.77.
     Besides the disk's work, a round takes ~1.7 ms on disk against ~0.35 ms on tmpfs, so
@@ -303,7 +336,12 @@ HOW_TO_READ = """\
     of removals cost 300-800 µs of kernel time. A disk run's files now stay until the
     benchmark ends, as a batch's would; the bare loop writes 7,000-16,000 files/s, above
     the fast server's prompts/s, and the gated disk figure is plain on ÷ off. Its removal
-    at the end still slows any benchmark writing to the same disk in the minute after it.
+    at the end still slows any benchmark writing to the same disk in the minutes after
+    it: measured at 3874677, a bare loop wrote 800-1,400 files/s (660-1,080 µs of kernel
+    time a file, 70% of it in `recently_deleted()`) for 10-90 s after 20,000-300,000 files
+    were removed, against 5,000-6,000 files/s otherwise. `--dir` on a new directory at
+    the top of the filesystem (which ext4 places in a block group of its own) seemed to
+    avoid it in two runs.
   - *On disk, the filesystem's own work* on the same 2 cores as the client and the
     server. A bare loop by the library's protocol spends 65-115 µs of kernel time per file
     on this disk and 20-37 µs on tmpfs, and 50-130 µs on disk with no flush at all: the
@@ -467,7 +505,9 @@ The figures:
    writes nothing, and to tmpfs (steady where prompts/s is not; see the known gaps), and
    `--client-cpu` the client's CPU time per prompt for the same three in one process over
    a transport that answers at once, with the collector on and off (what a save costs the
-   client in time, with no server, socket or disk sharing the CPU).
+   client in time, with no server, socket or disk sharing the CPU). With `--confine` the
+   server gets a CPU of its own and the client's event loop the others, with unconfined
+   off and disk runs in the same rounds for comparison (see the known gaps).
 
 ## How to reproduce
 
