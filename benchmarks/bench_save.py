@@ -525,6 +525,7 @@ class Cpus:
         self.client = self.all - self.server if self.enabled else self.all
 
     def describe(self) -> str:
+        """Where the processes run, in words, for the benchmark's notes."""
         if not self.enabled:
             return "every process wherever the scheduler put it"
         server = ",".join(map(str, sorted(self.server)))
@@ -536,11 +537,13 @@ class Cpus:
         )
 
     def confine(self, server: int) -> None:
+        """Put process ``server`` on its CPU and this thread on the others."""
         if self.enabled:
             os.sched_setaffinity(server, self.server)
             os.sched_setaffinity(0, self.client)  # this thread: threads it starts inherit it
 
     def release(self, server: int | None = None) -> None:
+        """Let this thread, and process ``server`` if given, run on every CPU again."""
         if self.enabled:
             os.sched_setaffinity(0, self.all)
             if server is not None:
@@ -549,6 +552,7 @@ class Cpus:
 
     @contextlib.contextmanager
     def free(self, server: int) -> Iterator[None]:
+        """Within the block nothing is confined; confined again after it."""
         self.release(server)
         try:
             yield
