@@ -528,12 +528,10 @@ class Cpus:
         """Where the processes run, in words, for the benchmark's notes."""
         if not self.enabled:
             return "every process wherever the scheduler put it"
-        server = ",".join(map(str, sorted(self.server)))
-        client = ",".join(map(str, sorted(self.client)))
         return (
-            f"the server on CPU {server}, the client's event loop on CPU {client}, its writer "
-            f"process (and the process writing beside a run) on CPUs "
-            f"{','.join(map(str, sorted(self.all)))}"
+            f"the server on CPU {_listed(self.server)}, the client's event loop on CPU "
+            f"{_listed(self.client)}, its writer process (and the process writing beside a "
+            f"run) on CPUs {_listed(self.all)}"
         )
 
     def confine(self, server: int) -> None:
@@ -578,10 +576,15 @@ class Cpus:
             mock.patch.dict(
                 os.environ,
                 FLUX_BENCH_FILES=_files.__file__,
-                FLUX_BENCH_CPUS=",".join(map(str, sorted(self.all))),
+                FLUX_BENCH_CPUS=_listed(self.all),
             )
         )
         return stack
+
+
+def _listed(cpus: set[int]) -> str:
+    """``{1, 0}`` as ``"0,1"``: how `Cpus` names CPUs, and how the writer reads them."""
+    return ",".join(map(str, sorted(cpus)))
 
 
 def _writer_does_nothing(delay: float) -> contextlib.AbstractContextManager[object]:
