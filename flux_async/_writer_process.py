@@ -4,17 +4,17 @@ A writer thread beside a busy event loop waits for the interpreter lock after ea
 its system calls; measured beside a fan-out of ~1,000 prompts/s, it wrote files at ~0.7
 of its speed alone, a process at its full speed (``docs/design.md``, "The fan-out").
 So a fan-out hands its images to a `ProcessWriter`: a child Python (``python -I -S
-_files.py``, standard library only: it starts in ~25 ms) that writes them
-by the same protocol as the thread (`_files.write_round`) and answers each one. The
-event loop's part per image is one copy of its payload into memory shared with the child
-(a ``b64_json`` image decoded first when pybase64 is installed) and a header in a pipe,
-written once per turn of the loop for every image handed over in that turn.
+_files.py``, standard library only: it starts in ~25 ms) that writes them with the same
+guarantee as the thread (`_files.serve`: atomic, durable, name included) and answers each
+one. The event loop's part per image is one copy of its payload into memory shared with
+the child (a ``b64_json`` image decoded first when pybase64 is installed) and a header in
+a pipe, written once per turn of the loop for every image handed over in that turn.
 
 The child starts as the fan-out starts; images handed over before it runs are written by
 the thread writer, so no worker waits for it. Where a child cannot be had (a frozen
 application, a system that is not POSIX, a start that fails) or dies, the images go to
-the thread writer too, those in flight included: a write is idempotent (a temporary file
-renamed over the final name), so none is lost and none stands half-written.
+the thread writer too, those in flight included: a write is idempotent (a file gets its final name only once
+whole, replacing any file there), so none is lost and none stands half-written.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import os
 import random
+import select
 import signal
 import threading
 from pathlib import Path
@@ -149,6 +150,173 @@ def test_the_child_takes_a_job_split_across_reads(tmp_path: Path) -> None:
     os.close(sink_w)
     os.close(source_r)
     assert answers(read_all(sink_r)) == [(7, files.OK, os.fsencode(tmp_path / "a.png"))]
+
+
+def test_the_child_answers_a_job_without_waiting_for_the_next(tmp_path: Path) -> None:
+    """A round's answers wait for the next round's flush only while more jobs are coming:
+    a parent that waits for each answer before sending the next job gets every one."""
+    source_r, source_w = os.pipe()
+    sink_r, sink_w = os.pipe()
+    thread = serve_in_a_thread(source_r, sink_w)
+    try:
+        for number in range(1, 4):
+            os.write(source_w, job(number, tmp_path, f"{number}", PNG))
+            # The child answers with the pipe still open (a child that waits for more
+            # jobs first would leave this waiting for good).
+            assert select.select([sink_r], [], [], 10)[0], f"job {number} was not answered"
+            answer = os.read(sink_r, 1 << 16)
+            assert answers(answer) == [(number, files.OK, os.fsencode(tmp_path / f"{number}.png"))]
+    finally:
+        os.close(source_w)
+        thread.join(10)
+        os.close(sink_w)
+        os.close(source_r)
+        os.close(sink_r)
+    assert listing(tmp_path) == ["1.png", "2.png", "3.png"]
+
+
+def flushes_seen(directory: Path) -> tuple[list[list[str]], Any]:
+    """A syncfs that records what stood in ``directory`` at each flush."""
+    seen: list[list[str]] = []
+
+    def syncfs(fd: int) -> None:
+        seen.append(listing(directory))
+
+    return seen, syncfs
+
+
+def round_of(tmp_path: Path, *names: str) -> list[tuple[int, tuple[str, bytes] | BaseException]]:
+    return [(int(n), (str(tmp_path / f"{n}.png"), PNG + n.encode())) for n in names]
+
+
+def test_a_round_is_answered_after_the_flush_that_follows_its_names(tmp_path: Path) -> None:
+    """Under load, one flush a round: it makes this round's bytes durable and the last
+    round's names, which are answered only then; the last round is answered after a flush
+    of its own. Files are written unnamed (nothing stands under a temporary name), and a
+    file already standing under a final name is replaced whole."""
+    (tmp_path / "2.png").write_bytes(b"old")
+    seen, syncfs = flushes_seen(tmp_path)
+    rounds = files._Rounds(syncfs)
+    try:
+        assert rounds.write(round_of(tmp_path, "1", "2")) == []
+        assert seen == [["2.png"]]  # the new bytes were flushed before any name was given
+        assert rounds.unsettled
+        second = rounds.write(round_of(tmp_path, "3"))
+        assert seen == [["2.png"], ["1.png", "2.png"]]
+        assert second == [(1, str(tmp_path / "1.png")), (2, str(tmp_path / "2.png"))]
+        assert rounds.settle() == [(3, str(tmp_path / "3.png"))]
+        assert seen[-1] == ["1.png", "2.png", "3.png"]
+        assert not rounds.unsettled
+        assert rounds.settle() == []
+    finally:
+        rounds.close()
+    assert len(seen) == 3
+    assert [(tmp_path / f"{n}.png").read_bytes() for n in "123"] == [
+        PNG + n.encode() for n in "123"
+    ]
+
+
+def test_names_in_another_directory_are_made_durable_before_the_next_flush(
+    tmp_path: Path,
+) -> None:
+    """The next round's flush is of its own directories: names given elsewhere are
+    flushed, and answered, first."""
+    seen, syncfs = flushes_seen(tmp_path)
+    rounds = files._Rounds(syncfs)
+    try:
+        rounds.write(round_of(tmp_path, "1"))
+        (tmp_path / "other").mkdir()
+        due = rounds.write(round_of(tmp_path / "other", "2"))
+        assert due == [(1, str(tmp_path / "1.png"))]
+        assert len(seen) == 3  # round 1's bytes, round 1's names, round 2's bytes
+        assert rounds.settle() == [(2, str(tmp_path / "other" / "2.png"))]
+    finally:
+        rounds.close()
+
+
+def test_without_syncfs_each_round_is_answered_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where there is no syncfs, each file is fsynced as it is written, renamed, and its
+    directory fsynced before the round is answered."""
+    synced: list[list[str]] = []
+    real = files.fsync_directory
+
+    def fsync_directory(directory: str) -> None:
+        synced.append(listing(Path(directory)))
+        real(directory)
+
+    monkeypatch.setattr(files, "fsync_directory", fsync_directory)
+    rounds = files._Rounds(None)
+    try:
+        assert rounds.write(round_of(tmp_path, "1", "2")) == [
+            (1, str(tmp_path / "1.png")),
+            (2, str(tmp_path / "2.png")),
+        ]
+        assert synced == [["1.png", "2.png"]]
+        assert not rounds.unsettled
+    finally:
+        rounds.close()
+
+
+def test_a_filesystem_without_unnamed_files_gets_temporary_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where O_TMPFILE is refused, files are written under a temporary name and renamed,
+    with the same answers; the refusal is met once, not once a file."""
+    import errno
+
+    refused = 0
+    real_open = os.open
+
+    def no_unnamed(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        nonlocal refused
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            refused += 1
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "open", no_unnamed)
+    seen, syncfs = flushes_seen(tmp_path)
+    rounds = files._Rounds(syncfs)
+    try:
+        assert rounds.write(round_of(tmp_path, "1", "2")) == []
+        assert all(name.endswith(".part") for name in seen[0])  # flushed under temporary names
+        assert rounds.write(round_of(tmp_path, "3")) == [
+            (1, str(tmp_path / "1.png")),
+            (2, str(tmp_path / "2.png")),
+        ]
+        assert rounds.settle() == [(3, str(tmp_path / "3.png"))]
+    finally:
+        rounds.close()
+    assert refused == 1
+    assert listing(tmp_path) == ["1.png", "2.png", "3.png"]
+
+
+def test_a_flush_that_fails_fails_its_round_and_leaves_no_file(tmp_path: Path) -> None:
+    """The bytes' flush fails: every file of the round gets its error and none is named;
+    the round before, named already, gets it too, as its names' flush fails (its file
+    stands whole: a rerun replaces it)."""
+    _seen, record = flushes_seen(tmp_path)
+    failing = False
+
+    def syncfs(fd: int) -> None:
+        record(fd)
+        if failing:
+            raise OSError(5, "Input/output error")
+
+    rounds = files._Rounds(syncfs)
+    try:
+        rounds.write(round_of(tmp_path, "1"))
+        failing = True
+        due = rounds.write(round_of(tmp_path, "2", "3"))
+        failing = False
+        assert [(n, type(o)) for n, o in due] == [(1, OSError)]
+        assert [(n, type(o)) for n, o in rounds.settle()] == [(2, OSError), (3, OSError)]
+    finally:
+        rounds.close()
+    assert listing(tmp_path) == ["1.png"]
+    assert (tmp_path / "1.png").read_bytes() == PNG + b"1"
 
 
 # -- the ring ---------------------------------------------------------------------------------
