@@ -14,9 +14,11 @@ not what a server takes. Two ways an image comes back, each measured off and on:
   client's pool (a second HTTP exchange per prompt) and writes the file.
 
 Every file is written as the library writes it: from the writer process a fan-out with
-``save_to=`` starts (`flux_async._writer_process`), a temporary file beside its final
-name, made durable with one syncfs(2) per group of files (an fsync per file where there
-is none), renamed, and the renames made durable with one fsync of the directory. "On"
+``save_to=`` starts (`flux_async._writer_process`), an unnamed file in its directory
+(a temporary name where there can be none), made durable with one syncfs(2) per group
+of files (an fsync per file where there is none), then linked under its final name, the
+names made durable by the next group's syncfs, or by one of their own when no group
+follows (`flux_async._files._Rounds`). "On"
 runs twice: on local disk (a fresh directory under ``--dir``, by default the directory
 the script runs in, where a user's batch would write) and on tmpfs (under
 ``--tmpfs-dir``, ``/dev/shm`` by default). Each run ends with sync(2), so that no run pays
@@ -31,7 +33,8 @@ which the notes give too).
 A disk can be slower than any client: on a shared VM creating one small file can cost
 most of a millisecond of kernel time. So each round also measures the disk's own
 ceiling, as files/s: a bare loop (`ceiling`) writing the same number of files of the
-same size by the same protocol, with the same number of threads, doing nothing else.
+same size by the same protocol, on one thread as the writer process does, and nothing
+else.
 A second bare loop keeps at most ``concurrency`` files not yet durable at once, as the
 fan-out does (a prompt's worker waits for its files, which bounds what a crash costs),
 for information: it shows how much of a gap to the first is that bound rather than the
@@ -78,6 +81,13 @@ what decoding the image costs with the decoder the library picked (pybase64, fro
 ``fast`` or ``cli`` extra, else the standard library's, ~30x slower): a decoder holds the
 interpreter lock, so its time adds to the event loop's whatever thread runs it.
 
+With ``--protocols`` it measures instead the bare loop on disk by each writer's
+protocol, in rounds of 8 files (the writer process's median round at ~4,000 prompts/s):
+the thread writer's (a temporary name, syncfs, rename, an fsync of the directory), and
+the writer process's, under load (unnamed files, syncfs, links, the names made durable
+by the next round's syncfs) and when no round follows (the names flushed at once): its
+files/s, and the wall and CPU time a file (half a minute).
+
 With ``--instructions`` it counts instead the client's instructions per prompt under
 callgrind (needs valgrind; about five minutes): saving off, with the writer that writes
 nothing, and saving to tmpfs, each in a child process at two batch sizes so that start-up
@@ -101,7 +111,8 @@ when its switch interval (5 ms) runs out; a process shares no lock.
 
     python benchmarks/bench_save.py [--prompts N] [--concurrency 64] [--rounds 5]
                                     [--dir DIR] [--tmpfs-dir DIR] [--confine]
-                                    [--convoy | --instructions | --client-cpu]
+                                    [--convoy | --protocols | --instructions |
+                                     --client-cpu]
 """
 
 from __future__ import annotations
@@ -249,26 +260,31 @@ async def _serve(mode: str, port: int, latency: float) -> None:
 
 def _write_beside(directory: str, rate: float) -> None:
     """``--write-beside DIR --rate R``: write the benchmark's PNG into ``DIR`` by the
-    library's protocol (`flux_async._files.write_round`: a temporary name, one syncfs(2)
-    per round, a rename, a directory fsync) in rounds of 8 files, at ``R`` files/s, until
-    stdin closes; then print how many files it wrote and in how many seconds. Started
-    like the emulator (`EmulatorProcess`), whose ``READY`` line it prints first."""
+    writer process's protocol (`flux_async._files._Rounds`: unnamed files, one syncfs(2)
+    per round, links, the names made durable by the next round's syncfs) in rounds of 8
+    files, at ``R`` files/s, until stdin closes; then print how many files it wrote and in
+    how many seconds. Started like the emulator (`EmulatorProcess`), whose ``READY`` line
+    it prints first."""
     import select
 
-    from flux_async._files import find_syncfs, write_round
+    from flux_async._files import _Rounds, find_syncfs
 
-    syncfs, png = find_syncfs(), _png()
+    rounds, png = _Rounds(find_syncfs()), _png()
     written, started = 0, time.monotonic()
     print(f"READY {directory}", flush=True)
-    while not select.select([sys.stdin], [], [], 0)[0]:  # readable: closed (EOF)
-        write_round(
-            [(os.path.join(directory, f"{written + i:07d}.png"), png) for i in range(8)],
-            syncfs,
-        )
-        written += 8
-        ahead = written / rate - (time.monotonic() - started)
-        if ahead > 0:
-            time.sleep(ahead)
+    try:
+        while not select.select([sys.stdin], [], [], 0)[0]:  # readable: closed (EOF)
+            rounds.write(
+                [(i, (os.path.join(directory, f"{written + i:07d}.png"), png)) for i in range(8)]
+            )
+            written += 8
+            ahead = written / rate - (time.monotonic() - started)
+            if ahead > 0:
+                rounds.settle()  # nothing follows at once, as in the writer process
+                time.sleep(ahead)
+        rounds.settle()
+    finally:
+        rounds.close()
     print(written, time.monotonic() - started, flush=True)
 
 
@@ -328,6 +344,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--convoy",
         action="store_true",
         help="instead: the bare loop alone, on a thread beside a busy fan-out, in a process",
+    )
+    instead.add_argument(
+        "--protocols",
+        action="store_true",
+        help="instead: the bare loop on disk by the thread writer's protocol and the "
+        "writer process's (half a minute)",
     )
     instead.add_argument(
         "--instructions",
@@ -430,46 +452,97 @@ def ceiling(
     base: str, count: int, data: bytes, window: int | None = None, scratch: Scratch | None = None
 ) -> float:
     """Files/s of a bare loop writing ``count`` files of ``data`` into a fresh directory
-    under ``base`` by the library's protocol, on one thread (as the library's writer
-    process does), and nothing else; ``window``: at most that many files not yet
-    durable at once (the fan-out's bound: a prompt's worker waits for its file), else
-    all of them at once.
-
-    The protocol, in rounds: create each file of the round under a temporary name
-    beside its final one and write it, flush them all with one syncfs(2), rename each
-    over its final name, fsync the directory. Without syncfs (not Linux) each file is
-    fsynced as it is written instead.
+    under ``base`` by the writer process's protocol (`_files._Rounds`), on one thread (as
+    that process does), and nothing else; ``window``: at most that many files not yet
+    durable at once (the fan-out's bound: a prompt's worker waits for its file), so each
+    window is a round whose names are made durable before the next starts; else all of
+    them at once, in one round.
     """
-    from flux_async._files import CREATE, find_syncfs, fsync_directory
+    return _bare_loop(base, count, data, window or count, "settled", scratch)[0]
+
+
+#: --protocols: how a round is written (`_bare_loop`).
+PROTOCOLS = {
+    "thread": "the thread writer's: a temporary name, syncfs, rename, fsync of the directory",
+    "process": "the writer process's under load: unnamed files, syncfs, links, the names "
+    "made durable by the next round's syncfs",
+    "settled": "the writer process's when no round follows: its names flushed at once",
+}
+
+
+def _bare_loop(
+    base: str, count: int, data: bytes, per_round: int, protocol: str, scratch: Scratch | None
+) -> tuple[float, float]:
+    """Files/s, and CPU seconds a file, of a bare loop writing ``count`` files of ``data``
+    into a fresh directory under ``base`` in rounds of ``per_round``, one after another
+    by ``protocol`` (`PROTOCOLS`), and doing nothing else."""
+    from flux_async import _files
 
     scratch = scratch or Scratch(set())
     directory = scratch.make(base, "flux-bench-ceiling-")
-    syncfs = find_syncfs()
+    syncfs = _files.find_syncfs()
+    rounds = _files._Rounds(syncfs)
     try:
-        started = time.perf_counter()
-        for first in range(0, count, window or count):
-            group = range(first, min(count, first + (window or count)))
-            for i in group:
-                fd = os.open(os.path.join(directory, f".{i:06d}.png.part"), CREATE, 0o666)
-                try:
-                    os.write(fd, data)
-                    if syncfs is None:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-            if syncfs is not None:
-                fd = os.open(directory, os.O_RDONLY)
-                try:
-                    syncfs(fd)
-                finally:
-                    os.close(fd)
-            for i in group:
-                final = os.path.join(directory, f"{i:06d}.png")
-                os.replace(os.path.join(directory, f".{i:06d}.png.part"), final)
-            fsync_directory(directory)
-        return count / (time.perf_counter() - started)
+        cpu, started = time.process_time(), time.perf_counter()
+        for first in range(0, count, per_round):
+            files = [
+                (os.path.join(directory, f"{i:06d}.png"), data)
+                for i in range(first, min(count, first + per_round))
+            ]
+            if protocol == "thread":
+                _files.write_round(files, syncfs)
+                continue
+            rounds.write(list(enumerate(files)))
+            if protocol == "settled":
+                rounds.settle()
+        rounds.settle()
+        elapsed = time.perf_counter() - started
+        return count / elapsed, (time.process_time() - cpu) / count
     finally:
+        rounds.close()
         scratch.release(directory)
+
+
+def protocols(args: argparse.Namespace) -> BenchOutput:
+    """The bare loop by each writer's protocol (``--protocols``): files/s, wall and CPU
+    time a file, in rounds of 8 files (the writer process's median round at ~4,000
+    prompts/s), interleaved over ``--rounds`` rounds, on disk under ``--dir``."""
+    from _common import BenchOutput, Row, median
+
+    count, per_round, png = 1000 if args.quick else 6000, 8, _png()
+    scratch = _scratch(args, count, len(png))
+    found: dict[str, list[tuple[float, float]]] = {name: [] for name in PROTOCOLS}
+    try:
+        for round_ in range(args.rounds):
+            for name in PROTOCOLS:
+                # (Its files stay until the end, and are synced after it: `Scratch`.)
+                found[name].append(_bare_loop(args.dir, count, png, per_round, name, scratch))
+            print(
+                f"  round {round_ + 1}: "
+                + ", ".join(f"{name} {found[name][-1][0]:.0f} files/s" for name in PROTOCOLS)
+            )
+    finally:
+        scratch.close()
+    rate = {name: median([r for r, _ in runs]) for name, runs in found.items()}
+    cpu = {name: median([c for _, c in runs]) for name, runs in found.items()}
+    rows = [
+        Row(
+            figure=f"disk bare loop files/s, {name} ÷ thread (n={count}, rounds of {per_round})",
+            flux=f"{rate[name]:.0f}/s",
+            peer=f"thread {rate['thread']:.0f}/s",
+            ratio=f"{rate[name] / rate['thread']:.2f}",
+            target="(info)",
+            met=None,
+        )
+        for name in PROTOCOLS
+        if name != "thread"
+    ]
+    notes = [
+        f"{name}: {PROTOCOLS[name]}; {1e6 / rate[name]:.0f} µs of wall time and "
+        f"{cpu[name] * 1e6:.0f} µs of CPU a file"
+        for name in PROTOCOLS
+    ]
+    return BenchOutput("how a round of files is written, by writer", rows, notes)
 
 
 def _decode_seconds(png: bytes) -> tuple[float, str]:
@@ -1244,6 +1317,8 @@ def main() -> int:
         count_instructions(args).print()
     elif args.client_cpu:
         client_cpu(args).print()
+    elif args.protocols:
+        protocols(args).print()
     else:
         (convoy(args) if args.convoy else run(args)).print()
     return 0

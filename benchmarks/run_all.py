@@ -487,8 +487,9 @@ The figures:
    prompts/s with `save_to=` on and off, against a constant-answer server in its own
    process: `b64_json` images (decode and write; an 18 KB PNG) and `url` images (a GET
    through the pool, then write), each file written durably and atomically as the
-   library does (temporary file, one syncfs per group, rename, the renames made durable
-   by one directory fsync, from the fan-out's writer process); "on" runs on local disk (a
+   library does (from the fan-out's writer process: an unnamed file, one syncfs per
+   group, a link under its final name, the names made durable by the next group's syncfs
+   or by one of their own when none follows); "on" runs on local disk (a
    fresh directory under the current one, `--dir`: on this VM a file created under /tmp
    costs ~5x the kernel CPU of one under /work, same disk) and on tmpfs (`/dev/shm`,
    `--tmpfs-dir`); 5 interleaved rounds, each ratio the median of the rounds' own
@@ -507,7 +508,9 @@ The figures:
    note gives what decoding the image costs (pybase64, from the `fast` extra, when
    installed). Not on this page: `python benchmarks/bench_save.py --instructions` counts
    the client's instructions per prompt under callgrind, saving off, with the writer that
-   writes nothing, and to tmpfs (steady where prompts/s is not; see the known gaps), and
+   writes nothing, and to tmpfs (steady where prompts/s is not; see the known gaps),
+   `--protocols` times the bare loop by the thread writer's protocol and the writer
+   process's, and
    `--client-cpu` the client's CPU time per prompt for the same three in one process over
    a transport that answers at once, with the collector on and off (what a save costs the
    client in time, with no server, socket or disk sharing the CPU). With `--confine` the
