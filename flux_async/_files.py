@@ -458,7 +458,8 @@ class _Rounds:
         too where there is no syncfs)."""
         syncfs = self._syncfs
         outcomes: list[str | BaseException] = []
-        staged: list[tuple[int, str, int | str]] = []  # position, final path, fd or temporary
+        # Position, final path, descriptor or temporary name, bytes.
+        staged: list[tuple[int, str, int | str, bytes]] = []
         token = os.urandom(6).hex()
         for number, (_, item) in enumerate(jobs):
             if isinstance(item, BaseException):
@@ -471,11 +472,11 @@ class _Rounds:
                 outcomes.append(exc)
             else:
                 outcomes.append(path)
-                staged.append((number, path, written))
+                staged.append((number, path, written, data))
         due: list[tuple[int, str | BaseException]] = []
         flushed = False
         if syncfs is not None and staged:
-            directories = {os.path.dirname(path) or "." for _, path, _ in staged}
+            directories = {os.path.dirname(path) or "." for _, path, _, _ in staged}
             try:
                 if not self._directories <= directories:
                     due += self.settle()  # names elsewhere: this flush may not cover them
@@ -483,7 +484,7 @@ class _Rounds:
                     _flush(syncfs, directory)
                 flushed = True
             except Exception as exc:  # every staged file fails with it
-                for number, _, written in staged:
+                for number, _, written, _ in staged:
                     _discard(written)
                     outcomes[number] = exc
                 staged = []
@@ -492,9 +493,9 @@ class _Rounds:
             self._answers, self._directories, self._linked = [], set(), False
         else:
             due += self.settle()
-        for number, path, written in staged:
+        for number, path, written, data in staged:
             try:
-                self._name(written, path, f"{token}{number}")
+                self._name(written, path, data, f"{token}{number}")
             except Exception as exc:
                 outcomes[number] = exc
             else:
@@ -552,23 +553,37 @@ class _Rounds:
         # other error, which the named way then reports as it is.
         return stage(path, data, sync=self._syncfs is None, tag=tag)
 
-    def _name(self, written: int | str, path: str, tag: str) -> None:
-        """Give the file ``written`` (`_stage`) its final name ``path``, replacing a file
-        there."""
+    def _name(self, written: int | str, path: str, data: bytes, tag: str) -> None:
+        """Give the file ``written`` (`_stage`) of ``data`` its final name ``path``,
+        replacing a file there."""
         if isinstance(written, str):
             rename(written, path)
             return
         try:
-            try:
-                os.link(str(written), path, src_dir_fd=self._proc, follow_symlinks=True)
-            except FileExistsError:
-                # A file stands there: linked under a temporary name, then renamed over it.
-                directory, name = os.path.split(path)
-                temporary = os.path.join(directory, f".{name}.{tag}.part")
-                os.link(str(written), temporary, src_dir_fd=self._proc, follow_symlinks=True)
-                rename(temporary, path)
+            if self._proc is not None:
+                try:
+                    self._link(written, path, tag)
+                    return
+                except OSError:
+                    # A sandbox that hides /proc's links, a filesystem that cannot link
+                    # a file that has no name: named the other way from now on.
+                    self.close()
+            # Written again under a temporary name, fsynced (this round's syncfs is
+            # past), renamed.
+            rename(stage(path, data, sync=True, tag=tag), path)
         finally:
             os.close(written)
+
+    def _link(self, fd: int, path: str, tag: str) -> None:
+        """Link the unnamed file ``fd`` under ``path``, over a file standing there."""
+        try:
+            os.link(str(fd), path, src_dir_fd=self._proc, follow_symlinks=True)
+        except FileExistsError:
+            # Linked under a temporary name, then renamed over it.
+            directory, name = os.path.split(path)
+            temporary = os.path.join(directory, f".{name}.{tag}.part")
+            os.link(str(fd), temporary, src_dir_fd=self._proc, follow_symlinks=True)
+            rename(temporary, path)
 
 
 def _discard(written: int | str) -> None:

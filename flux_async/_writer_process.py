@@ -13,8 +13,9 @@ a pipe, written once per turn of the loop for every image handed over in that tu
 The child starts as the fan-out starts; images handed over before it runs are written by
 the thread writer, so no worker waits for it. Where a child cannot be had (a frozen
 application, a system that is not POSIX, a start that fails) or dies, the images go to
-the thread writer too, those in flight included: a write is idempotent (a file gets its final name only once
-whole, replacing any file there), so none is lost and none stands half-written.
+the thread writer too, those in flight included: a write is idempotent (a file gets its
+final name only once whole, replacing any file there), so none is lost and none stands
+half-written.
 """
 
 from __future__ import annotations

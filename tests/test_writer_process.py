@@ -293,6 +293,53 @@ def test_a_filesystem_without_unnamed_files_gets_temporary_names(
     assert listing(tmp_path) == ["1.png", "2.png", "3.png"]
 
 
+def test_a_link_refused_names_the_file_the_other_way_from_then_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unnamed file whose link is refused (a sandbox hiding /proc's links) is written
+    again under a temporary name, fsynced and renamed; the rest of the round and the
+    rounds after it are named that way, with the same answers and the same bytes."""
+    import errno
+
+    links = 0
+    fsynced: list[int] = []
+    real_link, real_fsync = os.link, os.fsync
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        nonlocal links
+        links += 1
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def fsync(fd: int) -> None:
+        fsynced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "link", refused)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    seen, syncfs = flushes_seen(tmp_path)
+    rounds = files._Rounds(syncfs)
+    try:
+        assert rounds.write(round_of(tmp_path, "1", "2")) == []
+        assert seen == [[]]  # both were unnamed at the flush
+        monkeypatch.setattr(files.os, "link", real_link)
+        assert rounds.write(round_of(tmp_path, "3")) == [
+            (1, str(tmp_path / "1.png")),
+            (2, str(tmp_path / "2.png")),
+        ]
+        assert any(name.endswith(".part") for name in seen[1])  # 3: a temporary name
+        assert rounds.settle() == [(3, str(tmp_path / "3.png"))]
+    finally:
+        rounds.close()
+    assert links == 1
+    # 1 and 2 written again after their round's syncfs, then the directory once 3 is
+    # renamed (no file was linked: its fsync makes the names durable).
+    assert len(fsynced) == 3
+    assert listing(tmp_path) == ["1.png", "2.png", "3.png"]
+    assert [(tmp_path / f"{n}.png").read_bytes() for n in "123"] == [
+        PNG + n.encode() for n in "123"
+    ]
+
+
 def test_a_flush_that_fails_fails_its_round_and_leaves_no_file(tmp_path: Path) -> None:
     """The bytes' flush fails: every file of the round gets its error and none is named;
     the round before, named already, gets it too, as its names' flush fails (its file
