@@ -173,16 +173,16 @@ HOW_TO_READ = """\
 ## Known gaps
 
 - **Latency-bound wall ÷ ideal (information; the target is flux-async ÷ raw)** is
-  above 1.05 for every client, the raw aiohttp loop included (1.106 for flux-async and
-  1.090 for raw on the page before, 1.137 and 1.175 here; within a few % of each other on
-  every page). The ideal,
+  above 1.05 for every client, the raw aiohttp loop included (1.110 for flux-async and
+  1.102 for raw here, 1.137 and 1.175 on the page before, 1.106 and 1.090 before it;
+  within a few % of each other on every page). The ideal,
   `ceil(n/c) x latency`, counts no CPU time; each of the 20 waves of 100 requests costs
   both processes about 130 to 200 µs of CPU per request on 2 shared cores, which the
   emulator's timestamps show as each wave starting ~5 ms late. flux-async adds nothing
   measurable on top of raw aiohttp here.
 - **Fan-out against the emulator (target ≥ 0.90x raw aiohttp)** swings between runs on
-  this machine: 0.800x on this page (round by round 0.62-0.84), where the fast server's
-  req/s read 1.070x; 0.891x, 0.848x, 0.946x, 0.858x, 0.906x, 0.788x, 0.929x, 1.005x, 0.82x,
+  this machine: 0.837x on this page (round by round 0.69-1.04), where the fast server's
+  req/s read 1.026x; 0.800x, 0.891x, 0.848x, 0.946x, 0.858x, 0.906x, 0.788x, 0.929x, 1.005x, 0.82x,
   0.84x and 1.00x on the pages before it; `python
   benchmarks/bench_fanout.py` alone gave 1.01x, 0.80x, 0.62x, 0.81x, 0.77x and 1.07x in
   one day (round by round 0.53 to 1.08). The emulator shares the 2 cores with the
@@ -191,9 +191,10 @@ HOW_TO_READ = """\
   as against the fast server (423 for flux-async, 411-421 for raw), so it is not extra
   work flux-async does for that server; not yet explained.
 - **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** sit on a thin margin.
-  Both are met on this page: req/s 1.070x and CPU 0.938x (round by round 0.82x-1.19x and
-  0.85x-1.22x), and on the page before it, 0.987x and 1.008x (0.80x-1.13x and
-  0.88x-1.24x). On the page before that req/s missed by a hair and CPU was met by one:
+  Both are met on this page: req/s 1.026x and CPU 0.975x (round by round 0.95x-1.33x and
+  0.75x-1.05x), and on the two pages before it, 1.070x and 0.938x (0.82x-1.19x and
+  0.85x-1.22x), then 0.987x and 1.008x (0.80x-1.13x and 0.88x-1.24x). On the page
+  before that req/s missed by a hair and CPU was met by one:
   0.895x and 1.091x (round by round 0.75x-1.08x and 0.95x-1.32x). Both were met on the nine
   pages before that: CPU 0.976x and req/s 1.025x, then 0.982x and 0.987x, 0.944x and 1.056x, 0.99x
   and 0.975x, 0.97x and 1.04x, 0.91x and 1.09x, 0.97x and 1.04x, 0.98x and 1.03x, 1.00x and
@@ -218,17 +219,49 @@ HOW_TO_READ = """\
   spot. Fewer calls alone do little: two calls taken off the path saved 1.5k instructions,
   three 1.8k (Python 3.11 calls are cheap; the cost is the work each layer does).
 - **Saving at c=64 against the fast server (target ≥ 0.85)** is missed on local disk on
-  every page, by a hair on this one, and on tmpfs on most before it. On this page (10,000
-  prompts a run, medians of 5 rounds' own ratios, at 3c0de9e): disk 0.84 (rounds
-  0.54-0.88) and tmpfs 1.00 (rounds 0.76-1.14, met). In the same rounds the thread writer
-  read 0.55 and 0.68, and a writer that writes nothing at all 0.96 (answering at once)
-  and 0.85 (2 ms later). On the pages before it: disk 0.73, 0.72 and 0.77, tmpfs 0.75,
-  0.81 and 0.99 (met). Eight `bench_save.py` runs alone read disk
-  0.67-0.82 and tmpfs 0.72-0.90; three at 3874677-e7d0ef5 read disk 0.66, 0.59 and 0.71,
-  tmpfs 0.89, 0.76 and 0.89 (the 0.59 run's first rounds, 0.36 and 0.45, ran minutes after
-  the run before it had removed its files: see the removals below; the 0.71 run wrote to a
-  new directory at the top of the filesystem instead). The noise is as wide as the gap.
-  What is known:
+  every page, and on tmpfs on most. On this page (10,000 prompts a run, medians of 5
+  rounds' own ratios, at fdfdd45, the writer process's new protocol): disk 0.78 (rounds
+  0.61-0.82) and tmpfs 0.76 (rounds 0.59-1.02). In the same rounds the thread writer read
+  0.47 and 0.66, a writer that writes nothing at all 0.79 (answering at once) and 0.84 (2
+  ms later), and saving off beside another process writing the same files to disk 0.77:
+  on this run even the rows that write nothing, or save nothing, read as low as disk. A
+  `bench_save.py` run alone at 3c2f504 (the same library code) read disk 0.74, tmpfs 0.83,
+  the writer that writes nothing 0.90 and the writes beside 0.99. On the page before:
+  disk 0.84, tmpfs 1.00; before it disk 0.73, 0.72 and 0.77, tmpfs 0.75, 0.81 and 0.99.
+  Eight `bench_save.py` runs alone read disk 0.67-0.82 and tmpfs 0.72-0.90; three at
+  3874677-e7d0ef5 read disk 0.66, 0.59 and 0.71, tmpfs 0.89, 0.76 and 0.89 (the 0.59 run's
+  first rounds, 0.36 and 0.45, ran minutes after the run before it had removed its files:
+  see the removals below; the 0.71 run wrote to a new directory at the top of the
+  filesystem instead). The noise is as wide as the gap. What is known:
+  - *The writer's own cost is not what holds it* (5c2244e). The writer process now writes
+    each image unnamed (`O_TMPFILE`), links it under its final name after the round's
+    syncfs, and under load lets the next round's syncfs make the names durable. Its bare
+    loop on disk writes 1.33x the files/s of the old protocol, at 79 µs of CPU a file
+    against 107 (`python benchmarks/bench_save.py --protocols`, rounds of 8 files), and
+    beside a disk run it used ~0.34 cores against ~0.41 (ad hoc). The fan-out's figure did
+    not move beyond the noise: 0.733 of off against 0.716 with the old protocol (6 paired
+    rounds, ad hoc), and a writer that flushes each round's names at once (two flushes a
+    round, one round less of latency) read 0.703 against 0.682 (8 rounds).
+  - *Rounds against the event loop's long turns* (ad hoc). A stand-in writer inside the
+    event loop that writes nothing but answers in rounds like the real one (each round
+    takes every image handed over since the last began, and answers them all after a
+    fixed 2 ms, or after the durations of the disk rounds logged) read 0.77-0.78 of off,
+    its client idle 9-16% of the time: `select` returned nothing 124-153 times a run,
+    ~2 ms each, against an idle client 0.7% of the time with saving off and ~4% with the
+    real writer on disk. Its rounds were 1-2 images at the median and 63 at the 90th
+    percentile: the event loop handles a whole round's answers in one turn (~20 prompts,
+    ~4 ms), so the workers move in a convoy and wait for the next round together. With
+    the real writer, handing each job to the pipe at once, or after every 4 or 8, rather
+    than once a turn, was within the noise (0.67, 0.80, 0.74 against 0.74; 5 rounds).
+  - *Not the disk's interrupts, not the writer's priority* (ad hoc, 5-6 rounds). The
+    disk's interrupts all land on CPU 1 here; a client pinned to CPU 0 read 0.78 of off
+    on disk, pinned to CPU 1 0.73, free 0.73 (the writer process on both CPUs). A writer
+    process under `nice 10` read 0.72 against 0.70.
+  - *The noise, measured* (ad hoc). Saving off alone, 8 runs of 10,000 prompts back to
+    back: 4,115-5,359 prompts/s, the client's CPU 186-242 µs a prompt; with client and
+    server pinned to a CPU each, 3,554-4,540 prompts/s and 219-276 µs. The same work
+    costs up to ~30% more CPU from one run to the next, 2 s apart, as much as the gap
+    the gate measures.
   - *Where the processes run* (e7d0ef5). On these 2 CPUs the fast server shares the
     client's. A scheduler trace of one disk run of 10,000 prompts (`perf record -a -e
     sched:sched_switch`, ad hoc) had the client preempted 721 times by the server and 81
