@@ -556,7 +556,7 @@ async def test_a_writer_process_that_dies_hands_its_images_to_the_thread(
     tmp_path: Path, children: dict[str, list[Any]]
 ) -> None:
     """The child killed in the middle of a batch: no prompt fails, every image is on disk
-    whole, written by the thread from then on."""
+    whole, written by the thread from then on, and nothing else stands beside them."""
     calls = 0
 
     def handler(request: Any) -> TransportResponse:
@@ -575,6 +575,7 @@ async def test_a_writer_process_that_dies_hands_its_images_to_the_thread(
     assert 0 < len(children["answers"]) < 60  # the child wrote some, the thread the rest
     assert children["ended"] == [None]
     assert all((tmp_path / f"{i:06d}.png").read_bytes() == PNG for i in range(60))
+    assert listing(tmp_path) == [f"{i:06d}.png" for i in range(60)]
 
 
 async def test_a_writer_process_that_cannot_start_leaves_it_to_the_thread(
