@@ -414,6 +414,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+#: Unnamed files a round of the writer process holds open at most (a descriptor each,
+#: until it names them): the rest of a larger round get temporary names, so a round of
+#: thousands of images never runs out of descriptors (1,024 by default on Linux).
+UNNAMED_PER_ROUND: Final = 256
+
+
 class _Rounds:
     """The writer process's rounds (`serve`), each answered once its names are durable.
 
@@ -461,16 +467,18 @@ class _Rounds:
         # Position, final path, descriptor or temporary name, bytes.
         staged: list[tuple[int, str, int | str, bytes]] = []
         token = os.urandom(6).hex()
+        held = 0  # descriptors of unnamed files this round holds until it names them
         for number, (_, item) in enumerate(jobs):
             if isinstance(item, BaseException):
                 outcomes.append(item)
                 continue
             path, data = item
             try:
-                written = self._stage(path, data, f"{token}{number}")
+                written = self._stage(path, data, f"{token}{number}", held < UNNAMED_PER_ROUND)
             except Exception as exc:
                 outcomes.append(exc)
             else:
+                held += isinstance(written, int)
                 outcomes.append(path)
                 staged.append((number, path, written, data))
         due: list[tuple[int, str | BaseException]] = []
@@ -530,10 +538,10 @@ class _Rounds:
             os.close(self._proc)
             self._proc = None
 
-    def _stage(self, path: str, data: bytes, tag: str) -> int | str:
-        """``data`` written unnamed in ``path``'s directory (the descriptor), or under a
-        temporary name where that cannot be (the name), not yet durable."""
-        if self._proc is not None:
+    def _stage(self, path: str, data: bytes, tag: str, unnamed: bool) -> int | str:
+        """``data`` written unnamed in ``path``'s directory (the descriptor) if ``unnamed``
+        and the system can, else under a temporary name (the name); not yet durable."""
+        if unnamed and self._proc is not None:
             directory = os.path.dirname(path) or "."
             try:
                 fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o666)

@@ -340,6 +340,33 @@ def test_a_link_refused_names_the_file_the_other_way_from_then_on(
     ]
 
 
+def test_a_large_round_holds_a_bounded_number_of_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round holds an unnamed file's descriptor until it names it: beyond
+    UNNAMED_PER_ROUND, its files get temporary names instead (a round of thousands of
+    images would otherwise run out of descriptors), with the same answers."""
+    monkeypatch.setattr(files, "UNNAMED_PER_ROUND", 2)
+    descriptors: list[int] = []
+    seen, record = flushes_seen(tmp_path)
+
+    def syncfs(fd: int) -> None:
+        descriptors.append(len(os.listdir("/proc/self/fd")))
+        record(fd)
+
+    before = len(os.listdir("/proc/self/fd"))
+    rounds = files._Rounds(syncfs)
+    try:
+        assert rounds.write(round_of(tmp_path, "1", "2", "3", "4", "5")) == []
+        assert rounds.settle() == [(n, str(tmp_path / f"{n}.png")) for n in range(1, 6)]
+    finally:
+        rounds.close()
+    assert len([name for name in seen[0] if name.endswith(".part")]) == 3
+    # /proc/self/fd's own, the directory being flushed, and the two unnamed files.
+    assert descriptors[0] <= before + 4
+    assert listing(tmp_path) == [f"{n}.png" for n in range(1, 6)]
+
+
 def test_a_flush_that_fails_fails_its_round_and_leaves_no_file(tmp_path: Path) -> None:
     """The bytes' flush fails: every file of the round gets its error and none is named;
     the round before, named already, gets it too, as its names' flush fails (its file
