@@ -507,7 +507,7 @@ def protocols(args: argparse.Namespace) -> BenchOutput:
     """The bare loop by each writer's protocol (``--protocols``): files/s, wall and CPU
     time a file, in rounds of 8 files (the writer process's median round at ~4,000
     prompts/s), interleaved over ``--rounds`` rounds, on disk under ``--dir``."""
-    from _common import BenchOutput, Row, median
+    from _common import BenchOutput, median
 
     count, per_round, png = 1000 if args.quick else 6000, 8, _png()
     scratch = _scratch(args, count, len(png))
@@ -526,13 +526,13 @@ def protocols(args: argparse.Namespace) -> BenchOutput:
     rate = {name: median([r for r, _ in runs]) for name, runs in found.items()}
     cpu = {name: median([c for _, c in runs]) for name, runs in found.items()}
     rows = [
-        Row(
-            figure=f"disk bare loop files/s, {name} ÷ thread (n={count}, rounds of {per_round})",
-            flux=f"{rate[name]:.0f}/s",
-            peer=f"thread {rate['thread']:.0f}/s",
-            ratio=f"{rate[name] / rate['thread']:.2f}",
-            target="(info)",
-            met=None,
+        _over_off(
+            f"disk bare loop files/s, {name} ÷ thread (n={count}, rounds of {per_round})",
+            rate[name],
+            rate["thread"],
+            "/s",
+            digits=0,
+            peer="thread",
         )
         for name in PROTOCOLS
         if name != "thread"
@@ -888,16 +888,23 @@ def _versus_off(figure: str, runs: list[float], offs: list[float]) -> Row:
 
 
 def _over_off(
-    figure: str, value: float, off: float, unit: str, *, ratio: float | None = None, digits: int = 1
+    figure: str,
+    value: float,
+    off: float,
+    unit: str,
+    *,
+    ratio: float | None = None,
+    digits: int = 1,
+    peer: str = "off",
 ) -> Row:
-    """An information row: ``value`` and ``off`` shown with ``unit``, and ``ratio``
-    (``value`` ÷ ``off`` when None)."""
+    """An information row: ``value`` and ``off`` (named ``peer``) shown with ``unit``, and
+    ``ratio`` (``value`` ÷ ``off`` when None)."""
     from _common import Row
 
     return Row(
         figure=figure,
         flux=f"{value:.{digits}f}{unit}",
-        peer=f"off {off:.{digits}f}{unit}",
+        peer=f"{peer} {off:.{digits}f}{unit}",
         ratio=f"{value / off if ratio is None else ratio:.2f}",
         target="(info)",
         met=None,
@@ -1048,7 +1055,7 @@ def convoy(args: argparse.Namespace) -> BenchOutput:
     beside it (``--convoy``), interleaved over ``--rounds`` rounds."""
     import concurrent.futures
 
-    from _common import BenchOutput, Row, median, prompts
+    from _common import BenchOutput, median, prompts
 
     from flux_async import FluxClient
 
@@ -1090,13 +1097,13 @@ def convoy(args: argparse.Namespace) -> BenchOutput:
             )
     alone = median(found["alone"])
     rows = [
-        Row(
-            figure=f"disk bare loop files/s {label} beside a fan-out ÷ alone (n={n}, c={c})",
-            flux=f"{median(found[where]):.0f}/s",
-            peer=f"alone {alone:.0f}/s",
-            ratio=f"{median(found[where]) / alone:.2f}",
-            target="(info)",
-            met=None,
+        _over_off(
+            f"disk bare loop files/s {label} beside a fan-out ÷ alone (n={n}, c={c})",
+            median(found[where]),
+            alone,
+            "/s",
+            digits=0,
+            peer="alone",
         )
         for where, label in (("thread", "on a thread"), ("process", "in a process"))
     ]

@@ -192,9 +192,7 @@ def stage(path: str, data: bytes, *, sync: bool, tag: str | None = None) -> str:
         fd = os.open(temporary, CREATE, 0o666)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             if sync:
                 os.fsync(fd)
         finally:
@@ -550,9 +548,7 @@ class _Rounds:
                     self.close()  # a filesystem without unnamed files: names from now on
             else:
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    _write_all(fd, data)
                 except BaseException:
                     os.close(fd)
                     raise
