@@ -297,11 +297,14 @@ HOW_TO_READ = """\
     percentile and up to 10-25 ms, against 0.3-0.4 ms and at most 2-5 ms on tmpfs. At
     ~5,000 prompts/s, 64 workers are all waiting for files within ~13 ms, so a long flush
     idles the client: it was on its CPU 86-99% of the time in disk runs against 99-100%
-    with saving off. A fixed 2 ms wait costs nothing (the row with a writer answering 2
-    ms later: 0.96 and 0.89 in the last two runs); the tail does. A wider window would
-    hide it, but prompts generated and not yet saved are bounded by `concurrency` so
-    that a crash costs at most that many generations, and a worker released before its
-    file is durable would make an `ok` in the manifest mean less.
+    with saving off. A fixed 2 ms wait for each image alone costs little (the row with a
+    writer answering 2 ms later: 0.96 and 0.89 on two earlier pages, 0.84 and 0.82 on the
+    last two, where answering at once read 0.79 and 0.88); the tail, and rounds that
+    answer many images together, do ("Rounds against the event loop's long turns",
+    above). A wider window would hide it, but prompts generated and not yet saved are
+    bounded by `concurrency` so that a crash costs at most that many generations, and a
+    worker released before its file is durable would make an `ok` in the manifest mean
+    less.
   - *The disk's own work, measured.* The row "save_to off, another process writing files to
     disk at the disk run's pace" runs the fan-out without saving while a second process
     writes the same PNG by the same protocol, as many files a second as the disk runs saved:
