@@ -495,8 +495,7 @@ class _Rounds:
                     outcomes[number] = exc
                 staged = []
         if flushed:
-            due += self._answers  # their names were made durable by this flush
-            self._answers, self._directories, self._linked = [], set(), False
+            due += self._take()  # their names were made durable by this flush
         else:
             due += self.settle()
         for number, path, written, data in staged:
@@ -516,11 +515,11 @@ class _Rounds:
 
     def settle(self) -> list[tuple[int, str | BaseException]]:
         """Make the names given since the last flush durable; the answers that waited."""
-        answers, directories = self._answers, self._directories
-        self._answers, self._directories = [], set()
+        directories, linked = self._directories, self._linked
+        answers = self._take()
         try:
             for directory in directories:
-                if self._linked and self._syncfs is not None:
+                if linked and self._syncfs is not None:
                     # A linked file's inode (its link count) is not a directory's: an
                     # fsync of the directory would not write it.
                     _flush(self._syncfs, directory)
@@ -528,7 +527,12 @@ class _Rounds:
                     fsync_directory(directory)
         except Exception as exc:
             answers = [(n, exc if isinstance(o, str) else o) for n, o in answers]
-        self._linked = False
+        return answers
+
+    def _take(self) -> list[tuple[int, str | BaseException]]:
+        """The answers held, and nothing held any more."""
+        answers = self._answers
+        self._answers, self._directories, self._linked = [], set(), False
         return answers
 
     def close(self) -> None:
