@@ -100,13 +100,27 @@ class Saver:
             await saver.aclose()
     """
 
-    __slots__ = ("_downloads", "_folder", "_max_bytes", "_save", "_stem_always_valid", "_writer")
+    __slots__ = (
+        "_child",
+        "_downloads",
+        "_folder",
+        "_max_bytes",
+        "_save",
+        "_stem_always_valid",
+        "_writer",
+    )
 
     def __init__(self, save: SaveTo) -> None:
         self._writer = ProcessWriter()
         self._save = attrs.evolve(save, downloader=save.downloader.with_writer(self._writer))
         self._downloads = asyncio.Semaphore(save.downloads)
         self._folder = os.fspath(save.directory)
+        # The path of a file in the directory: pathlib's own shortcut for a name it need
+        # not parse (~0.4 µs against ~3.4 µs for `directory / name` on Python 3.11, per
+        # prompt), where this Python has it.
+        self._child: Callable[[str], Path] = getattr(
+            save.directory, "_make_child_relpath", save.directory.joinpath
+        )
         self._max_bytes = save.downloader.max_bytes
         # The default stem makes a valid file name from any index: only a caller's is checked.
         self._stem_always_valid = save.stem is default_stem
@@ -144,8 +158,7 @@ class Saver:
                 name = stem if self._stem_always_valid else check_stem(stem)
                 job = ImageJob(self._folder, name, data[0].b64_json, None, None, self._max_bytes)
                 written = await self._writer.write(job)
-                # directory / name: half of Path(written)'s cost.
-                return (save.directory / os.path.basename(written),)
+                return (self._child(os.path.basename(written)),)
             images = [(image.url, image.b64_json) for image in data]
             if any(b64 is None for _, b64 in images):
                 async with self._downloads:

@@ -178,6 +178,7 @@ class ProcessWriter:
     __slots__ = (
         "_closed",
         "_decode",
+        "_directory",
         "_fallback",
         "_jobs",
         "_numbers",
@@ -203,6 +204,8 @@ class ProcessWriter:
         self._pipe: _Pipe | None = None
         self._ring: _Ring | None = None
         self._decode: Callable[..., bytes] | None = None  # pybase64's, found as it starts
+        # The last directory written to, and its encoding: a fan-out writes to one.
+        self._directory: tuple[str, bytes] = ("", b"")
 
     def start(self) -> None:
         """Start the child now, if it is not started yet (a fan-out that saves does so as
@@ -257,7 +260,9 @@ class ProcessWriter:
         self._numbers += 1
         number = self._numbers
         self._jobs[number] = job
-        directory, name = os.fsencode(job.directory), os.fsencode(job.name)
+        if job.directory != self._directory[0]:
+            self._directory = (job.directory, os.fsencode(job.directory))
+        directory, name = self._directory[1], os.fsencode(job.name)
         ring = self._ring
         at = None if ring is None else ring.put(number, data)
         header = _files.JOB.pack(

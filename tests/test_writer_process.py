@@ -479,6 +479,10 @@ async def test_a_fanout_writes_every_image_from_its_writer_process(
     assert children["answers"] == [files.OK] * 40
     assert children["ended"] == [None]
     assert [r.files for r in results] == [(tmp_path / f"{i:06d}.png",) for i in range(40)]
+    # Made without parsing the name again (pathlib's shortcut where it has one): the same
+    # path, of the same type, as `directory / name`.
+    assert all(str(r.files[0]) == str(tmp_path / r.files[0].name) for r in results)
+    assert {type(r.files[0]) for r in results} == {type(tmp_path)}
     assert all((tmp_path / f"{i:06d}.png").read_bytes() == PNG for i in range(40))
     assert listing(tmp_path) == [f"{i:06d}.png" for i in range(40)]  # no temporary file left
 
