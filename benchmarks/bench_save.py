@@ -122,6 +122,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import gc
 import json
 import os
 import shutil
@@ -258,13 +259,13 @@ async def _serve(mode: str, port: int, latency: float) -> None:
         await stop
 
 
-def _write_beside(directory: str, rate: float) -> None:
-    """``--write-beside DIR --rate R``: write the benchmark's PNG into ``DIR`` by the
-    writer process's protocol (`flux_async._files._Rounds`: unnamed files, one syncfs(2)
-    per round, links, the names made durable by the next round's syncfs) in rounds of 8
-    files, at ``R`` files/s, until stdin closes; then print how many files it wrote and in
-    how many seconds. Started like the emulator (`EmulatorProcess`), whose ``READY`` line
-    it prints first."""
+def _write_beside(directory: str, rate: float, size: int = 8) -> None:
+    """``--write-beside DIR --rate R [--round-size K]``: write the benchmark's PNG into
+    ``DIR`` by the writer process's protocol (`flux_async._files._Rounds`: unnamed files,
+    one syncfs(2) per round, links, the names made durable by the next round's syncfs) in
+    rounds of ``K`` files (8), at ``R`` files/s, until stdin closes; then print how many
+    files it wrote and in how many seconds. Started like the emulator
+    (`EmulatorProcess`), whose ``READY`` line it prints first."""
     import select
 
     from flux_async._files import _Rounds, find_syncfs
@@ -275,9 +276,9 @@ def _write_beside(directory: str, rate: float) -> None:
     try:
         while not select.select([sys.stdin], [], [], 0)[0]:  # readable: closed (EOF)
             rounds.write(
-                [(i, (os.path.join(directory, f"{written + i:07d}.png"), png)) for i in range(8)]
+                [(i, (os.path.join(directory, f"{written + i:07d}.png"), png)) for i in range(size)]
             )
-            written += 8
+            written += size
             ahead = written / rate - (time.monotonic() - started)
             if ahead > 0:
                 rounds.settle()  # nothing follows at once, as in the writer process
@@ -352,6 +353,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "writer process's (half a minute)",
     )
     instead.add_argument(
+        "--flushes",
+        action="store_true",
+        help="instead: saving off beside a process writing files to disk in rounds of "
+        "1, 8 and 64, one syncfs each (three minutes)",
+    )
+    instead.add_argument(
         "--instructions",
         action="store_true",
         help="instead: the client's instructions per prompt under valgrind, save_to off "
@@ -370,6 +377,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--write-beside", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--round-size", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -545,6 +553,84 @@ def protocols(args: argparse.Namespace) -> BenchOutput:
     return BenchOutput("how a round of files is written, by writer", rows, notes)
 
 
+#: ``--flushes``: the sizes of the rounds another process writes files in, one syncfs each.
+FLUSH_ROUNDS = (1, 8, 64)
+#: ``--flushes``: files/s that process writes, about what saving at 0.85 of this VM's
+#: ~2,400-3,000 prompts/s (saving off) would.
+FLUSH_PACE = 2000.0
+
+
+def flushes(args: argparse.Namespace) -> BenchOutput:
+    """``--flushes``: saving off against the fast server, alone and while another process
+    writes ``FLUSH_PACE`` files/s to disk under ``--dir`` by the writer process's
+    protocol, in rounds of each of `FLUSH_ROUNDS` files: prompts/s ÷ alone, the median of
+    ``--rounds`` interleaved rounds. The same files at the same pace, only the number of
+    syncfs(2) calls a second differs: what each flush costs a client that neither decodes
+    nor writes anything (on a VM, the host's work for it)."""
+    from _common import BenchOutput, median, prompts
+
+    from flux_async import FluxClient
+
+    c, n = args.concurrency, args.prompts or (1000 if args.quick else 10_000)
+    variants = ["off", *(f"rounds of {size}" for size in FLUSH_ROUNDS)]
+    found: dict[str, list[float]] = {variant: [] for variant in variants}
+    written: dict[str, list[float]] = {variant: [] for variant in variants[1:]}
+    png = _png()
+    scratch = _scratch(args, int(FLUSH_PACE * 5), len(png))  # a run lasts ~3-5 s
+    writing_beside = _writing_beside()
+
+    async def batch(base_url: str, count: int) -> float:
+        async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
+            started = time.perf_counter()
+            results = await client.gather_generate(prompts(count), concurrency=c)
+            wall = time.perf_counter() - started
+        if not all(r.ok for r in results):
+            raise RuntimeError("a prompt failed against the fast server")
+        return count / wall
+
+    try:
+        with _this_file_as_a_process()("--serve", "b64", "--latency", "0") as server:
+            asyncio.run(batch(server.base_url, 2 * c))  # warm-up
+            for round_ in range(args.rounds):
+                shift = round_ % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
+                    if variant == "off":
+                        found[variant].append(asyncio.run(batch(server.base_url, n)))
+                        continue
+                    directory = scratch.make(args.dir, "flux-bench-flushes-")
+                    size = FLUSH_ROUNDS[variants.index(variant) - 1]
+                    beside = writing_beside(directory, FLUSH_PACE, size)
+                    try:
+                        with beside:
+                            found[variant].append(asyncio.run(batch(server.base_url, n)))
+                    finally:
+                        scratch.release(directory)
+                    written[variant].append(beside.files_per_second)
+                print(
+                    f"  round {round_ + 1}: "
+                    + ", ".join(f"{v} {found[v][-1]:.0f} prompts/s" for v in variants)
+                )
+    finally:
+        scratch.close()
+    rows = [
+        _versus_off(
+            f"prompts/s, save_to off, another process writing {FLUSH_PACE:.0f} files/s to "
+            f"disk in {variant} (one syncfs each) ÷ alone, b64 images, fast server "
+            f"(n={n}, c={c})",
+            found[variant],
+            found["off"],
+        )
+        for variant in variants[1:]
+    ]
+    notes = [
+        "files/s the other process wrote (median): "
+        + ", ".join(f"{v} {median(written[v]):.0f}" for v in variants[1:])
+        + f"; it aims at {FLUSH_PACE:.0f}, and rounds too small for the disk fall short"
+    ]
+    title = "saving off beside a process writing files: the cost of a flush"
+    return BenchOutput(title, rows, notes)
+
+
 def _decode_seconds(png: bytes) -> tuple[float, str]:
     """What decoding the ``b64_json`` image costs, per image, with the decoder the library
     uses here (pybase64 when installed, else the standard library's), and its name. A
@@ -572,6 +658,37 @@ BESIDE = "off, disk writes beside"
 #: With ``--confine``: off and disk again, with the server and the client left wherever
 #: the scheduler puts them (`Cpus.free`), for comparison.
 FREE = {"off, unconfined": "off", "disk, unconfined": "disk"}
+
+
+class Collector:
+    """The cyclic garbage collector's time in this process within the block, in
+    ``seconds`` (through `gc.callbacks`): a prompt's objects that outlive it (its result,
+    and with saving its paths), and those alive while many prompts wait, make the
+    collector run more often and longer.
+
+    Example::
+
+        with Collector() as collector:
+            run_batch()
+        print(collector.seconds)
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def __enter__(self) -> Collector:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 class Cpus:
@@ -702,21 +819,18 @@ def _this_file_as_a_process() -> type[EmulatorProcess]:
     return ImageServerProcess
 
 
-def run(args: argparse.Namespace) -> BenchOutput:
-    from _common import median, prompts
+def _writing_beside() -> type[EmulatorProcess]:
+    """The class of this file run as ``--write-beside DIR --rate R --round-size K``
+    (`_write_beside`): ``WritingBeside(directory, rate, size=8)``; stopping it closes its
+    stdin, so it ends its round and says how many files/s it wrote."""
 
-    from flux_async import FluxClient, _writer_process
-
-    ImageServerProcess = _this_file_as_a_process()
-
-    class WritingBeside(ImageServerProcess):
-        """This file with ``--write-beside DIR --rate R`` (`_write_beside`); stopping it
-        closes its stdin, so it ends its round and says how many files/s it wrote."""
-
+    class WritingBeside(_this_file_as_a_process()):
         stdin_pipe = True
 
-        def __init__(self, directory: str, rate: float) -> None:
-            super().__init__("--write-beside", directory, "--rate", f"{rate:.0f}")
+        def __init__(self, directory: str, rate: float, size: int = 8) -> None:
+            super().__init__(
+                "--write-beside", directory, "--rate", f"{rate:.0f}", "--round-size", str(size)
+            )
             self.files_per_second = 0.0
 
         def stop(self) -> None:
@@ -732,6 +846,17 @@ def run(args: argparse.Namespace) -> BenchOutput:
             finally:
                 super().stop()
 
+    return WritingBeside
+
+
+def run(args: argparse.Namespace) -> BenchOutput:
+    from _common import median, prompts
+
+    from flux_async import FluxClient, _writer_process
+
+    ImageServerProcess = _this_file_as_a_process()
+    WritingBeside = _writing_beside()
+
     c = args.concurrency
     places = {"disk": args.dir}
     if args.tmpfs_dir:
@@ -743,6 +868,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
         base: str | None,
         count: int,
         *,
+        key: tuple[str, float, str] | None = None,
         loop_only: float | None = None,
         thread: bool = False,
         beside: WritingBeside | None = None,
@@ -755,7 +881,8 @@ def run(args: argparse.Namespace) -> BenchOutput:
                     writer = _writer_does_nothing(loop_only)
                 elif thread:
                     writer = mock.patch.object(_writer_process, "can_start", return_value=False)
-                with beside or contextlib.nullcontext(), writer, cpus.writer():
+                collector = Collector()
+                with beside or contextlib.nullcontext(), writer, cpus.writer(), collector:
                     if beside is not None:
                         cpus.widen(beside.pid)
                     started = time.perf_counter()
@@ -763,6 +890,8 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         prompts(count), concurrency=c, save_to=directory
                     )
                     wall = time.perf_counter() - started
+            if key is not None:  # not a warm-up
+                collecting.setdefault(key, []).append(collector.seconds / count * 1e6)
             if loop_only is not None:  # nothing was written: count the paths given back
                 saved = sum(len(r.files) for r in results)
             else:
@@ -775,6 +904,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
     # (mode, latency, "off" or a place) -> prompts/s; (mode, latency, a place or
     # "disk window") -> the bare loop's files/s.
     rates: Rates = {}
+    collecting: Rates = {}  # the same keys as rates -> the collector's µs a prompt
     ceilings: Rates = {}
     written: list[float] = []  # files/s of the process writing beside a fan-out
     problems: list[str] = []
@@ -834,6 +964,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
                                             server.base_url,
                                             where.get(variant),
                                             n,
+                                            key=(mode, latency, variant),
                                             loop_only=only,
                                             thread=thread,
                                             beside=beside,
@@ -867,7 +998,9 @@ def run(args: argparse.Namespace) -> BenchOutput:
     finally:
         scratch.close()
     decode = _decode_seconds(png)
-    return _output(args, rates, ceilings, written, problems, decode, len(png), cpus.describe())
+    return _output(
+        args, rates, collecting, ceilings, written, problems, decode, len(png), cpus.describe()
+    )
 
 
 def _paired(on: list[float], off: list[float], files: list[float] | None = None) -> list[float]:
@@ -914,6 +1047,7 @@ def _over_off(
 def _output(
     args: argparse.Namespace,
     rates: Rates,
+    collecting: Rates,
     ceilings: Rates,
     written: list[float],
     problems: list[str],
@@ -1045,6 +1179,13 @@ def _output(
         f"({decoder}), with the interpreter lock held: at {off:.0f} prompts/s that alone "
         f"bounds b64 on ÷ off near {1 / (1 + seconds * off):.2f} when the client is CPU-bound"
     )
+    spent = {v: median(collecting[k]) for k in collecting if k[:2] == GATED for v in k[2:]}
+    if spent:
+        notes.append(
+            "the cyclic garbage collector's time a prompt in the client (gc.callbacks, "
+            "medians; part of the prompts/s above): "
+            + ", ".join(f"{variant} {us:.1f} µs" for variant, us in spent.items())
+        )
     notes.append(f"where the processes ran: {placement}")
     notes += problems
     return BenchOutput("saving images", rows, notes)
@@ -1153,7 +1294,6 @@ def client_cpu(args: argparse.Namespace) -> BenchOutput:
     share is), ``--rounds`` interleaved rounds after a warm-up, medians shown, each at two
     batch sizes so that the start cancels out; the writer process's own CPU is not
     counted."""
-    import gc
     import resource
 
     from _common import BenchOutput, median
@@ -1316,7 +1456,7 @@ def main() -> int:
             asyncio.run(_serve(args.serve, args.port, args.latency))
         return 0
     if args.write_beside is not None:
-        _write_beside(args.write_beside, args.rate)
+        _write_beside(args.write_beside, args.rate, args.round_size)
         return 0
     if args.count_child is not None:
         return count_child(args)
@@ -1326,6 +1466,8 @@ def main() -> int:
         client_cpu(args).print()
     elif args.protocols:
         protocols(args).print()
+    elif args.flushes:
+        flushes(args).print()
     else:
         (convoy(args) if args.convoy else run(args)).print()
     return 0
