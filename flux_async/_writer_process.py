@@ -39,9 +39,14 @@ from ._wakes import Wakes
 __all__ = ["ProcessWriter", "can_start"]
 
 _SCRIPT: Final = _files.__file__
-#: The memory shared with the child for payloads: the images in flight at once must fit
-#: (64 prompts of 128 KB of ``b64_json``); one that does not goes through the pipe.
-SHARED_BYTES: Final = 8 * 2**20
+#: The memory shared with the child for payloads, reserved (not allocated) up front: the
+#: images in flight at once must fit (64 prompts of 8 MB images); one that does not goes
+#: through the pipe, at several times the event loop's cost (`_Ring`).
+SHARED_BYTES: Final = 512 * 2**20
+#: The part of it the ring uses at first, allocated before the first image; it doubles
+#: whenever an image does not fit (`_Ring`).
+FIRST_BYTES: Final = 8 * 2**20
+_PAGE: Final = mmap.PAGESIZE
 
 
 def can_start() -> bool:
@@ -60,21 +65,38 @@ class _Ring:
     at the head and freed once its job is answered, in the order they were put.
 
     Copying a payload here costs the event loop ~1 µs per 24 KB; through the pipe, the
-    kernel's copy and the child's wake-ups cost it ~15-50 µs.
+    kernel's copy and the child's wake-ups cost it ~15-50 µs for a small image, and for
+    a real one (~2 MB) the copies into fresh memory on the way cost ~10 ms of the event
+    loop's time, a third of a fast batch's prompts/s (``bench_save.py --image-size``).
+
+    Of the ``size`` bytes reserved, the ring goes round the first ``limit`` (``first``,
+    pages allocated up front by `prefault`), and doubles it, when it is not wrapped round,
+    while that holds less than twice the payloads in flight and the new one: the memory
+    it holds follows the most that was in flight at once (two to four times it), not the
+    reservation. (While it is wrapped round, only the space between its head and its tail
+    is free: a payload that does not fit there goes through the pipe.)
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, first: int | None = None) -> None:
         self.size = size
+        self.limit = size if first is None else min(first, size)
         self.fd = os.memfd_create("flux-async-images")
         try:
-            os.ftruncate(self.fd, size)
-            populate = getattr(mmap, "MAP_POPULATE", 0)
-            self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | populate)
+            os.ftruncate(self.fd, size)  # sparse: a page is allocated when first written
+            self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(self.fd)
             raise
         self._head = 0
-        self._used: deque[tuple[int, int]] = deque()  # (job number, start), oldest first
+        self._used: deque[tuple[int, int, int]] = deque()  # (job, start, size), oldest first
+        self._in_flight = 0  # bytes
+
+    def prefault(self) -> None:
+        """Allocate the pages of the first ``limit`` bytes now (on a worker thread), so
+        copying a payload in never waits for the kernel to find one."""
+        view = self.map
+        for offset in range(0, self.limit, _PAGE):
+            view[offset] = 0
 
     def put(self, number: int, data: bytes) -> int | None:
         """Copy ``data`` in for job ``number``; where it starts, or None if it does not fit."""
@@ -83,8 +105,15 @@ class _Ring:
             self._head = 0
         head = self._head
         tail = used[0][1] if used else 0
-        if not used or head > tail:  # free: [head, end) and [0, tail)
-            if self.size - head >= size:
+        if not used or head > tail:  # free: [head, limit) and [0, tail)
+            wanted = 2 * (self._in_flight + size)
+            while self.limit < self.size and (
+                self.limit < wanted or (self.limit - head < size and tail < size)
+            ):
+                # Larger images, or more of them in flight, than the ring has held so
+                # far: it goes round twice as much of the reservation from now on.
+                self.limit = min(2 * self.limit, self.size)
+            if self.limit - head >= size:
                 start = head
             elif tail >= size:
                 start = 0
@@ -96,14 +125,15 @@ class _Ring:
             return None
         self.map[start : start + size] = data
         self._head = start + size
-        used.append((number, start))
+        used.append((number, start, size))
+        self._in_flight += size
         return start
 
     def release(self, number: int) -> None:
         """Job ``number`` is answered: its payload's space, and any older one's, is free."""
         used = self._used
         while used and used[0][0] <= number:
-            used.popleft()
+            self._in_flight -= used.popleft()[2]
 
     def close(self) -> None:
         self.map.close()
@@ -115,7 +145,7 @@ def _ring() -> _Ring | None:
     if not hasattr(os, "memfd_create"):
         return None
     try:
-        return _Ring(SHARED_BYTES)
+        return _Ring(SHARED_BYTES, FIRST_BYTES)
     except OSError:
         return None
 
@@ -123,7 +153,10 @@ def _ring() -> _Ring | None:
 def _prepare() -> tuple[_Ring | None, Callable[..., bytes] | None]:
     """On a worker thread (an import, and pages allocated up front: milliseconds): the
     shared memory, and pybase64's decoder if it is installed."""
-    return _ring(), _files.simd_b64decode()
+    ring = _ring()
+    if ring is not None:
+        ring.prefault()
+    return ring, _files.simd_b64decode()
 
 
 class _Pipe(asyncio.SubprocessProtocol):

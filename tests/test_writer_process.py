@@ -422,6 +422,46 @@ def test_the_ring_never_hands_out_space_still_in_use() -> None:
         ring.close()
 
 
+def test_the_ring_grows_to_what_is_in_flight_and_no_further() -> None:
+    """Starting with one page of a 64-page reservation: payloads that do not fit make it
+    go round twice as much (never past the reservation, never over space in use), up to
+    twice what is in flight: small payloads a few at a time make it grow that far, and
+    no further. While it is wrapped round, a payload that does not fit goes through the
+    pipe (None): only until it has grown."""
+    page = writer_process._PAGE
+    ring = writer_process._Ring(64 * page, first=page)
+    try:
+        for number in range(1, 200):  # 3 quarter pages in flight at a time: 1.5 x 2
+            assert ring.put(number, b"s" * (page // 4)) is not None
+            ring.release(number - 2)
+        assert ring.limit == 2 * page
+        ring.release(10**6)
+        rng = random.Random(3)
+        live: dict[int, tuple[int, bytes]] = {}
+        refused: list[int] = []
+        for number in range(1000, 1600):
+            if len(live) > 6:
+                oldest = min(live)
+                ring.release(oldest)
+                del live[oldest]
+            data = bytes([number % 251]) * rng.randint(1, 3 * page)
+            at = ring.put(number, data)
+            if at is None:
+                refused.append(number)
+                continue
+            assert at + len(data) <= ring.limit <= 64 * page
+            live[number] = (at, data)
+            for start, payload in live.values():
+                assert ring.map[start : start + len(payload)] == payload
+        # At most 7 payloads of at most 3 pages in flight: grown to 32 pages, it holds them.
+        assert 16 * page < ring.limit <= 64 * page
+        assert len(refused) < 30, refused
+        assert all(number < 1300 for number in refused), refused
+        assert ring.put(10**7, b"x" * (64 * page + 1)) is None
+    finally:
+        ring.close()
+
+
 # -- the process in a fan-out -----------------------------------------------------------------
 
 
