@@ -88,6 +88,17 @@ the writer process's, under load (unnamed files, syncfs, links, the names made d
 by the next round's syncfs) and when no round follows (the names flushed at once): its
 files/s, and the wall and CPU time a file (half a minute).
 
+With ``--image full`` every run uses a 1.8 MB PNG of noise instead of the 18 KB
+gradient (the size of a 1024x1024 image from a model; 600 prompts a run, 300 for the
+url cases): what saving costs when the images are as large as a batch's. The fast server
+answers a prompt in microseconds either way; the client then spends most of a prompt
+receiving and parsing 2.4 MB of JSON, and the disk's bare loop may bound the figure.
+
+With ``--flushes`` it measures instead saving off while another process writes 2,000
+files/s to disk by the writer process's protocol in rounds of 1, 8 and 64 files (one
+syncfs each): the same files, only the number of flushes a second differs, so what a
+flush costs a client beside it (three minutes).
+
 With ``--instructions`` it counts instead the client's instructions per prompt under
 callgrind (needs valgrind; about five minutes): saving off, with the writer that writes
 nothing, and saving to tmpfs, each in a child process at two batch sizes so that start-up
@@ -111,8 +122,9 @@ when its switch interval (5 ms) runs out; a process shares no lock.
 
     python benchmarks/bench_save.py [--prompts N] [--concurrency 64] [--rounds 5]
                                     [--dir DIR] [--tmpfs-dir DIR] [--confine]
-                                    [--convoy | --protocols | --instructions |
-                                     --client-cpu]
+                                    [--image {small,full}]
+                                    [--convoy | --protocols | --flushes |
+                                     --instructions | --client-cpu]
 """
 
 from __future__ import annotations
@@ -125,6 +137,7 @@ import functools
 import gc
 import json
 import os
+import random
 import shutil
 import signal
 import struct
@@ -132,7 +145,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from unittest import mock
@@ -145,12 +158,31 @@ if TYPE_CHECKING:
 _ENDPOINT = b"/v1/images/generations"
 
 
-def _png(width: int = 96, height: int = 96) -> bytes:
-    """A real RGB gradient PNG, made with zlib alone."""
-    rows = b"".join(
-        b"\x00" + bytes(v for x in range(width) for v in (x * 255 // width, y * 255 // height, 128))
-        for y in range(height)
+#: The image every process of a run uses (``--image``, which each child is given too):
+#: "small", an 18 KB gradient (the gated case: what a save costs beside a request is
+#: largest with a small image), or "full", 1.8 MB of noise, the size of a 1024x1024 PNG
+#: a model returns (what a batch's saves move).
+IMAGES = ("small", "full")
+_image = "small"
+
+
+def _png() -> bytes:
+    """The run's image (`IMAGES`): a real RGB PNG, made with zlib alone, the same bytes
+    in every process."""
+    if _image == "full":
+        noise = random.Random(1)
+        return _png_of(768, 768, lambda y: noise.randbytes(768 * 3), level=1)
+    return _png_of(
+        96,
+        96,
+        lambda y: bytes(v for x in range(96) for v in (x * 255 // 96, y * 255 // 96, 128)),
+        level=6,
     )
+
+
+def _png_of(width: int, height: int, row: Callable[[int], bytes], *, level: int) -> bytes:
+    """An RGB PNG of ``row(y)`` (``width`` x 3 bytes each), compressed at ``level``."""
+    rows = b"".join(b"\x00" + row(y) for y in range(height))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data) & 0xFFFFFFFF
@@ -160,7 +192,7 @@ def _png(width: int = 96, height: int = 96) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows, 6))
+        + chunk(b"IDAT", zlib.compress(rows, level))
         + chunk(b"IEND", b"")
     )
 
@@ -307,7 +339,9 @@ def prompts_per_run(args: argparse.Namespace, mode: str, latency: float) -> int:
     if args.prompts is not None:
         return int(args.prompts)
     if args.quick:
-        return 1000
+        return 1000 if _image == "small" else 200
+    if _image == "full":  # ~100x the bytes a prompt: runs of seconds, as with small ones
+        return 600 if (mode, latency) == GATED else 300
     return 10_000 if (mode, latency) == GATED else 3000
 
 
@@ -321,6 +355,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="prompts per run (10,000 with b64 images, 3,000 with url ones)",
     )
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--image",
+        choices=IMAGES,
+        default="small",
+        help="the image the server answers with: small (18 KB, the gated case) or full "
+        "(1.8 MB, a real 1024x1024 PNG's size; 600 prompts a run)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5)")
     parser.add_argument(
         "--dir",
@@ -811,7 +852,7 @@ def _this_file_as_a_process() -> type[EmulatorProcess]:
         """This file with ``--serve MODE``, started and stopped like the emulator."""
 
         def command(self) -> list[str]:
-            return [sys.executable, str(Path(__file__).resolve()), *self.args]
+            return [sys.executable, str(Path(__file__).resolve()), *self.args, "--image", _image]
 
         def stats(self) -> dict[str, object]:
             return self._get_json("/_fast/stats")
@@ -1450,7 +1491,9 @@ def count_child(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    global _image
     args = parse_args()
+    _image = args.image
     if args.serve is not None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(args.serve, args.port, args.latency))

@@ -558,7 +558,10 @@ The figures:
    the client's instructions per prompt under callgrind, saving off, with the writer that
    writes nothing, and to tmpfs (steady where prompts/s is not; see the known gaps),
    `--protocols` times the bare loop by the thread writer's protocol and the writer
-   process's, and
+   process's, `--flushes` runs saving off beside a process writing 2,000 files/s to disk
+   in rounds of 1, 8 and 64 files (one syncfs each: what a flush costs a client beside
+   it), `--image full` runs everything with a 1.8 MB image (a real 1024x1024 PNG's size;
+   600 prompts a run) instead of the gated 18 KB one, and
    `--client-cpu` the client's CPU time per prompt for the same three in one process over
    a transport that answers at once, with the collector on and off (what a save costs the
    client in time, with no server, socket or disk sharing the CPU). With `--confine` the

@@ -67,7 +67,7 @@ class _Ring:
     Copying a payload here costs the event loop ~1 µs per 24 KB; through the pipe, the
     kernel's copy and the child's wake-ups cost it ~15-50 µs for a small image, and for
     a real one (~2 MB) the copies into fresh memory on the way cost ~10 ms of the event
-    loop's time, a third of a fast batch's prompts/s (``bench_save.py --image-size``).
+    loop's time, two thirds of a fast batch's prompts/s (``bench_save.py --image full``).
 
     Of the ``size`` bytes reserved, the ring goes round the first ``limit`` (``first``,
     pages allocated up front by `prefault`), and doubles it, when it is not wrapped round,
