@@ -613,7 +613,9 @@ def flushes(args: argparse.Namespace) -> BenchOutput:
     from flux_async import FluxClient
 
     c, n = args.concurrency, args.prompts or (1000 if args.quick else 10_000)
-    variants = ["off", *(f"rounds of {size}" for size in FLUSH_ROUNDS)]
+    # Each variant's round size (None: alone).
+    sizes = {"off": None, **{f"rounds of {size}": size for size in FLUSH_ROUNDS}}
+    variants = list(sizes)
     found: dict[str, list[float]] = {variant: [] for variant in variants}
     written: dict[str, list[float]] = {variant: [] for variant in variants[1:]}
     png = _png()
@@ -635,11 +637,11 @@ def flushes(args: argparse.Namespace) -> BenchOutput:
             for round_ in range(args.rounds):
                 shift = round_ % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
-                    if variant == "off":
+                    size = sizes[variant]
+                    if size is None:
                         found[variant].append(asyncio.run(batch(server.base_url, n)))
                         continue
                     directory = scratch.make(args.dir, "flux-bench-flushes-")
-                    size = FLUSH_ROUNDS[variants.index(variant) - 1]
                     beside = writing_beside(directory, FLUSH_PACE, size)
                     try:
                         with beside:
@@ -703,9 +705,8 @@ FREE = {"off, unconfined": "off", "disk, unconfined": "disk"}
 
 class Collector:
     """The cyclic garbage collector's time in this process within the block, in
-    ``seconds`` (through `gc.callbacks`): a prompt's objects that outlive it (its result,
-    and with saving its paths), and those alive while many prompts wait, make the
-    collector run more often and longer.
+    ``seconds`` (through `gc.callbacks`): what a prompt's objects cost it, those that
+    outlive the prompt (its result) and those alive while many prompts wait.
 
     Example::
 
@@ -909,11 +910,11 @@ def run(args: argparse.Namespace) -> BenchOutput:
         base: str | None,
         count: int,
         *,
-        key: tuple[str, float, str] | None = None,
         loop_only: float | None = None,
         thread: bool = False,
         beside: WritingBeside | None = None,
-    ) -> tuple[float, int, int]:
+    ) -> tuple[float, int, int, float]:
+        """Wall time, prompts ok, files saved, and the collector's seconds."""
         directory = None if base is None else scratch.make(base, "flux-bench-save-")
         try:
             async with FluxClient(base_url=base_url, max_connections=2 * c) as client:
@@ -931,13 +932,11 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         prompts(count), concurrency=c, save_to=directory
                     )
                     wall = time.perf_counter() - started
-            if key is not None:  # not a warm-up
-                collecting.setdefault(key, []).append(collector.seconds / count * 1e6)
             if loop_only is not None:  # nothing was written: count the paths given back
                 saved = sum(len(r.files) for r in results)
             else:
                 saved = 0 if directory is None else len(os.listdir(directory))
-            return wall, sum(r.ok for r in results), saved
+            return wall, sum(r.ok for r in results), saved, collector.seconds
         finally:
             if directory is not None:
                 scratch.release(directory)
@@ -1000,12 +999,11 @@ def run(args: argparse.Namespace) -> BenchOutput:
                             free = cpus.free(server.pid) if variant in FREE else None
                             try:
                                 with free or contextlib.nullcontext():
-                                    wall, ok, saved = asyncio.run(
+                                    wall, ok, saved, collected = asyncio.run(
                                         batch(
                                             server.base_url,
                                             where.get(variant),
                                             n,
-                                            key=(mode, latency, variant),
                                             loop_only=only,
                                             thread=thread,
                                             beside=beside,
@@ -1015,6 +1013,9 @@ def run(args: argparse.Namespace) -> BenchOutput:
                                 if beside is not None:
                                     scratch.release(scratch_beside)
                             rates.setdefault((mode, latency, variant), []).append(ok / wall)
+                            collecting.setdefault((mode, latency, variant), []).append(
+                                collected / n * 1e6
+                            )
                             label = (
                                 f"save {variant}"
                                 if where.get(variant) is None

@@ -43,8 +43,8 @@ _SCRIPT: Final = _files.__file__
 #: images in flight at once must fit (64 prompts of 8 MB images); one that does not goes
 #: through the pipe, at several times the event loop's cost (`_Ring`).
 SHARED_BYTES: Final = 512 * 2**20
-#: The part of it the ring uses at first, allocated before the first image; it doubles
-#: whenever an image does not fit (`_Ring`).
+#: The part of it the ring uses at first, allocated before the first image; it grows
+#: with the images in flight (`_Ring`).
 FIRST_BYTES: Final = 8 * 2**20
 _PAGE: Final = mmap.PAGESIZE
 
@@ -106,13 +106,8 @@ class _Ring:
         head = self._head
         tail = used[0][1] if used else 0
         if not used or head > tail:  # free: [head, limit) and [0, tail)
-            wanted = 2 * (self._in_flight + size)
-            while self.limit < self.size and (
-                self.limit < wanted or (self.limit - head < size and tail < size)
-            ):
-                # Larger images, or more of them in flight, than the ring has held so
-                # far: it goes round twice as much of the reservation from now on.
-                self.limit = min(2 * self.limit, self.size)
+            if self.limit < self.size:
+                self._grow(head, tail, size)
             if self.limit - head >= size:
                 start = head
             elif tail >= size:
@@ -128,6 +123,16 @@ class _Ring:
         used.append((number, start, size))
         self._in_flight += size
         return start
+
+    def _grow(self, head: int, tail: int, size: int) -> None:
+        """Larger images, or more of them in flight, than the ring has held so far: it
+        goes round twice as much of the reservation (and again) until it holds twice
+        what is in flight with ``size`` more, and ``size`` fits at its head or front."""
+        wanted = 2 * (self._in_flight + size)
+        while self.limit < self.size and (
+            self.limit < wanted or (self.limit - head < size and tail < size)
+        ):
+            self.limit = min(2 * self.limit, self.size)
 
     def release(self, number: int) -> None:
         """Job ``number`` is answered: its payload's space, and any older one's, is free."""
