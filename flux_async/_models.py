@@ -39,6 +39,7 @@ from ._exceptions import (
     parse_json,
     short_repr,
 )
+from ._images_json import SEARCHED_BYTES, parse_images_body
 from ._save import HasDownloader, check_directory, decode_b64, image_paths, store_image
 
 __all__ = [
@@ -826,7 +827,8 @@ class ImagesResponse:
             ImagesResponse.from_bytes(b'{"created": 1, "data": [{"url": "https://x"}]}')
         """
         try:
-            payload = parse_json(raw)
+            # A short body (any answer of URLs) goes straight to the scanner.
+            payload = parse_images_body(raw) if len(raw) > SEARCHED_BYTES else parse_json(raw)
         except ValueError as exc:
             raise APIResponseValidationError(
                 f"The server answered 2xx with a body that is not JSON ({exc}): {raw[:200]!r}",
