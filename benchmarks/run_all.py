@@ -243,9 +243,12 @@ HOW_TO_READ = """\
   first rounds, 0.36 and 0.45, ran minutes after the run before it had removed its files:
   see the removals below; the 0.71 run wrote to a new directory at the top of the
   filesystem instead). The noise is as wide as the gap. What is known:
-  - *This session (2026-11-27, after 6287c19; ad hoc unless a command is named).* The
-    library did not change; this page is its first at 6287c19. What was looked into, and
-    what it rules out:
+  - *This session (2026-11-27, after 6287c19; ad hoc unless a command is named).* This
+    page is the first at 6287c19; after it, only the parse of `b64_json` answers changed
+    (91b603d, below). `python benchmarks/bench_save.py` at 91b603d read disk 0.78 (rounds
+    0.71-0.92) and tmpfs 0.84 (0.83-1.03); the writer that writes nothing 0.90 and 0.84,
+    the writes beside 0.90 (saving off at 2,334 prompts/s: the machine still at half
+    speed). What was looked into, and what it rules out:
     - *The kept results are not the gap.* The gated runs gather every result, its b64
       text included, as `gather_generate` does; the batch command streams them. Streamed
       (`iter_generate`, paired rounds of 10,000 prompts, two sets of 6 and 4), disk read
@@ -265,10 +268,14 @@ HOW_TO_READ = """\
       why a page's first touch costs here. With DAMON stopped for a run (4 paired rounds,
       streamed) disk read 0.62 and tmpfs 0.84 of off, against 0.72 and 0.76 with it:
       within the noise.
-    - *What every b64 prompt pays, saved or not.* Parsing the 24 KB body takes 31.6 µs,
-      against 5.9 for a url body: the image's text is ~25 µs of each prompt's client CPU
-      with saving on or off (the JSON scanner reads it a character at a time). A faster
-      scan would speed both and leave the ratio where it is; not done.
+    - *What every b64 prompt paid, saved or not* (changed, 91b603d). Parsing the 24 KB
+      body took 24-32 µs, against ~6 for a url body: the JSON scanner reads the image's
+      text a character at a time. It is now lifted out with `bytes.find`, checked as
+      base64 and put back (`_images_json.py`): 13 µs, and 0.41 ms instead of 2.06 for a
+      1.8 MB image. `bench_save.py --instructions`: 896.2k to 695.4k instructions a
+      prompt with saving off, 1006.5k to 796.8k saving to tmpfs. Saving's own work is
+      unchanged, so by instructions it is a larger share of a prompt (on ÷ off 1.12 to
+      1.15): a faster client makes this gate harder, not easier.
     - *Noise.* Over a transport that answers at once, the client's CPU a prompt with
       saving off read 60-96 µs in runs of 10,000 a few seconds apart, and this page's
       runs went at half the prompts/s of the page before.
