@@ -68,8 +68,9 @@ def _lift(raw: bytes) -> tuple[bytes, list[str]] | None:
     images: list[str] = []
     copied = at = 0
     while (key := find(_KEY, at)) >= 0:
-        # An unescaped '"b64_json"' is a whole string token of the body (a string cannot
-        # hold an unescaped quote); followed by ':' it is a key, whatever its object.
+        # Followed by ':', this is a key named b64_json, in whatever object, or the end
+        # of a longer key ('"x\\"b64_json"'): a placeholder that is not an image's is
+        # not found in the data, and the body is then parsed whole.
         at = _skip_space(raw, key + size, end)
         if at == end or raw[at] != _COLON:
             continue

@@ -113,6 +113,19 @@ IN_DOUBT = [
         + b'"}]}',
         id="duplicate-key",
     ),
+    # A longer key that ends with the name ("x\"b64_json"), beside an image and alone.
+    pytest.param(
+        b'{"created": 1, "data": [{"b64_json": "'
+        + IMAGE.encode()
+        + b'", "x\\"b64_json": "'
+        + IMAGE[::-1].encode()
+        + b'"}]}',
+        id="longer-key-beside",
+    ),
+    pytest.param(
+        b'{"created": 1, "data": [{"url": "u", "x\\"b64_json": "' + IMAGE.encode() + b'"}]}',
+        id="longer-key",
+    ),
     # The name as a value, then as a key.
     pytest.param(_body({"url": "b64_json", "b64_json": IMAGE}), id="name-as-value"),
     # Broken bodies: each fails with the whole parse's message.
