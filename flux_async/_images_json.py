@@ -12,24 +12,28 @@ sure of is parsed whole.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 from ._exceptions import parse_json
 from ._files import simd_b64decode
 
-__all__ = ["LIFTED_BYTES", "SEARCHED_BYTES", "parse_images_body"]
+__all__ = ["LIFTED_BYTES", "SEARCHED_BYTES", "SKIPPED_KEYS", "parse_images_body"]
 
 #: A body longer than this is searched for ``b64_json`` strings to lift out (an answer
 #: of URLs is shorter: it pays no search, ~0.5 ns a byte, for nothing)...
 SEARCHED_BYTES: Final = 16 * 1024
-#: ...and a string at least this long is lifted (a shorter one costs the scanner less
-#: than its checks would).
-LIFTED_BYTES: Final = 4 * 1024
+#: ...and a string at least this long is lifted (at 4 KiB the checks cost about what the
+#: scanner does; a real image is far longer).
+LIFTED_BYTES: Final = 8 * 1024
+#: Past this many matches of the name that are not a long string to lift, the body is
+#: parsed whole: the search would cost more than it saves (an answer holds a few images).
+SKIPPED_KEYS: Final = 16
 _KEY: Final = b'"b64_json"'
+# What follows the name when it is a key with a string value, spaces included: matched
+# where the name ends (in C, however long a run of spaces a server sends).
+_TO_VALUE: Final = re.compile(rb'[ \t\n\r]*:[ \t\n\r]*"')
 _BASE64: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
-_SPACE: Final = frozenset(b" \t\n\r")
-_COLON: Final = ord(":")
-_QUOTE: Final = ord('"')
 # The only JSON text that makes a string hold U+0000: a body with it (outside the lifted
 # strings, which hold no backslash) is parsed whole, so in the rest of a body, a string
 # starting with U+0000 is one of the placeholders.
@@ -63,33 +67,35 @@ def _lift(raw: bytes) -> tuple[bytes, list[str]] | None:
     its number), and those strings; None when there is none or the body is in doubt."""
     if type(raw) is not bytes:
         return None
-    find, end, size, view = raw.find, len(raw), len(_KEY), memoryview(raw)
+    find, match, size, view = raw.find, _TO_VALUE.match, len(_KEY), memoryview(raw)
     pieces: list[bytes] = []
     images: list[str] = []
-    copied = at = 0
+    copied = at = skipped = 0
     while (key := find(_KEY, at)) >= 0:
         # Followed by ':', this is a key named b64_json, in whatever object, or the end
         # of a longer key ('"x\\"b64_json"'): a placeholder that is not an image's is
         # not found in the data, and the body is then parsed whole.
-        at = _skip_space(raw, key + size, end)
-        if at == end or raw[at] != _COLON:
-            continue
-        at = _skip_space(raw, at + 1, end)
-        if at == end or raw[at] != _QUOTE:
-            continue
-        start = at + 1
-        stop = find(b'"', start)
-        if stop < 0:
-            return None  # unterminated: the whole parse says where
-        at = stop + 1
-        if stop - start < LIFTED_BYTES:
-            continue
-        text = view[start:stop]  # not copied: decoded once, below
-        if not _is_base64(text):
-            return None  # an escape or another character: the scanner reads it
-        pieces += (raw[copied:start], b"\\u0000%d" % len(images))
-        images.append(str(text, "ascii"))
-        copied = stop
+        at = key + size
+        value = match(raw, at)
+        if value is None:
+            skipped += 1
+        else:
+            start = value.end()
+            stop = find(b'"', start)
+            if stop < 0:
+                return None  # unterminated: the whole parse says where
+            at = stop + 1
+            if stop - start >= LIFTED_BYTES:
+                text = view[start:stop]  # not copied: decoded once, below
+                if not _is_base64(text):
+                    return None  # an escape or another character: the scanner reads it
+                pieces += (raw[copied:start], b"\\u0000%d" % len(images))
+                images.append(str(text, "ascii"))
+                copied = stop
+                continue
+            skipped += 1
+        if skipped > SKIPPED_KEYS:
+            return None
     if not images:
         return None
     pieces.append(raw[copied:])
@@ -97,12 +103,6 @@ def _lift(raw: bytes) -> tuple[bytes, list[str]] | None:
     if rest.count(_ESCAPED_NUL) != len(images):
         return None  # the server's own U+0000 somewhere: a placeholder's double
     return rest, images
-
-
-def _skip_space(raw: bytes, at: int, end: int) -> int:
-    while at < end and raw[at] in _SPACE:
-        at += 1
-    return at
 
 
 def _is_base64(text: memoryview) -> bool:

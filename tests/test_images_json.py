@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 
 from flux_async import ImagesResponse, _images_json
 from flux_async._exceptions import parse_json
-from flux_async._images_json import LIFTED_BYTES, SEARCHED_BYTES, parse_images_body
+from flux_async._images_json import (
+    LIFTED_BYTES,
+    SEARCHED_BYTES,
+    SKIPPED_KEYS,
+    parse_images_body,
+)
 
 FUZZ = settings(max_examples=150, deadline=None, database=None)
 
@@ -166,6 +171,30 @@ def test_short_bodies_and_short_images_are_not_searched(monkeypatch: pytest.Monk
     for raw in (short, many_small):
         assert parse_images_body(raw) == parse_json(raw)
     assert parsed == [len(short), len(many_small)]
+
+
+def test_long_runs_of_spaces_around_the_key_are_read_as_the_scanner_reads_them() -> None:
+    """Spaces before and after the ':' (a server's indentation, or 200 KB of it)."""
+    for run in (b" ", b"\n\t", b" " * 100_000):
+        raw = b'{"created": 1, "data": [{"b64_json"' + run + b":" + run + b'"'
+        _same_as_whole(raw + IMAGE.encode() + b'"}]}')
+        _same_as_whole(raw + IMAGE.encode() + b"x" + run)
+
+
+def test_past_a_few_other_matches_the_body_is_parsed_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Matches of the name that are not a long image cost a search each: past
+    SKIPPED_KEYS of them the body goes to the scanner whole (an answer holds a few
+    images, not thousands of keys of that name)."""
+    parsed = _spy(monkeypatch)
+    small = [{"b64_json": "AAAA"}] * SKIPPED_KEYS
+    within = _body(*small, {"b64_json": IMAGE})
+    beyond = _body(*small, {"url": "b64_json"}, {"b64_json": IMAGE})
+    assert parse_images_body(within) == parse_json(within)
+    assert parsed[-1] < 2048
+    assert parse_images_body(beyond) == parse_json(beyond)
+    assert parsed[-1] == len(beyond)
 
 
 def test_without_pybase64_the_check_is_the_standard_library(
