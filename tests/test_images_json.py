@@ -131,7 +131,7 @@ IN_DOUBT = [
     pytest.param(_body({"b64_json": IMAGE})[:-3], id="cut-after"),
     pytest.param(_body({"b64_json": IMAGE})[:20_000], id="cut-inside"),
     pytest.param(_body({"b64_json": IMAGE}) + b" x", id="trailing-garbage"),
-    pytest.param(_body({"b64_json": IMAGE, "revised_prompt": "\xff"}), id="not-utf8-escaped"),
+    pytest.param(_body({"b64_json": IMAGE, "revised_prompt": "\xff"}), id="non-ascii-escaped"),
     pytest.param(_body({"b64_json": IMAGE}) + b"\xff", id="not-utf8-after"),
     pytest.param(_body({"b64_json": IMAGE}).replace(b"1700000000", b"NaN"), id="nan-created"),
     pytest.param(
