@@ -269,10 +269,12 @@ HOW_TO_READ = """\
       streamed) disk read 0.62 and tmpfs 0.84 of off, against 0.72 and 0.76 with it:
       within the noise.
     - *What every b64 prompt paid, saved or not* (changed, 91b603d). Parsing the 24 KB
-      body took 24-32 µs, against ~6 for a url body: the JSON scanner reads the image's
+      body took 24-36 µs, against ~6 for a url body: the JSON scanner reads the image's
       text a character at a time. It is now lifted out with `bytes.find`, checked as
-      base64 and put back (`_images_json.py`): 13 µs, and 0.41 ms instead of 2.06 for a
-      1.8 MB image. `bench_save.py --instructions`: 896.2k to 695.4k instructions a
+      base64 and put back (`_images_json.py`). `python benchmarks/bench_parse.py` (new):
+      28.3 µs against 35.8 for the scanner alone with one image (0.79), 0.65 with four,
+      0.58 with ten, 2.16 ms against 7.86 for a 1.8 MB image (0.28); openai's model takes
+      46.4 µs and 8.69 ms. `bench_save.py --instructions`: 896.2k to 695.4k instructions a
       prompt with saving off, 1006.5k to 796.8k saving to tmpfs. Saving's own work is
       unchanged, so by instructions it is a larger share of a prompt (on ÷ off 1.12 to
       1.15): a faster client makes this gate harder, not easier.
@@ -656,6 +658,12 @@ The figures:
    client in time, with no server, socket or disk sharing the CPU). With `--confine` the
    server gets a CPU of its own and the client's event loop the others, with unconfined
    off and disk runs in the same rounds for comparison (see the known gaps).
+11. **Parsing an answer** (`bench_parse.py`, not on this page: no target): what turning
+   an answer's bytes into a response costs, per answer, for one, four and ten 18 KB
+   `b64_json` images, one of 1.8 MB and one url: `ImagesResponse.from_bytes` against the
+   same checks on the JSON scanner's parse of the whole body (flux-async before the
+   images were lifted out), `json.loads` (raw aiohttp's `response.json()`, unchecked) and
+   openai's model; medians of 15 interleaved rounds in one process.
 
 ## How to reproduce
 
