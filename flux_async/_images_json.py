@@ -120,7 +120,9 @@ def _is_base64(text: memoryview) -> bool:
 
 def _put_back(payload: object, images: list[str]) -> bool:
     """Put the lifted strings back where their placeholders are: in the ``data`` items'
-    ``b64_json``, in order, each once; False if one was anywhere else."""
+    ``b64_json``, in order, each once; False if one was anywhere else. (`_lift` made sure
+    the body's only U+0000 are its placeholders, one each: no more than ``images`` can
+    turn up here.)"""
     data = payload.get("data") if type(payload) is dict else None
     if type(data) is not list:
         return False
@@ -129,7 +131,7 @@ def _put_back(payload: object, images: list[str]) -> bool:
         if type(item) is dict:
             value = item.get("b64_json")
             if type(value) is str and value[:1] == "\0":
-                if count == len(images) or value != f"\0{count}":
+                if value != f"\0{count}":  # one lost to a repeated key, or out of place
                     return False
                 item["b64_json"] = images[count]
                 count += 1
