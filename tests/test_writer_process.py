@@ -527,6 +527,29 @@ async def test_a_fanout_writes_every_image_from_its_writer_process(
     assert listing(tmp_path) == [f"{i:06d}.png" for i in range(40)]  # no temporary file left
 
 
+async def test_names_outside_ascii_reach_the_child_and_come_back_unchanged(
+    tmp_path: Path, children: dict[str, list[Any]]
+) -> None:
+    """A caller's stem in UTF-8 and a directory whose name is not UTF-8 at all (bytes
+    the file system encoding keeps as surrogates): the child writes each file under
+    exactly that name, and the paths given back are the same strings."""
+    directory = tmp_path / os.fsdecode(b"lot-\xff")
+    directory.mkdir()
+
+    def stem(index: int, prompt: str) -> str:
+        return f"renard-é-{index}"
+
+    async with mock_client(once_the_child_runs(children, lambda r: b64_answer(PNG))) as client:
+        results = await client.gather_generate(
+            ["a", "b", "c"], concurrency=3, save_to=directory, save_stem=stem
+        )
+    assert children["answers"] == [files.OK] * 3
+    assert [r.files for r in results] == [(directory / f"renard-é-{i}.png",) for i in range(3)]
+    assert sorted(os.listdir(os.fsencode(directory))) == [
+        f"renard-é-{i}.png".encode() for i in range(3)
+    ]
+
+
 async def test_the_child_starts_with_the_fanout_and_nobody_waits_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, children: dict[str, list[Any]]
 ) -> None:
