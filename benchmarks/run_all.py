@@ -243,7 +243,52 @@ HOW_TO_READ = """\
   first rounds, 0.36 and 0.45, ran minutes after the run before it had removed its files:
   see the removals below; the 0.71 run wrote to a new directory at the top of the
   filesystem instead). The noise is as wide as the gap. What is known:
-  - *This session (2026-11-27, after 6287c19; ad hoc unless a command is named).* This
+  - *The latest session (2026-11-27, after 327b7bd; ad hoc unless a command is named).*
+    `python benchmarks/bench_save.py --dir DIR` (DIR on local disk) twice: at 327b7bd disk
+    0.84 (rounds 0.77, 0.84, 0.86, 0.74, 0.89) and tmpfs 0.72, the writes beside 0.88,
+    the writer that writes nothing 0.92 and 0.85 (saving off 2,346 prompts/s); at b044cfb
+    disk 0.78 (rounds 0.78, 0.64, 0.93, 0.77, 1.02) and tmpfs 0.88, the writes beside
+    0.90, the writer that writes nothing 1.15 and 1.02 (off 2,238). The first run's first
+    round started within a minute of an ad hoc harness removing 60,000 files on the same
+    disk (its bare loop wrote 2,153 files/s, against 5,000-6,900 in the later rounds; see
+    "removals" below). What was looked into:
+    - *Saving runs near a ceiling; off does not.* In 8 paired rounds of 10,000 prompts,
+      saving to disk ran at 1,850-2,300 prompts/s throughout while off ran either at
+      2,250-2,380 or at 2,600-3,500 from one run to the next: the ratio read 0.89-1.01 in
+      the first case and 0.55-0.68 in the second. In the fast case the client's user CPU
+      a prompt rose from 333-346 µs to 445-470 with saving (`getrusage`), of which its
+      own added work is ~112k instructions (`bench_save.py --instructions`: 693.5k to
+      805.8k, tmpfs) and the collector ~20 µs; the rest is the same work costing more
+      beside the writer process and the disk.
+    - *The writer process's CPU a file, on a disk with no recent removals:* ~160-200 µs
+      (user 55-65, system 115-140), ~110 on tmpfs (`/proc` accounting of its runs).
+      `perf record -a -g`: its Python 34% of its samples, `linkat` 18% (four fifths of
+      it looking up and inserting the new name in a directory of 10,000-20,000 entries,
+      a sixth resolving `/proc/self/fd`), `syncfs` 15%, the `O_TMPFILE` open 13%, `write`
+      12%, and ~6% mapping, faulting and unmapping a fresh 1 MiB object for each read of
+      its pipe (fixed in b044cfb: one buffer kept; the writer's CPU a file, medians of 3
+      paired disk runs, 174 to 167 µs).
+    - *The removals, sized.* In the minute after 20,000 files were removed from a
+      directory beside, the writer process spent 400-920 µs of system time a file, 55-60%
+      of its samples in ext4's inode allocator skipping inodes freed in the last 60 s
+      (`recently_deleted`, `find_inode_bit`; this disk's ext4 has no journal): 4-5x its
+      usual cost. It confirms why the disk runs keep their files to the end (`Scratch`).
+    - *The collector follows the wakes, the prompts/s do not.* With saving, `gather_generate`
+      of 10,000 prompts made 244-267 young and 2 full collections against 90 and 1 with
+      saving off. Waking 1, 4, 8 (as shipped), 16 or 64 workers a turn (`Wakes`) made
+      124-130, 165-187, 257-267, ~550 and ~555 young collections, the collector's time a
+      prompt 15-19, 17-18, 34-35, ~60 and 52-56 µs. But in 12 paired rounds saving to
+      disk read 0.756 of off waking 4 a turn and 0.749 waking 8, so `WAKES_PER_TURN`
+      stays 8: what the collector saves, the later wakes give back.
+    - *Not the writer's scheduling class.* A writer process under `SCHED_IDLE` read 0.806
+      of off against 0.809 (8 paired rounds); `nice 10` and `SCHED_BATCH` were within
+      the noise before. Nor the event loop's own turns: 0.06 a prompt with saving off,
+      0.13-0.20 with it.
+    - *The client's own work, trimmed* (b044cfb: file names encoded and decoded without
+      `os.fsencode`/`os.fsdecode`'s frames, the default stem without its own):
+      instructions a prompt saving to tmpfs 805.8k to 802.5k, the event loop's share
+      729.2k to 725.5k (off 693.5k and 693.0k), within callgrind's spread from run to run.
+  - *The session before (2026-11-27, after 6287c19; ad hoc unless a command is named).* This
     page is the first at 6287c19; after it, only the parse of `b64_json` answers changed
     (91b603d, below). `python benchmarks/bench_save.py` at 91b603d read disk 0.78 (rounds
     0.71-0.92) and tmpfs 0.84 (0.83-1.03); the writer that writes nothing 0.90 and 0.84,
