@@ -629,7 +629,7 @@ def serve(source: int = 0, sink: int = 1, shared: memoryview | None = None) -> N
     rounds = _Rounds(find_syncfs())
     buffer = bytearray()
     # Read into one buffer kept for the process's life: os.read's fresh 1 MiB object a
-    # read cost the kernel a mapping, its page faults and its unmapping, ~5% of this
+    # read cost the kernel a mapping, its page faults and its unmapping, ~6% of this
     # process's CPU in a fast batch (perf).
     chunk = memoryview(bytearray(READ_BYTES))
     ended = False
