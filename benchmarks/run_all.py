@@ -291,10 +291,11 @@ HOW_TO_READ = """\
       process starts without site-packages, so without pybase64, and the standard
       library's strict decoder takes 125 µs an image there: more CPU beside the client
       than it saves.
-    - *The client's own work, trimmed* (b044cfb: file names encoded and decoded without
-      `os.fsencode`/`os.fsdecode`'s frames, the default stem without its own):
-      instructions a prompt saving to tmpfs 805.8k to 802.5k, the event loop's share
-      729.2k to 725.5k (off 693.5k and 693.0k), within callgrind's spread from run to run.
+    - *Not the client's smallest steps.* Encoding and decoding file names without
+      `os.fsencode`/`os.fsdecode`'s frames, and formatting the default stem without its
+      own (b044cfb), moved the instructions a prompt saving to tmpfs from 805.8k to
+      802.5k and the event loop's share from 729.2k to 725.5k (off 693.5k and 693.0k):
+      within callgrind's spread from run to run, so they were taken back.
   - *The session before (2026-11-27, after 6287c19; ad hoc unless a command is named).* This
     page is the first at 6287c19; after it, only the parse of `b64_json` answers changed
     (91b603d, below). `python benchmarks/bench_save.py` at 91b603d read disk 0.78 (rounds

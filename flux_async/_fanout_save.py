@@ -9,7 +9,6 @@ import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
 
 import attrs
 
@@ -21,11 +20,6 @@ from ._writer_process import ProcessWriter
 __all__ = ["SaveTo", "Saver", "default_stem", "save_settings"]
 
 
-# The default file name of prompt ``index``: a bound C method, which `Saver.store` calls
-# directly rather than through `default_stem`'s Python frame.
-_default_name: Final = "{:06d}".format
-
-
 def default_stem(index: int, prompt: str) -> str:
     """The file name (without suffix) of prompt ``index``'s images under ``save_to``: the
     index, zero-padded to six digits, so a directory listing sorts in input order.
@@ -34,7 +28,7 @@ def default_stem(index: int, prompt: str) -> str:
 
         default_stem(42, "a red fox")  # '000042' -> 000042.png (000042-0.png ... for n > 1)
     """
-    return _default_name(index)
+    return f"{index:06d}"
 
 
 @attrs.frozen(kw_only=True)
@@ -157,19 +151,14 @@ class Saver:
         save = self._save
         data = response.data
         try:
-            if self._stem_always_valid:
-                stem = _default_name(index)
-            else:
-                stem = save.stem(index, request.prompt)
+            stem = save.stem(index, request.prompt)
             if len(data) == 1 and data[0].b64_json is not None:
                 # A batch's common case, in one frame: the general path below costs the
                 # event loop ~6-10 us more a prompt (`bench_save.py --client-cpu`).
                 name = stem if self._stem_always_valid else check_stem(stem)
                 job = ImageJob(self._folder, name, data[0].b64_json, None, None, self._max_bytes)
                 written = await self._writer.write(job)
-                # Its name: the writers join it to the directory with os.sep, and a
-                # stem holds no separator (`check_stem`).
-                return (self._child(written.rpartition(os.sep)[2]),)
+                return (self._child(os.path.basename(written)),)
             images = [(image.url, image.b64_json) for image in data]
             if any(b64 is None for _, b64 in images):
                 async with self._downloads:

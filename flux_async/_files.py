@@ -40,8 +40,6 @@ __all__ = [
     "ANSWER",
     "B64",
     "CREATE",
-    "FS_ENCODING",
-    "FS_ERRORS",
     "IMAGE_SUFFIXES",
     "INLINE",
     "JOB",
@@ -65,12 +63,6 @@ __all__ = [
 IMAGE_SUFFIXES: Final[Mapping[str, str]] = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 # Suffixes replaced (rather than appended to) when the caller's path has one.
 _REPLACED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".img", ".image"})
-
-#: How file names are encoded, as `os.fsencode` and `os.fsdecode` do it: called directly,
-#: the writer's hot path saves their Python-level frames (several a file, a million times
-#: a batch).
-FS_ENCODING: Final = sys.getfilesystemencoding()
-FS_ERRORS: Final = sys.getfilesystemencodeerrors()
 
 CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
@@ -363,8 +355,8 @@ def _jobs(
             end = names + size if offset == INLINE else names
             if end > len(buffer):
                 break
-            directory = str(view[start : start + dir_size], FS_ENCODING, FS_ERRORS)
-            name = str(view[start + dir_size : names], FS_ENCODING, FS_ERRORS)
+            directory = os.fsdecode(bytes(view[start : start + dir_size]))
+            name = os.fsdecode(bytes(view[start + dir_size : names]))
             if offset == INLINE:
                 payload = view[names:end]
             elif shared is not None:
@@ -400,7 +392,7 @@ def _file(
 
 def _answer(number: int, outcome: str | BaseException) -> bytes:
     if isinstance(outcome, str):
-        status, text = OK, outcome.encode(FS_ENCODING, FS_ERRORS)
+        status, text = OK, os.fsencode(outcome)
     elif isinstance(outcome, _Rejected):
         status, text = REJECTED, b""
     else:
@@ -422,6 +414,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 #: The most the writer process reads from its pipe at once.
 READ_BYTES: Final = 1 << 20
+
 #: Unnamed files a round of the writer process holds open at most (a descriptor each,
 #: until it names them): the rest of a larger round get temporary names, so a round of
 #: thousands of images never runs out of descriptors (1,024 by default on Linux).

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Final
 
 from . import _files
-from ._files import FS_ENCODING, FS_ERRORS, find_syncfs
+from ._files import find_syncfs
 from ._save import ImageJob, ImageWriter
 from ._wakes import Wakes
 
@@ -300,7 +300,7 @@ class ProcessWriter:
         self._jobs[number] = job
         if job.directory != self._directory[0]:
             self._directory = (job.directory, os.fsencode(job.directory))
-        directory, name = self._directory[1], job.name.encode(FS_ENCODING, FS_ERRORS)
+        directory, name = self._directory[1], os.fsencode(job.name)
         ring = self._ring
         at = None if ring is None else ring.put(number, data)
         header = _files.JOB.pack(
@@ -370,7 +370,7 @@ class ProcessWriter:
         if job is None or job.future.done():
             return  # its awaiter was cancelled meanwhile
         if status == _files.OK:
-            wakes.add(job.future, text.decode(FS_ENCODING, FS_ERRORS))
+            wakes.add(job.future, os.fsdecode(text))
         elif status == _files.REJECTED:
             # Not an image, or too big, or not base64: the thread writer's check says
             # which, with the message and fields a caller gets from any save.
