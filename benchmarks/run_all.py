@@ -243,7 +243,49 @@ HOW_TO_READ = """\
   first rounds, 0.36 and 0.45, ran minutes after the run before it had removed its files:
   see the removals below; the 0.71 run wrote to a new directory at the top of the
   filesystem instead). The noise is as wide as the gap. What is known:
-  - *The latest session (2026-11-27, after 327b7bd; ad hoc unless a command is named).*
+  - *This session (2026-11-27, after 6a4b79f; ad hoc unless a command is named).*
+    `Wakes` now wakes four workers a turn, not eight (6a4b79f..). `python
+    benchmarks/bench_save.py --dir DIR` (DIR on local disk) before it: disk 0.79 (rounds
+    0.83, 0.79, 0.77, 0.64, 1.02; saving to disk ran at 1,732-1,752 prompts/s in every
+    round while off ran at 2,098-2,728), tmpfs 0.86, the collector 46.4 µs a prompt
+    saving to disk (off 28.1). After it, two runs: disk 0.82 (rounds 0.81, 0.95, 0.75,
+    0.86, 0.82; 1,966 prompts/s) and 0.78 (rounds 0.51, 0.78, 0.78, 0.81, 0.86; 1,838),
+    tmpfs 0.96 and 0.83, the collector 23.1 and 28.0 µs a prompt saving to disk (off 29.6
+    and 29.3): the collector's share is gone, the gate is still missed, and the ratio
+    moved less than its noise. What was looked into:
+    - *Where the young collections start.* Each callback the event loop ran was wrapped
+      to note the collector's young count before and after it (collector disabled,
+      2,000 prompts by `iter_generate`, tmpfs): the step in which a worker reads its
+      answer nets -30 objects the collector counts (its request's freed, its response
+      made), the step in which it wakes from its save +44 (its result, its next
+      request); with saving off they are one step, +10.5. 39 of the 44 young collections
+      of 3,000 prompts started inside a wake step. A `Saver.store` that only yields once
+      (`asyncio.sleep(0)`) made 286 young collections per 10,000 prompts, against 10
+      without the yield: any wait between a generation and the next request does it.
+    - *Four a turn, measured* (runs of 10,000 prompts unless said). `iter_generate`: 8 a
+      turn made 128-146 young and 1-2 full collections, 17-19 µs a prompt; 4 a turn 6-11
+      young and none full, 0.6-1.0 µs (off: 8 and none; the design page had recorded
+      ~35-50 at 8 a turn when `Wakes` came; not traced). `gather_generate` to disk,
+      paired: prompts/s with 4 ÷ with 8, per-pair median 1.075 (10 pairs of 5,000
+      prompts; 2 a turn 1.071, 1 a turn 0.988 with the event loop idle 7% of the wall);
+      ÷ off 0.798 against 0.741 (8 rounds; 2 a turn 0.770), the collector 30.0 against
+      49.5 µs a prompt. `iter_generate` to disk ÷ off 0.774 against 0.724 (6 rounds),
+      `gather_generate` to tmpfs 0.871 against 0.846 (6 rounds). The session before had
+      read 0.756 against 0.749 in 12 rounds.
+    - *What is left is not the collector.* With it disabled in both runs, saving to disk
+      read 0.762 of off (12 pairs of 3,000 prompts, `gather_generate`). The client's CPU
+      a prompt (`getrusage`, 8 pairs, 8 a turn): off 426 µs user and 35 system, disk 479
+      and 57, tmpfs 469 and 46; involuntary context switches 0.062 a prompt on disk
+      against 0.003.
+    - *Not the server preempting the client:* with the server under `SCHED_BATCH` (no
+      wake-up preemption), disk read 0.779 of off (12 pairs of 3,000 prompts). Nor the
+      concurrency: saving off, the client is CPU-bound from c=16 to c=128 (2,152-2,541
+      prompts/s, medians of 3 rounds, no trend).
+    - *The disk's flush, timed* (rounds of 16 files of 18 KB by the writer process's
+      protocol): syncfs after their bytes 2.2 ms median (p90 2.6), after their links
+      alone 0.58 ms; writing them unnamed 0.65 ms, linking them 0.66 ms. A save waited
+      19-23 ms (median) from hand-over to wake on disk, 15-16 ms on tmpfs (8 a turn).
+  - *The session before (2026-11-27, after 327b7bd; ad hoc unless a command is named).*
     `python benchmarks/bench_save.py --dir DIR` (DIR on local disk) twice: at 327b7bd disk
     0.84 (rounds 0.77, 0.84, 0.86, 0.74, 0.89) and tmpfs 0.72, the writes beside 0.88,
     the writer that writes nothing 0.92 and 0.85 (saving off 2,346 prompts/s); at b044cfb
@@ -279,7 +321,7 @@ HOW_TO_READ = """\
       124-130, 165-187, 257-267, ~550 and ~555 young collections, the collector's time a
       prompt 15-19, 17-18, 34-35, ~60 and 52-56 µs. But in 12 paired rounds saving to
       disk read 0.756 of off waking 4 a turn and 0.749 waking 8, so `WAKES_PER_TURN`
-      stays 8: what the collector saves, the later wakes give back.
+      stayed 8 (the next session measured again and made it 4: above).
     - *Not the writer's scheduling class.* A writer process under `SCHED_IDLE` read 0.806
       of off against 0.809 (8 paired rounds); `nice 10` and `SCHED_BATCH` were within
       the noise before. Nor the event loop's own turns: 0.06 a prompt with saving off,
@@ -296,7 +338,7 @@ HOW_TO_READ = """\
       own (b044cfb), moved the instructions a prompt saving to tmpfs from 805.8k to
       802.5k and the event loop's share from 729.2k to 725.5k (off 693.5k and 693.0k):
       within callgrind's spread from run to run, so they were taken back.
-  - *The session before (2026-11-27, after 6287c19; ad hoc unless a command is named).* This
+  - *Two sessions before (2026-11-27, after 6287c19; ad hoc unless a command is named).* This
     page is the first at 6287c19; after it, only the parse of `b64_json` answers changed
     (91b603d, below). `python benchmarks/bench_save.py` at 91b603d read disk 0.78 (rounds
     0.71-0.92) and tmpfs 0.84 (0.83-1.03); the writer that writes nothing 0.90 and 0.84,
@@ -522,7 +564,7 @@ HOW_TO_READ = """\
     prompts saved against ~10 (`iter_generate`) or ~90 (`gather_generate`, whose results
     stay) with saving off, and 4-5 full collections instead of 0-1. With the collector
     disabled, saving on tmpfs read 0.99 of off (8 paired fresh processes; 0.84 with it).
-    The writers now wake eight per turn (`Wakes`): ~35-50 young collections
+    The writers then woke eight per turn (`Wakes`; four now): ~35-50 young collections
     (`iter_generate`, tmpfs) and at most one full one. In back-to-back `bench_save.py`
     runs, tmpfs went from 0.74 to 0.85 and the writer that writes nothing from 0.86 to
     1.01; in the ad hoc runs after it, saving on tmpfs read 0.90-1.0 of off.

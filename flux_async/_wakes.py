@@ -1,16 +1,21 @@
 """Waking a round of a writer's awaiters a few per turn of the event loop.
 
 A writer makes a round of files durable together, so their awaiters are ready together:
-up to a fan-out's ``concurrency`` workers, each of which goes on to start its next
-request. Starting a request allocates ~50 objects the garbage collector counts, and the
-young generation is collected once 700 more have been made than freed: dozens of workers
-woken in one turn made a young collection in nearly every round (~450 per 10,000 prompts
-saved by `iter_generate`, against ~10 with saving off), each promoting the objects of
-every prompt still waiting for its file, and the promoted ones brought 4-5 full
-collections instead of 0-1: ~15% of a fast batch's prompts/s (with the collector
-disabled, saving on tmpfs read 0.99 of off; with it, 0.84). Woken eight per turn, the
-new requests start between the answers the event loop reads meanwhile, whose objects are
-freed as they go, and the collector runs about as often as with saving off.
+up to a fan-out's ``concurrency`` workers. A worker's step that reads its answer frees
+~30 more objects the garbage collector counts than it makes (its request's are done
+with); the step in which it wakes from its save makes ~44 more than it frees (its
+result, and its next request's). CPython collects the young generation once 700 more
+have been made than freed, so woken together those steps made a young collection in
+nearly every round, each promoting the objects of every prompt still waiting for its
+file, and the promoted ones brought full collections: ~450 young and 4-5 full per 10,000
+prompts saved by `iter_generate`, against ~8 and 0 with saving off. Woken four per turn
+(~180 objects), their steps fall between those of the answers the event loop reads
+meanwhile, and the collector runs as often as with saving off: 6-11 young and no full
+collection per 10,000 prompts (`iter_generate`, tmpfs and disk), ~1 µs a prompt against
+19-30 woken eight per turn (128-146 young, 1-2 full); with `gather_generate`, whose
+results stay, 20-30 µs against 48-50 (25-28 with saving off). Two per turn saved the
+collector little more and wake the last of a round later; one per turn left the event
+loop idle while workers waited (on the CPU 0.93 of the wall, against 0.97).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Final
 __all__ = ["WAKES_PER_TURN", "Wakes"]
 
 #: At most this many awaiters are woken per turn of the event loop (module docstring):
-#: 8 new requests make ~400 objects, below the young generation's threshold of 700.
-WAKES_PER_TURN: Final = 8
+#: four workers' next requests make ~180 objects, a quarter of the young generation's
+#: threshold of 700.
+WAKES_PER_TURN: Final = 4
 
 
 class Wakes:
