@@ -272,11 +272,21 @@ HOW_TO_READ = """\
       49.5 µs a prompt. `iter_generate` to disk ÷ off 0.774 against 0.724 (6 rounds),
       `gather_generate` to tmpfs 0.871 against 0.846 (6 rounds). The session before had
       read 0.756 against 0.749 in 12 rounds.
-    - *What is left is not the collector.* With it disabled in both runs, saving to disk
-      read 0.762 of off (12 pairs of 3,000 prompts, `gather_generate`). The client's CPU
-      a prompt (`getrusage`, 8 pairs, 8 a turn): off 426 µs user and 35 system, disk 479
-      and 57, tmpfs 469 and 46; involuntary context switches 0.062 a prompt on disk
-      against 0.003.
+    - *What is left is not the collector.* With it disabled in both runs (8 a turn),
+      saving to disk read 0.762 of off (12 pairs of 3,000 prompts, `gather_generate`).
+      The client's CPU a prompt (`getrusage`, 8 pairs, 8 a turn): off 426 µs user and 35
+      system, disk 479 and 57, tmpfs 469 and 46.
+    - *What is left is the disk's work, not the client's.* Four a turn (8 pairs of 5,000
+      prompts, `gather_generate`): the client's CPU a prompt saving to tmpfs was 426 µs
+      user and 38 system against off's 443 and 36 (÷ off 0.978), saving to disk 476 and
+      55 (0.865). The client runs the same code either way, so what disk adds is the
+      disk's work (the writer process's system calls, the kernel's writeback, the
+      host's I/O) slowing the client beside it: what the "writes beside" row measures
+      (0.94 and 1.09 in the two runs above). Preemptions do not carry it: the client was
+      preempted 0.064 times a prompt on disk (0.015 on tmpfs, 0.002 off), mostly by
+      `rcu_preempt` (`perf record -e sched:sched_switch`, one run: 376 of ~600), and
+      `SCHED_BATCH`, `SCHED_IDLE` or `nice 10` for the writer process moved prompts/s
+      less than the noise (0.989, 0.970 and 1.045 of the writer as started, 8 rounds).
     - *Not the server preempting the client:* with the server under `SCHED_BATCH` (no
       wake-up preemption), disk read 0.779 of off (12 pairs of 3,000 prompts). Nor the
       concurrency: saving off, the client is CPU-bound from c=16 to c=128 (2,152-2,541
