@@ -248,11 +248,13 @@ HOW_TO_READ = """\
     benchmarks/bench_save.py --dir DIR` (DIR on local disk) before it: disk 0.79 (rounds
     0.83, 0.79, 0.77, 0.64, 1.02; saving to disk ran at 1,732-1,752 prompts/s in every
     round while off ran at 2,098-2,728), tmpfs 0.86, the collector 46.4 µs a prompt
-    saving to disk (off 28.1). After it, two runs: disk 0.82 (rounds 0.81, 0.95, 0.75,
-    0.86, 0.82; 1,966 prompts/s) and 0.78 (rounds 0.51, 0.78, 0.78, 0.81, 0.86; 1,838),
-    tmpfs 0.96 and 0.83, the collector 23.1 and 28.0 µs a prompt saving to disk (off 29.6
-    and 29.3): the collector's share is gone, the gate is still missed, and the ratio
-    moved less than its noise. What was looked into:
+    saving to disk (off 28.1). After it, three runs: disk 0.82 (rounds 0.81, 0.95, 0.75,
+    0.86, 0.82; 1,966 prompts/s), 0.78 (rounds 0.51, 0.78, 0.78, 0.81, 0.86; 1,838) and
+    0.88 (rounds 0.88, 0.75, 0.86, 0.88, 0.97; 1,642, off 2,041), tmpfs 0.96, 0.83 and
+    0.95, the collector 23.1, 28.0 and 28.7 µs a prompt saving to disk (off 29.6, 29.3
+    and 33.6), the writes beside 0.94, 1.09 and 1.03: the collector's share is gone, one
+    run in three meets the gate, and the ratio moved less than its noise. What was
+    looked into:
     - *Where the young collections start.* Each callback the event loop ran was wrapped
       to note the collector's young count before and after it (collector disabled,
       2,000 prompts by `iter_generate`, tmpfs): the step in which a worker reads its
@@ -263,8 +265,8 @@ HOW_TO_READ = """\
       (`asyncio.sleep(0)`) made 286 young collections per 10,000 prompts, against 10
       without the yield: any wait between a generation and the next request does it.
     - *Four a turn, measured* (runs of 10,000 prompts unless said). `iter_generate`: 8 a
-      turn made 128-146 young and 1-2 full collections, 17-19 µs a prompt; 4 a turn 6-11
-      young and none full, 0.6-1.0 µs (off: 8 and none; the design page had recorded
+      turn made 128-146 young and 1-2 full collections, 23-29 µs a prompt; 4 a turn 6-11
+      young and none full, 0.5-1.3 µs (off: 8 and none; the design page had recorded
       ~35-50 at 8 a turn when `Wakes` came; not traced). `gather_generate` to disk,
       paired: prompts/s with 4 ÷ with 8, per-pair median 1.075 (10 pairs of 5,000
       prompts; 2 a turn 1.071, 1 a turn 0.988 with the event loop idle 7% of the wall);
@@ -291,6 +293,18 @@ HOW_TO_READ = """\
       wake-up preemption), disk read 0.779 of off (12 pairs of 3,000 prompts). Nor the
       concurrency: saving off, the client is CPU-bound from c=16 to c=128 (2,152-2,541
       prompts/s, medians of 3 rounds, no trend).
+    - *Saving off maps memory for every answer; saving does not.* `perf trace -s` of the
+      client: saving off made an mmap, an mremap and a munmap a prompt, saving to disk
+      0.09, 0.05 and 0.05 (getpid 4.1 and 5.1 a prompt: `asyncio.get_running_loop` on
+      Python 3.11). `perf record -e syscalls:sys_enter_mremap`: each shrinks 260 KB to 28
+      KB, asyncio's 256 KB receive buffer cut to the answer's size; glibc maps a block
+      that large afresh each time until a larger mapped one is freed, which raises its
+      threshold, and something in a saving run does that early. So the comparison favours
+      saving a little in the benchmark's long-lived process, and much in a fresh one:
+      saving to disk read 1.055 of off in 10 pairs of fresh processes (5,000 prompts
+      each), where off made 1,746 prompts/s. A writer process that flushed each round's
+      names at once (two syncfs a round) read 1.045 of the shipped one there, within the
+      noise (0.80-1.44 a pair).
     - *The disk's flush, timed* (rounds of 16 files of 18 KB by the writer process's
       protocol): syncfs after their bytes 2.2 ms median (p90 2.6), after their links
       alone 0.58 ms; writing them unnamed 0.65 ms, linking them 0.66 ms. A save waited

@@ -11,11 +11,11 @@ file, and the promoted ones brought full collections: ~450 young and 4-5 full pe
 prompts saved by `iter_generate`, against ~8 and 0 with saving off. Woken four per turn
 (~180 objects), their steps fall between those of the answers the event loop reads
 meanwhile, and the collector runs as often as with saving off: 6-11 young and no full
-collection per 10,000 prompts (`iter_generate`, tmpfs and disk), ~1 µs a prompt against
-19-30 woken eight per turn (128-146 young, 1-2 full); with `gather_generate`, whose
-results stay, 20-30 µs against 48-50 (25-28 with saving off). Two per turn saved the
-collector little more and wake the last of a round later; one per turn left the event
-loop idle while workers waited (on the CPU 0.93 of the wall, against 0.97).
+collection per 10,000 prompts (`iter_generate`, tmpfs and disk), 0.5-1.3 µs a prompt
+against 23-29 woken eight per turn (128-146 young, 1-2 full); with `gather_generate`,
+whose results stay, 20-30 µs against 48-50 (25-28 with saving off). Two per turn saved
+the collector little more and wake the last of a round later; one per turn left the
+event loop idle while workers waited (on the CPU 0.93 of the wall, against 0.97).
 """
 
 from __future__ import annotations
