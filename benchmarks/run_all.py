@@ -274,6 +274,12 @@ HOW_TO_READ = """\
       49.5 µs a prompt. `iter_generate` to disk ÷ off 0.774 against 0.724 (6 rounds),
       `gather_generate` to tmpfs 0.871 against 0.846 (6 rounds). The session before had
       read 0.756 against 0.749 in 12 rounds.
+    - *Four a turn is not a guarantee.* While ~1.2 million files were being removed from
+      the same disk, a fan-out of 2,000 prompts saving to disk (an in-process server
+      answering at once, `tests/test_wakes.py`'s) still made 30-52 young collections in
+      about half the runs, against 11 off: when every worker waits for its file, no
+      answer's step falls between the wake steps. Saving to tmpfs it made 6-7 in every
+      run (eight a turn: 15-36), which is what the new test checks.
     - *What is left is not the collector.* With it disabled in both runs (8 a turn),
       saving to disk read 0.762 of off (12 pairs of 3,000 prompts, `gather_generate`).
       The client's CPU a prompt (`getrusage`, 8 pairs, 8 a turn): off 426 µs user and 35
