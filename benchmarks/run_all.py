@@ -276,8 +276,9 @@ HOW_TO_READ = """\
       read 0.756 against 0.749 in 12 rounds.
     - *Four a turn is not a guarantee.* While ~1.2 million files were being removed from
       the same disk, a fan-out of 2,000 prompts saving to disk (an in-process server
-      answering at once, `tests/test_wakes.py`'s) still made 30-52 young collections in
-      about half the runs, against 11 off: when every worker waits for its file, no
+      answering at once, `tests/test_wakes.py`'s) still made 29-52 young collections in
+      10 of 14 runs in the test process (7-12 in 6 runs of a script of its own), against
+      11 off: when every worker waits for its file, no
       answer's step falls between the wake steps. Saving to tmpfs it made 6-7 in every
       run (eight a turn: 15-36), which is what the new test checks.
     - *What is left is not the collector.* With it disabled in both runs (8 a turn),
