@@ -4,15 +4,23 @@ from them, what the emulator sends, and a traffic spike end to end."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import aiohttp
 import pytest
 
-from flux_async import FluxClient, RateLimiter
+from flux_async import (
+    FluxClient,
+    MockTransport,
+    RateLimiter,
+    TransportRequest,
+    TransportResponse,
+)
 from flux_async._adaptive import AdaptiveController
 from flux_async._pacer import Pacer
 from flux_async._quota import parse_quota
 from flux_async.emulator import Emulator
+from flux_async.emulator._ratelimit import Gcra, quota_headers
 
 
 def quota(limit: object, remaining: object, reset: object) -> dict[str, str]:
@@ -113,9 +121,64 @@ async def test_the_emulator_states_its_quota() -> None:
             assert reset > 0.02  # all 3 back in (2, 3] intervals of 10 ms
 
 
+class _PacedServer:
+    """The emulator's rate model (its GCRA and headers) behind a `MockTransport`, on the
+    loop's clock: under looptime a request reaches it at the instant the client sends it,
+    so what it counts depends on the client's pacing alone, not on how busy the loop is."""
+
+    def __init__(self, rate: float, burst: int, latency: float) -> None:
+        self._gcra = Gcra(rate, burst)
+        self._burst = burst
+        self._latency = latency
+        self.rate_limited = 0
+
+    async def __call__(self, request: TransportRequest) -> TransportResponse:
+        loop = asyncio.get_running_loop()
+        wait = self._gcra.acquire("key", loop.time())
+        if wait > 0.0:
+            self.rate_limited += 1
+            headers = {"retry-after-ms": str(math.ceil(wait * 1000.0)), "Retry-After": "1"}
+            headers.update(quota_headers(self._burst, 0, self._gcra.quota("key", loop.time())[1]))
+            error = {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}
+            return TransportResponse(429, headers=headers, json=error)
+        await asyncio.sleep(self._latency)
+        headers = quota_headers(self._burst, *self._gcra.quota("key", loop.time()))
+        answer = {"created": 1, "data": [{"url": "https://img.example/1.png"}]}
+        return TransportResponse(200, headers=headers, json=answer)
+
+
+@pytest.mark.looptime
 async def test_a_spike_meets_the_servers_pace_after_the_first() -> None:
-    """A fresh client spends the server's burst and draws one wave of 429s; their headers
-    set the pace, so the retries and the next spike draw (almost) none."""
+    """A fresh client learns the server's pace from the first spike's headers; the next
+    spike spends the server's burst, then keeps its pace: no 429, no slower than it."""
+    server = _PacedServer(rate=200, burst=10, latency=0.05)
+    loop = asyncio.get_running_loop()
+    async with FluxClient(api_key="sk-test", transport=MockTransport(server)) as client:
+        first = await asyncio.gather(*(client.generate(f"a{i}") for i in range(60)))
+        first_429s = server.rate_limited
+        await asyncio.sleep(0.2)
+        started = loop.time()
+        second = await asyncio.gather(*(client.generate(f"b{i}") for i in range(60)))
+        elapsed = loop.time() - started
+    assert len(first) == len(second) == 60
+    # The start ramp outruns the burst once (one 429 here): its headers set the pace.
+    assert 1 <= first_429s <= 2
+    assert server.rate_limited == first_429s
+    # The burst at once, the other 50 at no less than 0.9 of the server's rate (the client
+    # keeps 10 % in hand), then one latency. Not learning the pace takes ~6 s here.
+    assert elapsed <= 50 / (0.9 * 200) + 0.05 + 1e-3
+    assert client.limiter.statistics().rate == pytest.approx(200.0, rel=0.1)
+
+
+async def test_a_spike_against_the_emulator_draws_few_429s_after_the_first() -> None:
+    """The same over real sockets: the emulator's headers reach the limiter.
+
+    Not every 429 of the second spike can be avoided here. The burst's permits are taken
+    while the spike's other tasks make their first steps, so the burst leaves a few ms
+    after its permits and the first paced request right behind it; the server then sees
+    11 requests closer together than its burst allows. Measured on 2 cores: 1-2, once 4
+    in CI. A client that had not learned the pace draws ~50.
+    """
     async with (
         Emulator(rate_limit=200, burst=10, latency=0.05, record_requests=False) as emu,
         FluxClient(base_url=emu.base_url) as client,
@@ -127,5 +190,5 @@ async def test_a_spike_meets_the_servers_pace_after_the_first() -> None:
         second_429s = emu.stats.rate_limited - first_429s
     assert len(first) == len(second) == 60
     assert first_429s <= 50 + 5  # the first wave (60 - burst 10), and no retry herd
-    assert second_429s <= 3
+    assert second_429s <= 10
     assert client.limiter.statistics().rate == pytest.approx(200.0, rel=0.1)
