@@ -243,7 +243,18 @@ HOW_TO_READ = """\
   first rounds, 0.36 and 0.45, ran minutes after the run before it had removed its files:
   see the removals below; the 0.71 run wrote to a new directory at the top of the
   filesystem instead). The noise is as wide as the gap. What is known:
-  - *This session (2026-11-27, after 6a4b79f; ad hoc unless a command is named).*
+  - *The round after 88d9ef1 (2026-11-27; ad hoc unless a command is named).* A fourth
+    `python benchmarks/bench_save.py --dir DIR` at four a turn read disk 0.83 (rounds
+    0.53, 0.83, 0.91, 0.87, 0.70; 1,806 prompts/s, off 2,167), tmpfs 0.89, the writes
+    beside 0.92, the writer that writes nothing 0.91 and 0.87, the collector 33.3 µs a
+    prompt saving to disk (off 28.0). How busy the client is (`getrusage` ÷ wall, 3 pairs
+    of 5,000 prompts, `gather_generate`): off 0.997-1.006, tmpfs 0.975-0.993, disk
+    0.963-0.973; so at most ~3 % could come back from keeping its loop busier while
+    every worker waits for its file, and the rest of the gap is the same work costing
+    more beside the disk. Its loop turns a prompt: off 0.06 (73 callbacks a turn), saving
+    0.27 (21 a turn), the floor four wakes a turn sets for 64 workers; at a few µs a turn
+    that is ~1 µs a prompt. In the same pairs off's user CPU a prompt ranged 396-493 µs.
+  - *The round after 6a4b79f (2026-11-27; ad hoc unless a command is named).*
     `Wakes` now wakes four workers a turn, not eight (6a4b79f..). `python
     benchmarks/bench_save.py --dir DIR` (DIR on local disk) before it: disk 0.79 (rounds
     0.83, 0.79, 0.77, 0.64, 1.02; saving to disk ran at 1,732-1,752 prompts/s in every
@@ -272,7 +283,7 @@ HOW_TO_READ = """\
       prompts; 2 a turn 1.071, 1 a turn 0.988 with the event loop idle 7% of the wall);
       ÷ off 0.798 against 0.741 (8 rounds; 2 a turn 0.770), the collector 30.0 against
       49.5 µs a prompt. `iter_generate` to disk ÷ off 0.774 against 0.724 (6 rounds),
-      `gather_generate` to tmpfs 0.871 against 0.846 (6 rounds). The session before had
+      `gather_generate` to tmpfs 0.871 against 0.846 (6 rounds). The round after 327b7bd had
       read 0.756 against 0.749 in 12 rounds.
     - *Four a turn is not a guarantee.* While ~1.2 million files were being removed from
       the same disk, a fan-out of 2,000 prompts saving to disk (an in-process server
@@ -316,7 +327,7 @@ HOW_TO_READ = """\
       protocol): syncfs after their bytes 2.2 ms median (p90 2.6), after their links
       alone 0.58 ms; writing them unnamed 0.65 ms, linking them 0.66 ms. A save waited
       19-23 ms (median) from hand-over to wake on disk, 15-16 ms on tmpfs (8 a turn).
-  - *The session before (2026-11-27, after 327b7bd; ad hoc unless a command is named).*
+  - *The round after 327b7bd (2026-11-27; ad hoc unless a command is named).*
     `python benchmarks/bench_save.py --dir DIR` (DIR on local disk) twice: at 327b7bd disk
     0.84 (rounds 0.77, 0.84, 0.86, 0.74, 0.89) and tmpfs 0.72, the writes beside 0.88,
     the writer that writes nothing 0.92 and 0.85 (saving off 2,346 prompts/s); at b044cfb
@@ -369,7 +380,7 @@ HOW_TO_READ = """\
       own (b044cfb), moved the instructions a prompt saving to tmpfs from 805.8k to
       802.5k and the event loop's share from 729.2k to 725.5k (off 693.5k and 693.0k):
       within callgrind's spread from run to run, so they were taken back.
-  - *Two sessions before (2026-11-27, after 6287c19; ad hoc unless a command is named).* This
+  - *The round after 6287c19 (2026-11-27; ad hoc unless a command is named).* This
     page is the first at 6287c19; after it, only the parse of `b64_json` answers changed
     (91b603d, below). `python benchmarks/bench_save.py` at 91b603d read disk 0.78 (rounds
     0.71-0.92) and tmpfs 0.84 (0.83-1.03); the writer that writes nothing 0.90 and 0.84,

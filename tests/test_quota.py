@@ -177,7 +177,7 @@ async def test_a_spike_against_the_emulator_draws_few_429s_after_the_first() -> 
     while the spike's other tasks make their first steps, so the burst leaves a few ms
     after its permits and the first paced request right behind it; the server then sees
     11 requests closer together than its burst allows. Measured on 2 cores: 1-2, once 4
-    in CI. A client that had not learned the pace draws ~50.
+    in CI; sent all at once, the spike would draw 50.
     """
     async with (
         Emulator(rate_limit=200, burst=10, latency=0.05, record_requests=False) as emu,
