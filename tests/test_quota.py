@@ -4,7 +4,6 @@ from them, what the emulator sends, and a traffic spike end to end."""
 from __future__ import annotations
 
 import asyncio
-import math
 
 import aiohttp
 import pytest
@@ -20,7 +19,7 @@ from flux_async._adaptive import AdaptiveController
 from flux_async._pacer import Pacer
 from flux_async._quota import parse_quota
 from flux_async.emulator import Emulator
-from flux_async.emulator._ratelimit import Gcra, quota_headers
+from flux_async.emulator._ratelimit import Gcra, quota_headers, rate_limited
 
 
 def quota(limit: object, remaining: object, reset: object) -> dict[str, str]:
@@ -122,27 +121,28 @@ async def test_the_emulator_states_its_quota() -> None:
 
 
 class _PacedServer:
-    """The emulator's rate model (its GCRA and headers) behind a `MockTransport`, on the
+    """The emulator's rate model (its GCRA, headers and 429) behind a `MockTransport`, on the
     loop's clock: under looptime a request reaches it at the instant the client sends it,
     so what it counts depends on the client's pacing alone, not on how busy the loop is."""
 
     def __init__(self, rate: float, burst: int, latency: float) -> None:
         self._gcra = Gcra(rate, burst)
-        self._burst = burst
+        self._limits = (rate, burst)
         self._latency = latency
         self.rate_limited = 0
 
     async def __call__(self, request: TransportRequest) -> TransportResponse:
         loop = asyncio.get_running_loop()
-        wait = self._gcra.acquire("key", loop.time())
+        now = loop.time()
+        wait = self._gcra.acquire("key", now)
         if wait > 0.0:
             self.rate_limited += 1
-            headers = {"retry-after-ms": str(math.ceil(wait * 1000.0)), "Retry-After": "1"}
-            headers.update(quota_headers(self._burst, 0, self._gcra.quota("key", loop.time())[1]))
-            error = {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}
-            return TransportResponse(429, headers=headers, json=error)
+            reset = self._gcra.quota("key", now)[1]
+            refusal = rate_limited("key", wait, self._limits, "req_test", reset)
+            assert isinstance(refusal.body, bytes)
+            return TransportResponse(429, headers=dict(refusal.headers), body=refusal.body)
         await asyncio.sleep(self._latency)
-        headers = quota_headers(self._burst, *self._gcra.quota("key", loop.time()))
+        headers = quota_headers(self._limits[1], *self._gcra.quota("key", loop.time()))
         answer = {"created": 1, "data": [{"url": "https://img.example/1.png"}]}
         return TransportResponse(200, headers=headers, json=answer)
 
