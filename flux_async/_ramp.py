@@ -13,6 +13,9 @@ by two for every success, whichever is more.
 * An unlimited server costs a spike at most ``doubling * log2(spike / window)`` seconds
   on its last calls (0.2 s for 200 calls), once per limiter; a fast one costs nothing,
   since its answers open the allowance faster than the clock does.
+* Only time in which the event loop could run counts. A loop that wakes late (a blocking
+  call, a descheduled process) has read no answer meanwhile: counted, a stall of 0.3 s
+  would have grown the allowance 64-fold and let a whole spike into a full bucket at once.
 
 Like `Pacer`, it takes the time as a number and never waits.
 """
@@ -33,6 +36,9 @@ DEFAULT_START_WINDOW = 16
 #: Seconds per doubling of the allowance: a 429 on loopback or a LAN comes back well
 #: within it, so at most about one doubling's worth is sent into a full bucket.
 DEFAULT_DOUBLING = 0.05
+# How late a timer may fire before the lateness is taken for a stall of the loop: above
+# the millisecond the selector rounds its timeouts to, below a fifth of a doubling.
+_LATE = 0.01
 # An allowance this large no longer holds anything back that a spike would send.
 _END = 4096
 
@@ -82,6 +88,11 @@ class StartRamp:
         """Count an answer that went well: it widens the allowance by two."""
         self._successes += 1
 
+    def discount(self, seconds: float) -> None:
+        """Leave ``seconds`` out of the clock's share (time the event loop could not run)."""
+        if self._began != NEVER:
+            self._began += seconds
+
     def give_back(self) -> None:
         """Return a permit `take` granted but nobody used (its task was cancelled)."""
         self._granted -= 1
@@ -125,12 +136,13 @@ class RampLine:
         line.on_success(loop.time())    # may let the next waiters go
     """
 
-    __slots__ = ("_loop", "_timer", "_waiters", "over", "ramp")
+    __slots__ = ("_due", "_loop", "_timer", "_waiters", "over", "ramp")
 
     def __init__(self) -> None:
         self.ramp = StartRamp()
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._due = math.inf  # when the armed timer is due
         self._loop: asyncio.AbstractEventLoop | None = None
         self.over = False  # set by `end`: the limiter drops the line
 
@@ -169,6 +181,10 @@ class RampLine:
     def release(self, now: float) -> None:
         """Let go, in order, every waiter the allowance has room for at ``now``."""
         waiters, ramp = self._waiters, self.ramp
+        late = now - self._due
+        if late > _LATE:  # the loop stalled past the timer: no answer was read meanwhile
+            ramp.discount(late - _LATE)
+            self._due = now
         while waiters:
             head = waiters[0]
             if head.done():  # cancelled while it waited
@@ -196,6 +212,7 @@ class RampLine:
         if timer is not None:
             timer.cancel()
         self._timer = loop.call_at(when, self._on_timer)
+        self._due = when
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -204,6 +221,7 @@ class RampLine:
             self.release(loop.time())
 
     def _disarm(self) -> None:
+        self._due = math.inf
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
@@ -55,6 +56,14 @@ def test_successes_widen_the_allowance_by_two() -> None:
     assert [ramp.take(0.0) for _ in range(3)] == [True, True, False]
     # The clock's share is counted net of what successes already allowed.
     assert ramp.due_at(0.0) == pytest.approx(math.log2((5 - 2) / 2))
+
+
+def test_discounted_time_does_not_grow_the_allowance() -> None:
+    ramp = StartRamp(window=4, doubling=0.1)
+    assert sum(ramp.take(0.0) for _ in range(5)) == 4
+    ramp.discount(0.3)  # the loop could not run from 0.0 to 0.3
+    assert ramp.due_at(0.3) == pytest.approx(0.3 + 0.1 * math.log2(5 / 4))
+    assert sum(ramp.take(0.4) for _ in range(10)) == 4  # one doubling after 0.3: 8 in all
 
 
 def test_the_ramp_finishes_when_it_holds_nothing_back() -> None:
@@ -184,6 +193,21 @@ async def test_once_finished_the_fast_path_never_suspends() -> None:
     for _ in range(10_000):
         await limiter.acquire()
     assert now() == started
+
+
+async def test_a_stalled_loop_does_not_count_toward_the_ramp() -> None:
+    """A loop that could not run for 0.3 s read no 429 meanwhile: the time must not grow
+    the allowance (counted, it would be 16 * 2**6: the whole spike at once)."""
+    limiter = RateLimiter()
+    tasks, times = start_waiters(limiter, 200)
+    await asyncio.sleep(0)
+    assert len(times) == DEFAULT_START_WINDOW  # the window went; 184 wait for the clock
+    time.sleep(0.3)  # noqa: ASYNC251 - the stall itself (a blocking call in a handler)
+    for _ in range(3):  # the late timer's turn, then the turn its waiters run in
+        await asyncio.sleep(0)
+    assert DEFAULT_START_WINDOW < len(times) <= 2 * DEFAULT_START_WINDOW
+    await asyncio.gather(*tasks)
+    assert len(times) == 200
 
 
 # -- over real sockets -----------------------------------------------------------------
