@@ -19,6 +19,17 @@ filterwarnings = error
 """
 
 
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inner pytests are plain runs even when this suite runs under pytest-xdist.
+
+    Its workers export ``PYTEST_XDIST_*``; an installed pytest-benchmark reads that in
+    the inner run as "xdist is on" and warns, which ``filterwarnings = error`` fails.
+    """
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def _guide_files() -> dict[str, str]:
     """The files of the guide's plugin example: each code block starting ``# <name>``."""
     section = GUIDE.read_text("utf-8").split("## pytest fixtures for your app", 1)[1]
