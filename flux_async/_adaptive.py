@@ -223,8 +223,9 @@ class _Traffic:
             return None
         if span >= self.window:
             return len(grants) / self.window
-        start = now - span
-        return sum(1 for t in grants if t > start) / span
+        # `>=`: the permit that began the span is in it. Left out, a fresh client's one
+        # call whose 429 came back 0.3 s later measured 0/s and was cut to min_rate.
+        return sum(1 for t in grants if t >= began) / span
 
     def forget_times(self) -> None:
         self.grants.clear()

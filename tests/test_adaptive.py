@@ -98,6 +98,23 @@ def test_the_send_rate_is_measured_only_while_the_gate_was_open() -> None:
     assert other.rate == pytest.approx(5.0)
 
 
+def test_the_permit_that_began_the_span_counts() -> None:
+    """A fresh limiter's one permit, its 429 read 0.3 s later: 1 permit in 0.3 s, so the
+    cut is to 0.9 * 3.3/s. Left out of the count, it measured 0/s: cut to min_rate (a
+    10 s wait for the retry)."""
+    target = Target()
+    controller = AdaptiveController(target, ceiling=None, tolerance=0)
+    controller.on_grant(5.0)
+    assert controller.on_rate_limited(5.3, gate_opened=OPEN)
+    assert target.rate == pytest.approx(DEFAULT_DECREASE_FACTOR / 0.3)
+    reopened = Target(10.0)
+    controller = AdaptiveController(reopened, ceiling=10.0, decrease_factor=0.5, tolerance=0)
+    grants(controller, 0.0, 2.0, 10.0)
+    grants(controller, 3.0, 3.4, 10.0)  # the first of 5 at the very moment the gate opened
+    controller.on_rate_limited(3.5, gate_opened=3.0)
+    assert reopened.rate == pytest.approx(0.5 * 5 / 0.5)
+
+
 def test_floors_under_a_cut() -> None:
     """No cut goes below half the recent success rate, nor below min_rate; the ceiling wins
     over a min_rate above it."""

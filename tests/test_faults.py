@@ -386,6 +386,24 @@ async def test_garbage_retry_after_is_treated_as_absent(value: str) -> None:
     assert seen == Counter({"p-garbage": 2})
 
 
+async def test_a_fresh_clients_one_call_with_a_slow_429_is_not_cut_to_the_floor() -> None:
+    """One call, answered 429 (no Retry-After) 0.3 s later, then 200: the cut is made from
+    one permit in 0.3 s (~3/s), so the retry waits its backoff, not min_rate's 10 s. It
+    was cut to 0.1/s: the permit that began the measured span was left out of it."""
+    async with (
+        FaultServer(first(1, rate_limited()), latency=0.3) as srv,
+        client_for(srv) as client,
+    ):
+        async with asyncio.timeout(30):  # a hang guard
+            response, took = await outcome(client.generate("p-slow-429"))
+        rate = client.limiter.statistics().rate
+        seen = srv.attempts_by_prompt()
+    assert not isinstance(response, BaseException), f"after {took:.2f} s: {response!r}"
+    assert seen == Counter({"p-slow-429": 2})
+    assert rate is not None
+    assert rate > 1.0, f"cut to {rate}/s after one slow 429 (took {took:.2f} s)"
+
+
 async def test_garbage_retry_after_batch() -> None:
     """300 prompts each get one 503 with a garbage Retry-After (all 5 kinds): none fails."""
     sent = prompts(300)
