@@ -154,7 +154,10 @@ class _Traffic:
     successes per second over the last full window.
 
     Grant and 429 times are kept oldest first: each is appended once and popped once, so
-    keeping the measured send rate costs O(1) amortised.
+    keeping the measured send rate costs O(1) amortised. The grants kept are the last
+    window's before the newest grant, not before now: when answers take longer than a
+    window, a 429 answers permits granted before the last window, and the send rate is
+    measured where they went (`_end`).
     """
 
     __slots__ = (
@@ -192,40 +195,61 @@ class _Traffic:
                 self.success_rate = (self.successes - count) / (now - started)
             self.success_mark = (now, self.successes)
 
+    def _end(self, now: float) -> float:
+        """Where the measured window ends: ``now``, or the newest grant if none was made in
+        the last window. Measured at ``now``, a fresh client whose calls' 429s came back
+        1.5 s after them counted 0/s and was cut to min_rate (3 calls took 30 s)."""
+        grants = self.grants
+        if grants and grants[-1] <= now - self.window:
+            return grants[-1]
+        return now
+
+    def _granted_after(self, cutoff: float) -> int:
+        """The grants kept that came after ``cutoff`` (few are older: at most one window's
+        worth, between the newest grant's window and now's)."""
+        grants = self.grants
+        older = 0
+        for t in grants:
+            if t > cutoff:
+                break
+            older += 1
+        return len(grants) - older
+
     def on_rate_limited(self, now: float) -> tuple[int, int]:
-        """Record a 429; return the 429s and the permits of the last window."""
+        """Record a 429; return the 429s of the last window and the permits of the
+        measured one (`_end`)."""
         limited = self.limited
         cutoff = now - self.window
         limited.append(now)
         self.limited_total += 1
         while limited[0] <= cutoff:
             limited.popleft()
-        grants = self.grants
-        while grants and grants[0] <= cutoff:
-            grants.popleft()
-        return len(limited), len(grants)
+        return len(limited), self.granted(now)
+
+    def granted(self, now: float) -> int:
+        """The permits granted in the measured window (`_end`)."""
+        return self._granted_after(self._end(now) - self.window)
 
     def sent_rate(self, now: float, gate_opened: float) -> float | None:
-        """Permits per second over the last window, or the part of it the gate was open.
+        """Permits per second over the measured window (`_end`), or the part of it the
+        gate was open.
 
         None when that part is too short to measure (just after a pause): a near-empty
         window after a pause would read as a tiny send rate and cut the rate to nothing.
         """
-        grants = self.grants
-        cutoff = now - self.window
-        while grants and grants[0] <= cutoff:
-            grants.popleft()
+        end = self._end(now)
+        cutoff = end - self.window
         # Measure from the latest of: a window ago, the gate's last opening, the first
         # permit ever (a window in which traffic just began is not a send rate either).
         began = max(cutoff, gate_opened, self.first_grant)
-        span = now - began
+        span = end - began
         if span < _MIN_SPAN * self.window:
             return None
         if span >= self.window:
-            return len(grants) / self.window
+            return self._granted_after(cutoff) / self.window
         # `>=`: the permit that began the span is in it. Left out, a fresh client's one
         # call whose 429 came back 0.3 s later measured 0/s and was cut to min_rate.
-        return sum(1 for t in grants if t >= began) / span
+        return sum(1 for t in self.grants if t >= began) / span
 
     def forget_times(self) -> None:
         self.grants.clear()
@@ -460,7 +484,7 @@ class AdaptiveController:
         if old is None and sent is None:
             # The first 429 of an unpaced limiter, a moment after traffic began: the
             # window's sends are the only estimate there is; probing corrects it.
-            sent = len(traffic.grants) / self._window
+            sent = traffic.granted(now) / self._window
         current = math.inf if old is None else old
         measured = current if sent is None else min(current, sent)
         # The rate the server has just been serving is no overload: never cut below half

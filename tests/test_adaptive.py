@@ -115,6 +115,23 @@ def test_the_permit_that_began_the_span_counts() -> None:
     assert reopened.rate == pytest.approx(0.5 * 5 / 0.5)
 
 
+def test_a_429_slower_than_a_window_is_measured_where_its_permits_went() -> None:
+    """Answers that take longer than a window: the last window holds no permit, so the
+    send rate is measured over the window before the newest grant. Measured at the 429,
+    both read 0/s and were cut to min_rate."""
+    target = Target()
+    controller = AdaptiveController(target, ceiling=None, tolerance=0)
+    for _ in range(3):
+        controller.on_grant(5.0)  # a fresh client's three calls at once...
+    assert controller.on_rate_limited(6.5, gate_opened=OPEN)  # ...answered 429 1.5 s later
+    assert target.rate == pytest.approx(DEFAULT_DECREASE_FACTOR * 3 / 1.0)
+    paced = Target(10.0)
+    controller = AdaptiveController(paced, ceiling=10.0, tolerance=0)
+    grants(controller, 0.0, 2.0, 10.0)
+    assert controller.on_rate_limited(3.5, gate_opened=OPEN)  # 1.5 s after the last grant
+    assert paced.rate == pytest.approx(DEFAULT_DECREASE_FACTOR * 10.0)
+
+
 def test_floors_under_a_cut() -> None:
     """No cut goes below half the recent success rate, nor below min_rate; the ceiling wins
     over a min_rate above it."""

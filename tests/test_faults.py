@@ -386,22 +386,28 @@ async def test_garbage_retry_after_is_treated_as_absent(value: str) -> None:
     assert seen == Counter({"p-garbage": 2})
 
 
-async def test_a_fresh_clients_one_call_with_a_slow_429_is_not_cut_to_the_floor() -> None:
-    """One call, answered 429 (no Retry-After) 0.3 s later, then 200: the cut is made from
-    one permit in 0.3 s (~3/s), so the retry waits its backoff, not min_rate's 10 s. It
-    was cut to 0.1/s: the permit that began the measured span was left out of it."""
+@pytest.mark.parametrize(("latency", "calls"), [(0.3, 1), (1.5, 3)])
+async def test_a_fresh_clients_slow_429s_do_not_cut_it_to_the_floor(
+    latency: float, calls: int
+) -> None:
+    """A fresh client's calls, answered 429 (no Retry-After) ``latency`` s later, then 200:
+    the cut is made from the rate they were sent at, so the retries wait their backoff,
+    not min_rate's 10 s per call. They were cut to 0.1/s: the send rate was measured at
+    the 429 without the permit that began its span (0.3 s), or over a window in which
+    nothing was sent (1.5 s)."""
+    sent = prompts(calls)
     async with (
-        FaultServer(first(1, rate_limited()), latency=0.3) as srv,
+        FaultServer(first(1, rate_limited()), latency=latency) as srv,
         client_for(srv) as client,
     ):
-        async with asyncio.timeout(30):  # a hang guard
-            response, took = await outcome(client.generate("p-slow-429"))
+        async with asyncio.timeout(60):  # a hang guard
+            results, took = await outcome(asyncio.gather(*map(client.generate, sent)))
         rate = client.limiter.statistics().rate
         seen = srv.attempts_by_prompt()
-    assert not isinstance(response, BaseException), f"after {took:.2f} s: {response!r}"
-    assert seen == Counter({"p-slow-429": 2})
+    assert not isinstance(results, BaseException), f"after {took:.2f} s: {results!r}"
+    assert seen == Counter(dict.fromkeys(sent, 2))
     assert rate is not None
-    assert rate > 1.0, f"cut to {rate}/s after one slow 429 (took {took:.2f} s)"
+    assert rate > 1.0, f"cut to {rate}/s by slow 429s (took {took:.2f} s)"
 
 
 async def test_garbage_retry_after_batch() -> None:
