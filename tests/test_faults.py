@@ -410,6 +410,30 @@ async def test_a_fresh_clients_slow_429s_do_not_cut_it_to_the_floor(
     assert rate > 1.0, f"cut to {rate}/s by slow 429s (took {took:.2f} s)"
 
 
+async def test_429s_slower_than_the_adaptive_window_keep_the_batchs_pace() -> None:
+    """32 prompts whose first attempts are answered 429 (no Retry-After) after 1.5 s, longer
+    than the limiter's 1 s window: none fails, and the cut is from the rate they were sent
+    at. Measured over the empty last window, it was 0.1/s: the batch took over 100 s (9 s
+    now)."""
+    sent = prompts(32)
+    rates: list[float | None] = []
+    async with (
+        FaultServer(first(1, rate_limited()), latency=1.5) as srv,
+        client_for(srv) as client,
+    ):
+        started = time.perf_counter()
+        async with asyncio.timeout(90):  # a hang guard
+            results = []
+            async for result in client.iter_generate(sent):
+                results.append(result)
+                rates.append(client.limiter.statistics().rate)
+        t = tally(srv, sent, results, time.perf_counter() - started)
+    check(t, max_attempts_per_prompt=2.0)
+    paced = [r for r in rates if r is not None]
+    assert paced, "no 429 cut the rate"
+    assert min(paced) > 1.0, f"cut to {min(paced):.3g}/s by 429s 1.5 s late: {t}"
+
+
 async def test_garbage_retry_after_batch() -> None:
     """300 prompts each get one 503 with a garbage Retry-After (all 5 kinds): none fails."""
     sent = prompts(300)
