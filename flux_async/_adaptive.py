@@ -8,6 +8,7 @@ the same controller.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 from collections.abc import Callable
@@ -154,7 +155,8 @@ class _Traffic:
     successes per second over the last full window.
 
     Grant and 429 times are kept oldest first: each is appended once and popped once, so
-    keeping the measured send rate costs O(1) amortised. The grants kept are the last
+    keeping them costs O(1) amortised, and counting the grants after a time is a binary
+    search. The grants kept are the last
     window's before the newest grant, not before now: when answers take longer than a
     window, a 429 answers permits granted before the last window, and the send rate is
     measured where they went (`_end`).
@@ -205,15 +207,8 @@ class _Traffic:
         return now
 
     def _granted_after(self, cutoff: float) -> int:
-        """The grants kept that came after ``cutoff`` (few are older: at most one window's
-        worth, between the newest grant's window and now's)."""
-        grants = self.grants
-        older = 0
-        for t in grants:
-            if t > cutoff:
-                break
-            older += 1
-        return len(grants) - older
+        """The grants kept that came after ``cutoff``."""
+        return len(self.grants) - bisect.bisect_right(self.grants, cutoff)
 
     def on_rate_limited(self, now: float) -> tuple[int, int]:
         """Record a 429; return the 429s of the last window and the permits of the
@@ -249,7 +244,7 @@ class _Traffic:
             return self._granted_after(cutoff) / self.window
         # `>=`: the permit that began the span is in it. Left out, a fresh client's one
         # call whose 429 came back 0.3 s later measured 0/s and was cut to min_rate.
-        return sum(1 for t in self.grants if t >= began) / span
+        return (len(self.grants) - bisect.bisect_left(self.grants, began)) / span
 
     def forget_times(self) -> None:
         self.grants.clear()
