@@ -20,7 +20,7 @@ from ._client import (
     FluxClient,
     RequestFields,
 )
-from ._config import DEFAULT_TIMEOUT, Timeout
+from ._config import DEFAULT_TIMEOUT, DOWNLOAD_READ_TIMEOUT, Timeout
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -84,6 +84,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_STOP_ON",
     "DEFAULT_TIMEOUT",
+    "DOWNLOAD_READ_TIMEOUT",
     "ENV_API_KEY",
     "ENV_BASE_URL",
     "MAX_N_PER_REQUEST",

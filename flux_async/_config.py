@@ -9,7 +9,14 @@ import attrs
 
 from ._exceptions import ValidationError
 
-__all__ = ["DEFAULT_TIMEOUT", "Timeout", "check_seconds", "check_timeout", "is_finite_positive"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DOWNLOAD_READ_TIMEOUT",
+    "Timeout",
+    "check_seconds",
+    "check_timeout",
+    "is_finite_positive",
+]
 
 
 def is_finite_positive(value: object) -> bool:
@@ -51,17 +58,26 @@ class Timeout:
 
     ``connect`` (10 s) bounds getting a connection; ``total`` (300 s) bounds one attempt
     from send to the last byte: image models take seconds to minutes, so it is generous.
-    ``None`` disables a limit. Each must be a finite number of seconds > 0 or ``None``;
-    anything else raises `ValidationError`.
+    ``read`` bounds each wait for more of the answer (its headers included): none for an
+    API call, whose server sends nothing until the image is made, but an image download
+    whose server stops sending for `DOWNLOAD_READ_TIMEOUT` (30 s) fails that attempt
+    rather than hold its prompt until ``total``. ``None`` disables a limit. Each must be
+    a finite number of seconds > 0 or ``None``; anything else raises `ValidationError`.
 
     Example::
 
         client = FluxClient(timeout=Timeout(connect=5, total=600))
         await client.generate("x", timeout=Timeout(total=30))
+        client.downloader.with_policy(client.retry, Timeout(read=10))  # stalls: 10 s
     """
 
     connect: float | None = attrs.field(default=10.0, validator=_optional_positive("connect"))
     total: float | None = attrs.field(default=300.0, validator=_optional_positive("total"))
+    read: float | None = attrs.field(default=None, validator=_optional_positive("read"))
 
 
 DEFAULT_TIMEOUT = Timeout()
+
+#: An image download's ``Timeout.read`` when its client's timeout sets none: a CDN that
+#: sends nothing for this long has stalled (a real image arrives in well under a second).
+DOWNLOAD_READ_TIMEOUT = 30.0

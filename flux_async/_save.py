@@ -36,7 +36,7 @@ from typing import Final, Protocol, TypeAlias
 import attrs
 import yarl
 
-from ._config import DEFAULT_TIMEOUT, Timeout
+from ._config import DOWNLOAD_READ_TIMEOUT, Timeout
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -471,6 +471,11 @@ class _Refused:
     content_type: str | None = None
 
 
+#: A `Downloader`'s per-attempt limits unless given others: the defaults, and a stall
+#: fails its attempt after `DOWNLOAD_READ_TIMEOUT`.
+_DOWNLOAD_TIMEOUT: Final = Timeout(read=DOWNLOAD_READ_TIMEOUT)
+
+
 @attrs.frozen(kw_only=True)
 class Downloader:
     """What saves images for one client: its transport, retry policy and key rule.
@@ -491,7 +496,7 @@ class Downloader:
     policy: RetryPolicy
     api_origin: str
     api_headers: Mapping[str, str]
-    timeout: Timeout = DEFAULT_TIMEOUT
+    timeout: Timeout = _DOWNLOAD_TIMEOUT
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     is_closed: Callable[[], bool] = attrs.field(default=lambda: False, repr=False)
     _api: tuple[str, str, int | None] = attrs.field(init=False, repr=False)

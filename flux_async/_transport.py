@@ -750,7 +750,9 @@ class AiohttpTransport(AsyncTransport):
 
 
 def _client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=timeout.total, connect=timeout.connect)
+    return aiohttp.ClientTimeout(
+        total=timeout.total, connect=timeout.connect, sock_read=timeout.read
+    )
 
 
 def _safe_url(url: str) -> str:

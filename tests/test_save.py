@@ -23,7 +23,9 @@ import flux_async._files as files_module
 import flux_async._save as save_module
 from flux_async import (
     DEFAULT_MAX_IMAGE_BYTES,
+    DOWNLOAD_READ_TIMEOUT,
     APIConnectionError,
+    APITimeoutError,
     AuthenticationError,
     BadRequestError,
     BatchStoppedError,
@@ -34,6 +36,7 @@ from flux_async import (
     MockTransport,
     NotFoundError,
     RetryPolicy,
+    Timeout,
     TransportRequest,
     TransportResponse,
     ValidationError,
@@ -274,6 +277,52 @@ async def test_the_default_transport_sends_no_key_to_another_origin(
     assert "Content-Type" not in headers
     assert headers["Accept"].startswith("image/png")
     assert API_KEY not in str(headers)
+
+
+async def test_a_stalled_download_fails_its_attempt_on_the_read_timeout(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """A CDN that sends its headers and a few bytes, then nothing: each attempt ends on
+    the download's read timeout (30 s by default; API calls have none, as a generation
+    sends nothing until its image is made) and is retried, not held until ``total``."""
+    gets = 0
+    stalled = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        nonlocal gets
+        gets += 1
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.content_length = len(PNG) * 10
+        await response.prepare(request)
+        await response.write(PNG)
+        await stalled.wait()  # set at the end of the test: the server then lets go
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{name}", stall)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/x.png"
+    try:
+        async with FluxClient(api_key=API_KEY, base_url=emulator.base_url) as client:
+            assert client.timeout.read is None
+            assert client.downloader.timeout.read == DOWNLOAD_READ_TIMEOUT == 30.0
+            impatient = client.downloader.with_policy(
+                RetryPolicy.for_tests(max_attempts=2), Timeout(read=0.2)
+            )
+            # A hang guard, not a timing: without the read timeout each attempt would
+            # wait for the 300 s total.
+            async with asyncio.timeout(20):
+                with pytest.raises(ImageDownloadError, match="x.png") as caught:
+                    await impatient.save(url, None, tmp_path / "x")
+    finally:
+        stalled.set()
+        await runner.cleanup()
+    assert gets == 2  # the stall was retried once, as a dropped connection is
+    assert isinstance(caught.value.__cause__, APITimeoutError)
+    assert names(tmp_path) == []
 
 
 async def test_size_cap_stops_an_endless_body(tmp_path: Path) -> None:
