@@ -47,6 +47,7 @@ from ._exceptions import (
 from ._fanout import (
     DEFAULT_CONCURRENCY,
     DEFAULT_STOP_ON,
+    DOWNLOAD_FAILURES_TO_STOP,
     Fanout,
     FanoutStatistics,
     GenerationResult,
@@ -84,6 +85,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_STOP_ON",
     "DEFAULT_TIMEOUT",
+    "DOWNLOAD_FAILURES_TO_STOP",
     "DOWNLOAD_READ_TIMEOUT",
     "ENV_API_KEY",
     "ENV_BASE_URL",

@@ -61,6 +61,7 @@ from ._exceptions import (
     APIStatusError,
     BatchStoppedError,
     DeadlineExceededError,
+    FluxError,
     ImageDownloadError,
     ImageSaveError,
     ValidationError,
@@ -509,9 +510,16 @@ class _ManifestWriter:
     One ``write`` per line, flushed at once: after a ``kill -9`` every record handed
     over a moment earlier is in the file (the kernel keeps what was written; fsync
     matters only for a power cut, and the images, which are fsynced, are the costly part).
+    The first write that fails (a full disk) is handed to ``on_error`` on the event loop
+    at once, not kept for `close`: a run that cannot record what it generates must stop.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        loop: asyncio.AbstractEventLoop,
+        on_error: Callable[[OSError], None],
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed by close()
         if self._file.tell() > 0:
@@ -522,29 +530,40 @@ class _ManifestWriter:
                     # starts on a line of its own.
                     self._file.write(b"\n")
                     self._file.flush()
+        self._loop = loop
+        self._on_error = on_error
         self._lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._pump, name="flux-async-manifest")
         self._thread.start()
-        self._error: OSError | None = None
+        #: Records handed over that are not in the file (the first failed write's and
+        #: every later one's: a line after a lost one could be read as torn).
+        self.lost = 0
 
     def write(self, record: Mapping[str, Any]) -> None:
         self._lines.put(json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
     def _pump(self) -> None:
+        failed = False
         while (line := self._lines.get()) is not None:
+            if failed:
+                self.lost += 1
+                continue
             try:
                 self._file.write(line)
                 self._file.flush()
             except OSError as exc:
-                self._error = exc
+                failed = True
+                self.lost += 1
+                with contextlib.suppress(RuntimeError):  # the loop has closed: close() says
+                    self._loop.call_soon_threadsafe(self._on_error, exc)
 
     def close(self) -> None:
-        """Write what is queued, then close (blocking: call it in a thread)."""
+        """Write what is queued, then close (blocking: call it in a thread). A failed
+        write was reported to ``on_error``; the file's own close cannot fail on top."""
         self._lines.put(None)
         self._thread.join()
-        self._file.close()
-        if self._error is not None:
-            raise self._error
+        with contextlib.suppress(OSError):  # what it could not flush was counted lost
+            self._file.close()
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -651,6 +670,10 @@ class Plan:
     resumed: int = 0
     #: The options that differ from the run that made the directory (`_changed_options`).
     changed: str = ""
+    #: The first write of the manifest that failed (the run stopped taking prompts), and
+    #: how many records are not in it because of it.
+    manifest_error: OSError | None = None
+    lost_records: int = 0
 
     @classmethod
     def prepare(
@@ -901,10 +924,12 @@ def _not_saved(exc: BaseException, response: ImagesResponse, count: int) -> Base
         exc.message = f"The generation succeeded{where} but {images} {verb}: {exc.message}"
         exc.args = (exc.message,)
         return exc
-    return ImageSaveError(
+    error = ImageSaveError(
         f"The generation succeeded{where} but writing {images} failed: {exc}",
         path=getattr(exc, "filename", None),
     )
+    error.__cause__ = exc  # the OSError says whether every prompt would fail alike
+    return error
 
 
 class _Run:
@@ -985,6 +1010,9 @@ class _Run:
         async with contextlib.aclosing(self.plan.items(self.origin)) as requests:
             while True:
                 await self.places.acquire()
+                if self.plan.manifest_error is not None:
+                    self.places.release()
+                    return
                 try:
                     request = await anext(requests)
                 except StopAsyncIteration:
@@ -1027,6 +1055,10 @@ class _Run:
                 saved = attrs.evolve(result, error=exc)
             else:
                 saved = attrs.evolve(result, files=tuple(paths))
+            fanout = self.plan.fanout
+            if fanout is not None and (saved.error is None or isinstance(saved.error, FluxError)):
+                # A full disk or a broken image host stops the fan-out, as with save_to=.
+                fanout.report_save(result.index, saved.error)
             elapsed = result.elapsed + loop.time() - started
             self.write(self.plan.record(index, attrs.evolve(saved, elapsed=elapsed)))
         finally:
@@ -1085,7 +1117,16 @@ async def run_batch(
             concurrency=16,
         )
     """
-    writer = await asyncio.to_thread(_ManifestWriter, plan.directory.manifest)
+
+    def broken(exc: OSError) -> None:
+        # No prompt is taken any more (`_Run.requests`): what it would generate could
+        # not be recorded, so a rerun would pay for it again.
+        if plan.manifest_error is None:
+            plan.manifest_error = exc
+            logger.info("writing the manifest failed (%s): no more prompts are taken", exc)
+
+    loop = asyncio.get_running_loop()
+    writer = await asyncio.to_thread(_ManifestWriter, plan.directory.manifest, loop, broken)
     # Images are written from a process of its own, as a fan-out's with save_to= are.
     images = ProcessWriter()
     try:
@@ -1098,3 +1139,4 @@ async def run_batch(
         finally:
             # Shielded: an interrupted run still writes every record it handed over.
             await asyncio.shield(asyncio.to_thread(writer.close))
+            plan.lost_records = writer.lost

@@ -54,7 +54,7 @@ from ._batch import (
     thread_lines,
 )
 from ._client import ENV_API_KEY, ENV_BASE_URL, FluxClient, RequestFields
-from ._exceptions import APIStatusError, BatchStoppedError, ValidationError
+from ._exceptions import APIStatusError, BatchStoppedError, ImageSaveError, ValidationError
 from ._fanout import (
     DEFAULT_CONCURRENCY,
     DEFAULT_STOP_ON,
@@ -879,11 +879,12 @@ def _in_cli_terms(hint: str) -> str:
 def _stopped_line(stopped: BaseException, not_sent: int, then: str) -> str:
     """One line for a fan-out stopped on a fatal answer, with the library's hint."""
     notes = " ".join(getattr(stopped, "__notes__", ()))
-    why = (
-        "on an answer every prompt would get"
-        if isinstance(stopped, APIStatusError)
-        else "as its server has never answered"
-    )
+    if isinstance(stopped, APIStatusError):
+        why = "on an answer every prompt would get"
+    elif isinstance(stopped, ImageSaveError):
+        why = "as no prompt's images could be saved"
+    else:
+        why = "as its server has never answered"
     error = _in_cli_terms(f"{type(stopped).__name__}: {stopped}{' ' + notes if notes else ''}")
     return f"Error: the batch stopped {why}: {error} {not_sent} prompts were not sent; {then}"
 
@@ -899,6 +900,20 @@ def _stop_line(plan: Plan) -> str | None:
         if r.get("run") == plan.run and (r.get("error") or {}).get("not_sent")
     )
     return _stopped_line(stopped, not_sent, "fix this and rerun the same command to resume.")
+
+
+def _manifest_line(plan: Plan) -> str:
+    """One line for a run whose manifest could not be written (a full disk)."""
+    lost = (
+        f" {plan.lost_records} records could not be written (a rerun runs those prompts again)."
+        if plan.lost_records
+        else ""
+    )
+    return (
+        f"Error: writing {plan.directory.manifest} failed: {plan.manifest_error}.{lost} "
+        "No more prompts were sent; free space (or fix the directory) and rerun the same "
+        "command to resume."
+    )
 
 
 def _batch_summary(plan: Plan, elapsed: float) -> tuple[str, bool]:
@@ -952,7 +967,10 @@ def _execute_batch(ctx: click.Context, run: _BatchRun) -> tuple[float, bool]:
     interrupted = False
     try:
         # Before the first request: a directory that exists is one that resumes.
-        plan.save_state()
+        try:
+            plan.save_state()
+        except OSError as exc:
+            _unwritable_out(ctx, plan.directory.root, exc)
         with _terminate_as_interrupt():
             asyncio.run(_run_batch(run))
     except ValidationError as exc:
@@ -988,6 +1006,8 @@ def _finish_batch(ctx: click.Context, run: _BatchRun, elapsed: float, interrupte
     stop = _stop_line(plan)
     if stop is not None:
         click.echo(stop, err=True)
+    if plan.manifest_error is not None:
+        click.echo(_manifest_line(plan), err=True)
     if plan.input_error is not None:
         click.echo(f"Error: {plan.input_error}; later lines were not read", err=True)
         ctx.exit(_EXIT_USAGE)
@@ -1017,6 +1037,18 @@ def _prepare(
     except BatchError as exc:
         click.echo(f"Error: {exc}", err=True)
         ctx.exit(_EXIT_USAGE)
+    except OSError as exc:
+        _unwritable_out(ctx, out, exc)
+
+
+def _unwritable_out(ctx: click.Context, out: Path, exc: OSError) -> NoReturn:
+    """Exit 2 with one line: --out cannot be made or written (before anything is sent)."""
+    click.echo(
+        f"Error: --out {_where(str(out))} cannot be written: {exc}. Choose a directory "
+        "this user may create and write; nothing was sent.",
+        err=True,
+    )
+    ctx.exit(_EXIT_USAGE)
 
 
 _STOP_ON_DEFAULT = ",".join(str(status) for status in sorted(DEFAULT_STOP_ON))

@@ -27,11 +27,11 @@ from types import TracebackType
 
 from ._attempt import CallContext, run_request
 from ._counters import Counters
-from ._exceptions import APIError, DeadlineExceededError, FluxError
+from ._exceptions import DeadlineExceededError, FluxError
 from ._fanout_results import END, Delivery, FanoutStatistics, GenerationResult
 from ._fanout_save import Saver
 from ._fanout_settings import DEFAULT_CONCURRENCY, DEFAULT_STOP_ON, FanoutSettings
-from ._fanout_stop import Stop, fail_fast_error
+from ._fanout_stop import DOWNLOAD_FAILURES_TO_STOP, Stop, fail_fast_error
 from ._limits import ConcurrencyLimit
 from ._models import ImageRequest, ImagesResponse
 from ._prompts import BuildRequest, Feed, PromptInput, prompt_text, request_maker, to_request
@@ -41,6 +41,7 @@ from ._workers import Workers
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_STOP_ON",
+    "DOWNLOAD_FAILURES_TO_STOP",
     "BuildRequest",
     "Fanout",
     "FanoutSettings",
@@ -97,9 +98,11 @@ class Fanout:
         return self._engine.statistics()
 
     @property
-    def stopped_by(self) -> APIError | None:
-        """The error that stopped this fan-out early, or None: a ``stop_on`` answer, or a
-        connection error from a server that has never answered (a wrong host or port).
+    def stopped_by(self) -> FluxError | None:
+        """The error that stopped this fan-out early, or None: a ``stop_on`` answer, a
+        connection error from a server that has never answered (a wrong host or port),
+        or an `ImageSaveError` every prompt would get too (a full or read-only disk, an
+        image host that failed `DOWNLOAD_FAILURES_TO_STOP` prompts in a row).
 
         Example::
 
@@ -110,6 +113,23 @@ class Fanout:
                     sys.exit(f"stopped: {results.stopped_by}")
         """
         return self._engine.stopped_by
+
+    def report_save(self, index: int, error: FluxError | None) -> None:
+        """Tell the fan-out how saving prompt ``index``'s images went, for a caller that
+        saves them itself rather than with ``save_to=``: an error every prompt would get
+        too stops the fan-out as it would with ``save_to=`` (``stopped_by``; not with
+        ``stop_on=()``), and None (saved) ends a row of failed downloads.
+
+        Example::
+
+            try:
+                await result.response.save("out", client=client)
+            except flux_async.ImageSaveError as exc:
+                results.report_save(result.index, exc)
+            else:
+                results.report_save(result.index, None)
+        """
+        self._engine.report_save(index, error)
 
     def __aiter__(self) -> Fanout:
         return self
@@ -180,7 +200,8 @@ class _Engine:
         self._slot = ConcurrencyLimit(concurrency)
         self._counters = Counters(self._on_backoff)
         self._stop = Stop(settings.stop_on, self._counters, ctx.outage)
-        self._saver = None if settings.save is None else Saver(settings.save)
+        self.report_save = self._stop.report_save
+        self._saver = None if settings.save is None else Saver(settings.save, self._stop.saved)
         self._delivery = Delivery()
         # Stand-ins keep the wire full while workers sleep in backoff. When saving, none:
         # a prompt is in progress from its first attempt until its images are on disk,
@@ -199,7 +220,7 @@ class _Engine:
         self._closed = False
 
     @property
-    def stopped_by(self) -> APIError | None:
+    def stopped_by(self) -> FluxError | None:
         return self._stop.stopped_by
 
     def statistics(self) -> FanoutStatistics:

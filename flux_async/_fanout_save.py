@@ -90,10 +90,11 @@ class Saver:
     """Saves each successful prompt's images as its `SaveTo` says, with at most
     ``SaveTo.downloads`` URL downloads at once, writing the files from a process of its
     own (`ProcessWriter`; a thread where there can be none). `aclose` ends that process.
+    ``on_saved`` is called each time a prompt's images are all saved.
 
     Example::
 
-        saver = Saver(save)
+        saver = Saver(save, on_saved=lambda: None)
         try:
             files = await saver.store(index, request, response, attempts)
         finally:
@@ -105,12 +106,14 @@ class Saver:
         "_downloads",
         "_folder",
         "_max_bytes",
+        "_on_saved",
         "_save",
         "_stem_always_valid",
         "_writer",
     )
 
-    def __init__(self, save: SaveTo) -> None:
+    def __init__(self, save: SaveTo, on_saved: Callable[[], None]) -> None:
+        self._on_saved = on_saved
         self._writer = ProcessWriter()
         self._save = attrs.evolve(save, downloader=save.downloader.with_writer(self._writer))
         self._downloads = asyncio.Semaphore(save.downloads)
@@ -158,6 +161,7 @@ class Saver:
                 name = stem if self._stem_always_valid else check_stem(stem)
                 job = ImageJob(self._folder, name, data[0].b64_json, None, None, self._max_bytes)
                 written = await self._writer.write(job)
+                self._on_saved()
                 return (self._child(os.path.basename(written)),)
             images = [(image.url, image.b64_json) for image in data]
             if any(b64 is None for _, b64 in images):
@@ -170,6 +174,7 @@ class Saver:
             if error is exc:
                 raise
             raise error from exc
+        self._on_saved()
         return tuple(paths)
 
 

@@ -472,3 +472,119 @@ def test_stdin_is_validated_as_it_is_read(tmp_path: Path, emulator: EmulatorProc
     assert empty.returncode == 2, empty.stderr
     assert "Error: <stdin> held no prompt (only blank or # lines)" in empty.stderr
     assert emulator.stats()["successes"] == 2
+
+
+def test_an_image_host_that_fails_every_download_stops_the_batch(tmp_path: Path) -> None:
+    """Image URLs that are expired before they can be fetched: the batch stops once 8
+    prompts in a row could not be fetched (a few more were generated meanwhile), with
+    one line on stderr saying what to check; each failed record keeps its URL."""
+    emu = EmulatorProcess("--url-ttl", "0.001")
+    try:
+        prompts = write_prompts(tmp_path / "prompts.txt", 200)
+        out = tmp_path / "run"
+        done = batch(
+            str(prompts), "--out", str(out), "--base-url", emu.base_url,
+            "--concurrency", "4", "--no-progress",
+        )  # fmt: skip
+        stats = emu.stats()
+    finally:
+        emu.close()
+    assert done.returncode == 1, done.stderr
+    assert stats["successes"] <= 8 + 4 + 2  # DOWNLOAD_FAILURES_TO_STOP + concurrency
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert line.startswith("Error: the batch stopped as no prompt's images could be saved")
+    assert "could not be fetched" in line
+    assert "rerun the same command" in line
+    assert "Traceback" not in done.stderr
+    records = effective(out)
+    assert len(records) == 200
+    unsent = [r for r in records.values() if r["error"] and r["error"].get("not_sent")]
+    assert len(unsent) >= 200 - stats["successes"]
+    fetched = [r for r in records.values() if r not in unsent]
+    assert fetched
+    assert all(r["status"] == "failed" and r.get("urls") for r in fetched)
+
+
+def test_a_manifest_that_cannot_be_written_stops_the_batch(
+    tmp_path: Path, emulator: EmulatorProcess
+) -> None:
+    """The manifest stops growing (a file size limit: EFBIG, as a full disk gives
+    ENOSPC): the run takes no more prompts, says so in one line and how many records
+    were lost, and exits 1 without a traceback."""
+    import resource
+
+    emulator.reset()
+    prompts = write_prompts(tmp_path / "prompts.txt", 2000)
+    out = tmp_path / "run"
+    limit = 48 * 1024  # ~100 records; each image (~1 KB) stays below it
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        batch_command(
+            str(prompts), "--out", str(out), "--base-url", emulator.base_url,
+            "--api-key", KEY, "--concurrency", "8", "--no-progress",
+        ),
+        capture_output=True, text=True, env=_env(), timeout=120, preexec_fn=small_files,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "manifest.jsonl failed" in line]
+    assert "File too large" in line
+    assert "No more prompts were sent" in line
+    written = len(manifest(out))
+    assert 0 < written < 2000
+    generated = emulator.stats()["successes"]
+    # Stopped soon after the first failed write: what was in progress then, and no more.
+    assert generated <= written + 8 + 8, (generated, written)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "file"])
+def test_an_out_that_cannot_be_made_fails_in_one_line(
+    tmp_path: Path, emulator: EmulatorProcess, where: str
+) -> None:
+    """--out under a file (or a file itself): one line, exit 2, nothing sent."""
+    emulator.reset()
+    prompts = write_prompts(tmp_path / "prompts.txt", 3)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = blocker / "sub" if where == "under-a-file" else blocker
+    done = batch(str(prompts), "--out", str(out), "--base-url", emulator.base_url, "--api-key", KEY)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert str(out) in done.stderr
+    assert emulator.stats()["requests"] == 0
+
+
+def test_images_that_cannot_be_written_stop_the_batch(
+    tmp_path: Path, emulator: EmulatorProcess
+) -> None:
+    """Every image write fails for a reason every image shares (a file size limit below
+    an image's size: EFBIG, as a full disk gives ENOSPC): the batch stops on the first,
+    so at most concurrency generations are paid for, and says what to do in one line."""
+    import resource
+
+    emulator.reset()
+    prompts = write_prompts(tmp_path / "prompts.txt", 200)
+    out = tmp_path / "run"
+    limit = 4096  # the emulator's images are ~8.7 KB; the state file fits
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        batch_command(
+            str(prompts), "--out", str(out), "--base-url", emulator.base_url,
+            "--api-key", KEY, "--concurrency", "4", "--no-progress",
+        ),
+        capture_output=True, text=True, env=_env(), timeout=120, preexec_fn=small_files,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert emulator.stats()["successes"] <= 4 + 2
+    [line] = [line for line in done.stderr.splitlines() if "the batch stopped" in line]
+    assert line.startswith("Error: the batch stopped as no prompt's images could be saved")
+    assert "File too large" in line
+    assert "ulimit -f" in line
+    assert list((out / "images").glob("*.png")) == []

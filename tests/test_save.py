@@ -23,6 +23,7 @@ import flux_async._files as files_module
 import flux_async._save as save_module
 from flux_async import (
     DEFAULT_MAX_IMAGE_BYTES,
+    DOWNLOAD_FAILURES_TO_STOP,
     DOWNLOAD_READ_TIMEOUT,
     APIConnectionError,
     APITimeoutError,
@@ -315,7 +316,7 @@ async def test_a_stalled_download_fails_its_attempt_on_the_read_timeout(
             # A hang guard, not a timing: without the read timeout each attempt would
             # wait for the 300 s total.
             async with asyncio.timeout(20):
-                with pytest.raises(ImageDownloadError, match="x.png") as caught:
+                with pytest.raises(ImageDownloadError, match=r"x\.png") as caught:
                     await impatient.save(url, None, tmp_path / "x")
     finally:
         stalled.set()
@@ -504,6 +505,94 @@ async def test_a_failed_write_fails_the_prompt_with_image_save_error(
     assert result.error.__cause__.filename is not None
     assert str(out) in result.error.__cause__.filename
     assert result.response is not None
+
+
+@pytest.mark.parametrize("stop_on", [None, ()])
+async def test_a_full_disk_stops_the_fan_out_after_the_first_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_on: tuple[int, ...] | None
+) -> None:
+    """Every write fails with ENOSPC: by default the fan-out stops on the first image
+    (at most ``concurrency`` generations are paid for), the error says to free space, and
+    the rest end unsent; with ``stop_on=()`` every prompt is generated and fails."""
+    import errno
+
+    import flux_async._writer_process as writer_process
+
+    monkeypatch.setattr(writer_process, "can_start", lambda: False)  # the thread writes
+
+    def full(path: str, data: bytes, **_: Any) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(files_module, "stage", full)
+    posts = 0
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        nonlocal posts
+        posts += 1
+        return answer(b64=PNG)
+
+    options: dict[str, Any] = {} if stop_on is None else {"stop_on": stop_on}
+    async with mock_client(handler) as client:
+        fanout = client.iter_generate(
+            [f"p{i}" for i in range(100)], concurrency=4, save_to=tmp_path, **options
+        )
+        results = [r async for r in fanout]
+    unsaved = [r for r in results if isinstance(r.error, ImageSaveError)]
+    stopped = [r for r in results if isinstance(r.error, BatchStoppedError)]
+    if stop_on == ():
+        assert posts == 100
+        assert len(unsaved) == 100
+        assert fanout.stopped_by is None
+        return
+    assert posts <= 4
+    assert 1 <= len(unsaved) <= 4
+    assert len(unsaved) + len(stopped) == 100
+    reason = fanout.stopped_by
+    assert isinstance(reason, ImageSaveError)
+    assert "No space left on device" in str(reason)
+    assert "free space on that disk" in " ".join(reason.__notes__)
+    error = stopped[-1].error
+    assert isinstance(error, BatchStoppedError)
+    assert error.reason is reason
+    assert "could not save its images for a reason every prompt would share" in str(error)
+
+
+async def test_an_image_host_that_fails_every_download_stops_the_fan_out(
+    tmp_path: Path,
+) -> None:
+    """Every URL answers with an HTML page: the fan-out stops once the images of
+    DOWNLOAD_FAILURES_TO_STOP prompts in a row could not be fetched. A host that fails
+    every other prompt's image never stops it: a saved prompt ends the row."""
+    for every in (1, 2):
+        posts = gets = 0
+
+        def handler(request: TransportRequest, every: int = every) -> TransportResponse:
+            nonlocal posts, gets
+            if request.method == "POST":
+                posts += 1
+                return answer(f"https://cdn.example/{posts}.png")
+            gets += 1
+            number = int(request.url.rsplit("/", 1)[1].split(".")[0])
+            if number % every == 0:
+                return TransportResponse(200, headers={"Content-Type": "text/html"}, body=b"<h1>")
+            return image(PNG)
+
+        async with mock_client(handler) as client:
+            fanout = client.iter_generate(
+                [f"p{i}" for i in range(60)], concurrency=2, save_to=tmp_path / str(every)
+            )
+            results = [r async for r in fanout]
+        fetched = [r for r in results if isinstance(r.error, ImageDownloadError)]
+        if every == 2:
+            assert fanout.stopped_by is None
+            assert posts == 60
+            assert len(fetched) == 30
+            continue
+        assert posts <= DOWNLOAD_FAILURES_TO_STOP + 2
+        assert isinstance(fanout.stopped_by, ImageDownloadError)
+        assert "could not be fetched" in " ".join(fanout.stopped_by.__notes__)
+        assert all(r.error.url for r in fetched if isinstance(r.error, ImageDownloadError))
+        assert len(fetched) + sum(isinstance(r.error, BatchStoppedError) for r in results) == 60
 
 
 async def test_save_options_are_validated_before_anything_is_sent(
