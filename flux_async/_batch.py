@@ -626,6 +626,8 @@ def _error_info(error: BaseException) -> dict[str, Any]:
     status = getattr(error, "status_code", None)
     if isinstance(error, APIStatusError) or isinstance(status, int):
         info["status_code"] = status
+    if isinstance(error, APIStatusError) and error.code is not None:
+        info["code"] = error.code  # the provider's, e.g. "content_policy_violation"
     if isinstance(error, BatchStoppedError):
         info["not_sent"] = error.attempts == 0
     return info
@@ -832,6 +834,7 @@ class Plan:
             plan.record(7, result)  # {'index': 7, 'status': 'ok', 'files': [...], ...}
         """
         root = self.directory.root
+        response, request = result.response, result.request
         record: dict[str, Any] = {
             "index": index,
             "prompt": result.prompt,
@@ -839,10 +842,17 @@ class Plan:
             "files": [p.relative_to(root).as_posix() for p in result.files],
             "attempts": result.attempts,
             "elapsed": round(result.elapsed, 3),
-            "request_id": None if result.response is None else result.response.request_id,
-            "key": None if result.request is None else request_key(result.request),
+            # A failed call's id is on its error (the server sent one with its answer).
+            "request_id": getattr(result.error, "request_id", None)
+            if response is None
+            else response.request_id,
+            "key": None if request is None else request_key(request),
             "run": self.run,
         }
+        if result.ok and request is not None and len(result.files) < request.n:
+            # The server sent fewer images than asked: ok (they are paid and saved), but
+            # said, here and in the summary; --retry-failed does not redo it.
+            record["missing"] = request.n - len(result.files)
         if result.error is not None:
             record["error"] = _error_info(result.error)
             response = result.response

@@ -873,6 +873,7 @@ def _in_cli_terms(hint: str) -> str:
         .replace("check api_key= /", "check --api-key /")
         .replace("Check base_url:", "Check --base-url:")
         .replace("and model= (this request's", "and --model (this request's")
+        .replace("check model= too", "check --model too")
     )
 
 
@@ -934,7 +935,10 @@ def _batch_summary(plan: Plan, elapsed: float) -> tuple[str, bool]:
     pending = max(0, total - ok - failed - unsaved)
     stats = None if plan.fanout is None else plan.fanout.statistics()
     rate = done / elapsed if elapsed > 0 else 0.0
-    resumed = f", {plan.resumed} from the URLs an earlier run recorded" if plan.resumed else ""
+    resumed = (
+        f", {plan.resumed} of them from the URLs an earlier run recorded" if plan.resumed else ""
+    )
+    short = sum(1 for r in records.values() if r.get("status") == "ok" and r.get("missing"))
     parts = [
         f"{plan.directory.root}: {ok} of {total} prompts ok"
         f" ({ok - earlier if ok >= earlier else ok} this run{resumed}, "
@@ -943,6 +947,9 @@ def _batch_summary(plan: Plan, elapsed: float) -> tuple[str, bool]:
         f" ({not_sent} of them not sent)" if not_sent else "",
         f", {unsaved} generated but not saved yet" if unsaved else "",
         f", {pending} not run" if pending else "",
+        f"; {short} came back with fewer images than asked (`missing` in the manifest)"
+        if short
+        else "",
         f". This run: {done} prompts in {elapsed:.1f} s ({rate:.1f} prompts/s)",
     ]
     if stats is not None:

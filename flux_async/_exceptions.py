@@ -283,6 +283,48 @@ class APIStatusError(APIError):
         self.request_id = request_id
         self.headers: Mapping[str, str] = headers if headers is not None else {}
 
+    @property
+    def code(self) -> str | None:
+        """The provider's error code from the body's ``error`` object (openai's
+        ``code``, e.g. ``"content_policy_violation"``), or None.
+
+        Example::
+
+            if exc.code == "content_policy_violation": ...
+        """
+        return self._error_field("code")
+
+    @property
+    def type(self) -> str | None:
+        """The provider's error type from the body's ``error`` object (openai's
+        ``type``, e.g. ``"invalid_request_error"``), or None.
+
+        Example::
+
+            print(exc.type)
+        """
+        return self._error_field("type")
+
+    @property
+    def param(self) -> str | None:
+        """The request field the provider's error names (openai's ``param``), or None.
+
+        Example::
+
+            print(exc.param)  # 'size'
+        """
+        return self._error_field("param")
+
+    def _error_field(self, name: str) -> str | None:
+        body = self.body
+        if not isinstance(body, Mapping):
+            return None
+        error = body.get("error")
+        value = (error if isinstance(error, Mapping) else body).get(name)
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            return None
+        return str(value)
+
 
 class BadRequestError(APIStatusError):
     """400: the server rejected the request body. Not retried; fix the request.

@@ -116,7 +116,7 @@ def _header(
 
 
 def _tiles(ok: Mapping[int, Mapping[str, Any]]) -> str:
-    """One captioned tile per prompt saved, in index order (its first image, linked)."""
+    """One captioned tile per image saved, in index order, each linked to its file."""
     if not ok:
         return ""
     esc = html.escape
@@ -127,13 +127,17 @@ def _tiles(ok: Mapping[int, Mapping[str, Any]]) -> str:
         files = [str(f) for f in record.get("files") or ()]
         if not files:
             continue
-        first = _href(files[0])
-        more = f' <span class="more">+{len(files) - 1} more</span>' if len(files) > 1 else ""
-        parts.append(
-            f'<figure><a href="{first}"><img src="{first}" loading="lazy" '
-            f'alt="{esc(prompt, quote=True)}"></a><figcaption><span class="index">'
-            f"#{index}</span>{esc(prompt)}{more}</figcaption></figure>"
-        )
+        alt = esc(prompt, quote=True)
+        for number, name in enumerate(files):
+            href = _href(name)
+            which = (
+                f' <span class="more">{number + 1} of {len(files)}</span>' if len(files) > 1 else ""
+            )
+            parts.append(
+                f'<figure><a href="{href}"><img src="{href}" loading="lazy" alt="{alt}"></a>'
+                f'<figcaption><span class="index">#{index}</span>{esc(prompt)}{which}'
+                "</figcaption></figure>"
+            )
     parts.append("</section>")
     return "".join(parts)
 

@@ -81,6 +81,12 @@ def _what_to_check(status: int, key_sent: bool, url: str, model: str) -> str | N
             "The key may not use this endpoint or model: check the key's access and "
             f"model= (this request's model, or the client's {model!r})."
         )
-    if status == 404:
+    if status == 404 and "/v1/" not in url:
         return f"Check base_url: calls go to {url}; OpenAI-style base URLs end in /v1."
+    if status == 404:
+        return (
+            f"Check base_url: calls go to {url}, which this server does not serve (is its "
+            "path prefix right, e.g. /api/v1 or /openai/v1?); some gateways answer 404 "
+            f"for a model they do not have: check model= too ({model!r} by default)."
+        )
     return None

@@ -285,7 +285,7 @@ def test_a_rerun_fetches_what_a_killed_run_generated_instead_of_paying_again(
     assert "resumed" not in final[6]
     assert final[6]["run"] == 2
     assert "prompt #6: the image URLs recorded by run 1 could not be fetched" in rerun.stderr
-    assert "(3 this run, 2 from the URLs an earlier run recorded, 5 from earlier runs)" in (
+    assert "(3 this run, 2 of them from the URLs an earlier run recorded, 5 from earlier runs)" in (
         rerun.stderr
     )
 

@@ -515,3 +515,59 @@ async def test_the_library_does_not_import_the_cli() -> None:
     proc = await python("-c", code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+async def test_a_server_that_sends_fewer_images_than_asked_is_said_so(tmp_path: Path) -> None:
+    """-n 3 and a server that answers with 1 image for every other prompt: those prompts
+    are ok (their image is paid and saved) with ``missing`` in their record, the summary
+    counts them, and the gallery shows every image saved, each from a file that exists."""
+    import base64
+
+    from aiohttp import web
+
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64).decode()
+    served = 0
+
+    async def generate(request: web.Request) -> web.Response:
+        nonlocal served
+        served += 1
+        body = await request.json()
+        count = body["n"] if served % 2 else 1
+        data = [{"b64_json": png} for _ in range(count)]
+        return web.json_response({"created": 1, "data": data}, headers={"x-request-id": "r1"})
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generate)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a fox number {i}\n" for i in range(6)))
+    out = tmp_path / "run"
+    try:
+        result = await run(
+            "batch", str(prompts), "--out", str(out), "--base-url", base, "--api-key", KEY,
+            "-n", "3", "--response-format", "b64_json", "--concurrency", "1", "--no-progress",
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out / "manifest.jsonl")
+    assert [r["status"] for r in records] == ["ok"] * 6
+    assert sorted(r.get("missing", 0) for r in records) == [0, 0, 0, 2, 2, 2]
+    assert all(r["request_id"] == "r1" for r in records)
+    assert "3 came back with fewer images than asked" in result.output
+    page = (out / "gallery.html").read_text("utf-8")
+    shown = set(_image_refs(page))
+    saved = {name for r in records for name in r["files"]}
+    assert len(saved) == 3 * 3 + 3 * 1
+    assert shown == saved
+    assert all((out / name).is_file() for name in shown)
+
+
+def _image_refs(page: str) -> list[str]:
+    import re
+
+    return re.findall(r'<img src="([^"]+)"', page)

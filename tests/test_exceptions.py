@@ -93,6 +93,36 @@ def test_status_maps_to_class(status: int, cls: type[APIStatusError]) -> None:
     assert str(exc) == f"Error code: {status} - nope"
 
 
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        (
+            {
+                "error": {
+                    "message": "no",
+                    "type": "invalid_request_error",
+                    "code": "content_policy_violation",
+                    "param": "prompt",
+                }
+            },
+            ("content_policy_violation", "invalid_request_error", "prompt"),
+        ),
+        ({"error": {"message": "no", "code": 1234}}, ("1234", None, None)),
+        ({"message": "flat", "code": "quota", "type": "billing"}, ("quota", "billing", None)),
+        ({"error": "a string, not an object"}, (None, None, None)),
+        ("<html>proxy</html>", (None, None, None)),
+        (None, (None, None, None)),
+    ],
+)  # fmt: skip
+def test_the_providers_code_type_and_param_are_read_from_the_body(
+    body: object, fields: tuple[str | None, str | None, str | None]
+) -> None:
+    """As openai's errors have them: ``code``, ``type`` and ``param`` of the body's
+    ``error`` object (or of a flat body), None where the body has none."""
+    exc = error_for_status(400, body)
+    assert (exc.code, exc.type, exc.param) == fields
+
+
 def test_html_body_gives_a_useful_message() -> None:
     """A proxy's HTML error page yields its title, not a wall of markup."""
     page = "<html><head><title>502 Bad Gateway</title></head><body><h1>x</h1></body></html>"

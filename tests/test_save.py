@@ -641,14 +641,25 @@ async def test_a_wrong_key_stops_the_batch_after_at_most_concurrency_answers(
     assert "The API key was refused" in str(error)
 
 
-async def test_a_wrong_base_url_stops_with_the_base_url_hint(emulator: Emulator) -> None:
-    """404 on the endpoint: stopped; the hint says to check base_url."""
-    wrong = emulator.base_url.removesuffix("/v1")  # no /v1: every call is a 404
+@pytest.mark.parametrize(
+    ("suffix", "hint"),
+    [
+        ("", "OpenAI-style base URLs end in /v1"),
+        ("/api/v1", "which this server does not serve (is its path prefix right"),
+    ],
+)
+async def test_a_wrong_base_url_stops_with_the_base_url_hint(
+    emulator: Emulator, suffix: str, hint: str
+) -> None:
+    """404 on the endpoint: stopped; the hint says to check base_url, and what in it: the
+    /v1 where it lacks one, the path prefix (or the model) where it has one."""
+    wrong = emulator.base_url.removesuffix("/v1") + suffix  # every call is a 404
     async with FluxClient(base_url=wrong, retry=RetryPolicy.for_tests()) as client:
         results = await client.gather_generate([f"p{i}" for i in range(100)], concurrency=4)
     assert isinstance(results[0].error, NotFoundError)
     assert isinstance(results[-1].error, BatchStoppedError)
     assert "Check base_url" in str(results[-1].error)
+    assert hint in str(results[-1].error)
 
 
 def _refusing(answer_first: int = 0) -> tuple[MockTransport, list[int]]:
