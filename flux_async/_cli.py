@@ -874,6 +874,10 @@ def _in_cli_terms(hint: str) -> str:
         .replace("Check base_url:", "Check --base-url:")
         .replace("and model= (this request's", "and --model (this request's")
         .replace("check model= too", "check --model too")
+        .replace(
+            "Rerun after then, or raise RetryPolicy(retry_after_max=...) to wait it out.",
+            "Rerun the same command after then to resume.",
+        )
     )
 
 

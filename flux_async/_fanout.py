@@ -199,7 +199,9 @@ class _Engine:
         concurrency = settings.concurrency
         self._slot = ConcurrencyLimit(concurrency)
         self._counters = Counters(self._on_backoff)
-        self._stop = Stop(settings.stop_on, self._counters, ctx.outage)
+        self._stop = Stop(
+            settings.stop_on, self._counters, ctx.outage, settings.policy.retry_after_max
+        )
         self.report_save = self._stop.report_save
         self._saver = None if settings.save is None else Saver(settings.save, self._stop.saved)
         self._delivery = Delivery()

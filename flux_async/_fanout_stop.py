@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from typing import Final
 
 from ._counters import Counters
@@ -22,6 +23,7 @@ from ._exceptions import (
     FluxError,
     ImageDownloadError,
     ImageSaveError,
+    RateLimitError,
 )
 from ._fanout_results import GenerationResult
 from ._outage import OutageGuard
@@ -89,17 +91,18 @@ class Stop:
     """Whether a fan-out has stopped, and why.
 
     `observe` sees each prompt's final error: the first whose status is in ``stop_on``,
-    or (unless ``stop_on`` is empty) the first connection error while ``outage`` says
-    the server has never answered, the first image that could not be written for a
-    reason every image would share (`disk_error`), or the last of
-    `DOWNLOAD_FAILURES_TO_STOP` prompts in a row whose images could not be fetched
-    (`saved` ends a row), becomes `stopped_by`, and ``counters.halted`` is set so that
-    no call sends again (each ends with `stopped_error`); prompts taken afterwards end
+    or (unless ``stop_on`` is empty) the first 429 asking for a wait longer than
+    ``retry_after_max`` (a spent quota: the next request would get one too), the first
+    connection error while ``outage`` says the server has never answered, the first
+    image that could not be written for a reason every image would share (`disk_error`),
+    or the last of `DOWNLOAD_FAILURES_TO_STOP` prompts in a row whose images could not be
+    fetched (`saved` ends a row), becomes `stopped_by`, and ``counters.halted`` is set so
+    that no call sends again (each ends with `stopped_error`); prompts taken afterwards end
     unsent (`skip`). ``failure`` is the first failed result of a ``fail_fast`` drain.
 
     Example::
 
-        stop = Stop(frozenset({401, 403, 404}), counters, client.outage)
+        stop = Stop(frozenset({401, 403, 404}), counters, client.outage, 60.0)
         stop.observe(exc, index)
         if stop.stopped_by is not None: ...
     """
@@ -108,6 +111,7 @@ class Stop:
         "_counters",
         "_failed_downloads",
         "_index",
+        "_longest_wait",
         "_not_sent",
         "_outage",
         "_statuses",
@@ -115,8 +119,15 @@ class Stop:
         "stopped_by",
     )
 
-    def __init__(self, statuses: frozenset[int], counters: Counters, outage: OutageGuard) -> None:
+    def __init__(
+        self,
+        statuses: frozenset[int],
+        counters: Counters,
+        outage: OutageGuard,
+        longest_wait: float,
+    ) -> None:
         self._statuses = statuses
+        self._longest_wait = longest_wait  # the retry policy's retry_after_max
         self._counters = counters
         self._outage = outage
         self.stopped_by: FluxError | None = None
@@ -145,6 +156,8 @@ class Stop:
             return
         if isinstance(exc, APIStatusError) and exc.status_code in self._statuses:
             what = f"got {exc.status_code}"
+        elif isinstance(exc, RateLimitError) and self._spent_quota(exc):
+            what = f"was asked to wait {exc.retry_after:g} s"
         elif isinstance(exc, ImageSaveError):
             if not self._statuses or not self._save_stops(exc):
                 return
@@ -178,6 +191,22 @@ class Stop:
             self.stopped_by = reason
             self._index = index
             self._counters.halted = self.stopped_error
+
+    def _spent_quota(self, exc: RateLimitError) -> bool:
+        """Whether ``exc`` asks for a wait longer than the policy honours (then with the
+        hint added): every other prompt would be asked the same (a spent daily or hourly
+        quota), and each would take one permit a gate's pause to be told so."""
+        wait = exc.retry_after
+        if not self._statuses or wait is None or wait <= self._longest_wait:
+            return False
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + wait))
+        exc.add_note(
+            f"The server asked for {wait:g} s before the next request (until about "
+            f"{until}), longer than retry_after_max ({self._longest_wait:g} s): this "
+            "key's quota is likely spent, and every other prompt would be told the same. "
+            "Rerun after then, or raise RetryPolicy(retry_after_max=...) to wait it out."
+        )
+        return True
 
     def _save_stops(self, exc: ImageSaveError) -> bool:
         """Whether ``exc`` (a prompt's images not saved) is one every prompt would get,
@@ -219,7 +248,9 @@ class Stop:
             if attempts == 0
             else f"This prompt was not retried after {attempts} attempt(s)"
         )
-        if isinstance(reason, APIStatusError):
+        if isinstance(reason, RateLimitError) and reason.status_code not in self._statuses:
+            why = "was asked to wait longer than retry_after_max, as every prompt would be"
+        elif isinstance(reason, APIStatusError):
             why = f"got an answer every prompt would get (stop_on={sorted(self._statuses)})"
         elif isinstance(reason, ImageSaveError):
             why = "could not save its images for a reason every prompt would share"

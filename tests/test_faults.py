@@ -27,8 +27,10 @@ from typing import Any, TypeVar
 import pytest
 
 from flux_async import (
+    DEFAULT_CONCURRENCY,
     APIError,
     APIResponseValidationError,
+    BatchStoppedError,
     FluxClient,
     GenerationResult,
     InternalServerError,
@@ -373,6 +375,29 @@ async def test_huge_retry_after_default_policy_ends_by_the_deadline(variant: str
     for value, took in ((blocked, blocked_took), (later, later_took)):
         assert took <= 2.5, f"took {took:.2f} s with deadline=2: {value!r}"
         assert not isinstance(value, BaseException) or isinstance(value, APIError), repr(value)
+
+
+async def test_a_spent_quota_stops_a_fan_out_instead_of_failing_a_prompt_a_minute() -> None:
+    """Every request is answered 429 with Retry-After: 3600 (a spent hourly quota). Each
+    such answer ends its prompt at once (longer than retry_after_max), and the gate shut
+    for 60 s would let one prompt through a minute to be told the same: 200 prompts took
+    over 3 hours to fail. The fan-out stops on the first instead: what was on the wire then
+    fails, the rest end unsent, and the reason says until when the quota is spent."""
+    async with FaultServer(always(rate_limited("3600"))) as srv, client_for(srv) as client:
+        async with asyncio.timeout(10):  # a hang guard: the gate alone would hold 60 s
+            fanout = client.iter_generate([f"p{i}" for i in range(200)])
+            results = [r async for r in fanout]
+        sent = sum(srv.attempts_by_prompt().values())
+    refused = [r for r in results if isinstance(r.error, RateLimitError)]
+    unsent = [r for r in results if isinstance(r.error, BatchStoppedError)]
+    assert len(results) == 200
+    assert 1 <= len(refused) <= DEFAULT_CONCURRENCY
+    assert sent == len(refused)
+    assert len(refused) + len(unsent) == 200
+    reason = fanout.stopped_by
+    assert isinstance(reason, RateLimitError)
+    assert "quota is likely spent" in " ".join(reason.__notes__)
+    assert "retry_after_max" in str(unsent[-1].error)
 
 
 @pytest.mark.parametrize("value", GARBAGE_RETRY_AFTER)
