@@ -57,6 +57,15 @@ DEFAULT_PROBE_GROWTH = 1.25
 #: of the throughput for seconds (goodput 0.80 -> 0.9x in benchmarks/bench_storm.py).
 DEFAULT_TOLERANCE = 0.05
 
+#: After a 429 whose Retry-After shut the gate for everyone, the rate grows again only
+#: after this many times that pause (at most a minute) of calm: a pause costs every
+#: caller, so returning to the pace that drew it must be rare (`on_rate_limited`).
+PAUSE_HOLD = 10.0
+
+#: The cut for such a 429 (`DEFAULT_DECREASE_FACTOR` for any other): each pause it draws
+#: costs every caller, so the rate comes under the server's in fewer of them.
+PAUSE_DECREASE_FACTOR = 0.75
+
 # A send rate is measured only over at least this share of a window of open gate.
 _MIN_SPAN = 0.25
 # Cuts are futile when the rate fell to this share of the reference and the share of
@@ -260,7 +269,13 @@ class AdaptiveController:
       ``window`` (overload), at most once per window, cut to ``max(floor, decrease_factor *
       min(rate, sent))``: ``sent`` is the permits per second over the part of the last
       window the gate was open and traffic flowing, ``floor`` is ``max(min_rate, half the
-      recent successes per second)``.
+      recent successes per second)``. No cut for the answers to the few permits a long
+      pause (a Retry-After longer than the window) let out in its first window: the
+      pause throttles, and cutting for each collapsed the rate over a storm.
+    * A 429 whose Retry-After is longer than the window (it pauses everyone) is overload
+      whatever its share. When it comes alone at a pace held a window at least, the pace
+      drew it: the cut is by `PAUSE_DECREASE_FACTOR` (0.75), doubling stops, and the rate
+      grows again only after `PAUSE_HOLD` times the pause (at most a minute) of calm.
     * A success a full window after the last overload 429 (or the last step) grows the rate
       by ``increase`` (default: 5 % of the ceiling; with none, 10 % of the rate the last cut
       set; at least 0.5/s), or by x1.25 while probing after the first cut from unpaced.
@@ -438,26 +453,42 @@ class AdaptiveController:
         elif current < cap:
             self._recovering = True  # grow back to it (a cut may have gone deeper)
 
-    def on_rate_limited(self, now: float, *, gate_opened: float) -> bool:
+    def on_rate_limited(self, now: float, *, gate_opened: float, pause: float = 0.0) -> bool:
         """Record a 429 at ``now``; cut the rate if it is overload; return whether it is.
 
         ``gate_opened``: when the pause gate last opened (its ``pause_until`` before this
         429), so the send rate is measured only over time the gate was open. An overload
         429 should shut the gate for everyone; any other delays only its own retry.
+        ``pause``: the seconds this 429 shuts the gate for everyone whatever its share (a
+        Retry-After longer than the window). Such a 429 is overload too, and the rate does
+        not grow again for `PAUSE_HOLD` times the pause: each return to the pace that drew
+        it would cost every caller that pause again.
         """
-        overloaded = self._overloaded(now)
-        if overloaded and self._is_futile(now):
+        crowded = self._overloaded(now)  # 429s over `tolerance` of the window's permits
+        if crowded and self._is_futile(now):
             # Cutting has not made the server accept a larger share: it refuses for reasons
             # of its own (per-request quotas, a fixed share of 429s). Further cuts and
             # pauses would only collapse the rate; the 429 just delays its own retry.
-            overloaded = False
-        if overloaded:
-            # Only a 429 that counts as overload stops recovery; a tolerated one is just
-            # retried, and the rate keeps probing upwards.
-            self._calm_since = now
-            if now - self._last_cut + SLACK >= self._window:
-                self._cut(now, gate_opened)
-        return overloaded
+            crowded = False
+        if self._futility.futile or (not crowded and pause <= 0):
+            # A tolerated 429 is just retried, and the rate keeps probing upwards.
+            return False
+        self._calm_since = max(self._calm_since, now)
+        due = now - self._last_cut + SLACK >= self._window
+        if not crowded and due and self._target.rate is not None:
+            # A long Retry-After that came alone, at a pace held a window at least (not an
+            # answer to an unpaced burst, whose cut is a guess; not a storm, which refuses
+            # most): the pace drew it, and each return to it costs everyone the pause
+            # again. A deeper cut, no more doubling, and growth only after a long calm.
+            self._cut(now, gate_opened, PAUSE_DECREASE_FACTOR)
+            self._probing = False
+            self._calm_since = now + min(PAUSE_HOLD * pause, 60.0)
+        elif due and not (pause > 0 and now - gate_opened + SLACK < self._window):
+            # (A long pause that ended less than a window ago let a few permits out, not a
+            # pace: its 429s say the server still refuses, the pause throttling, not that
+            # the rate is too high; cutting for each collapsed the rate over a storm.)
+            self._cut(now, gate_opened)
+        return True
 
     def forget_times(self) -> None:
         """Drop every time recorded (a new clock: old times mean nothing); keep the rate."""
@@ -472,7 +503,7 @@ class AdaptiveController:
         limited, grants = self._traffic.on_rate_limited(now)
         return limited > self._tolerance * max(grants, 1)
 
-    def _cut(self, now: float, gate_opened: float) -> None:
+    def _cut(self, now: float, gate_opened: float, factor: float | None = None) -> None:
         traffic = self._traffic
         sent = traffic.sent_rate(now, gate_opened)
         old = self._target.rate
@@ -485,7 +516,7 @@ class AdaptiveController:
         # The rate the server has just been serving is no overload: never cut below half
         # of it, so a cut cannot collapse the rate while successes keep coming.
         floor = max(self._min_rate, 0.5 * traffic.success_rate)
-        rate = max(floor, self._decrease_factor * measured)
+        rate = max(floor, (factor or self._decrease_factor) * measured)
         cap = self._cap()
         if cap is not None and rate > cap:
             rate = cap  # min_rate may exceed a per-minute ceiling: the ceiling wins

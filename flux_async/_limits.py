@@ -205,7 +205,8 @@ class RateLimiter(Limiter):
       ``window``; a tolerated one only delays its own retry. A permit booked inside the
       pause is booked again after it; then waiters leave at the paced rate.
     * ``adaptive``: a 429 that makes 429s more than ``tolerance`` (5 %) of the window's
-      permits is overload (a lone 429 is just retried): at most once per ``window`` it
+      permits, or whose Retry-After pauses everyone, is overload (any other lone 429 is
+      just retried): at most once per ``window`` it
       cuts the rate to ``max(min_rate, decrease_factor * min(rate, sent))``, ``sent``
       being the last window's permits per second; a success a calm ``window`` later adds
       ``increase`` req/s, up to the ceiling. `AdaptiveController` has the details.
@@ -424,8 +425,13 @@ class RateLimiter(Limiter):
         self._rate_limited += 1
         gate = self._gate
         opened, window = gate.pause_until, self._controller.window
+        # A Retry-After longer than the window pauses everyone whatever the 429s' share:
+        # for the rate too it is overload.
+        pause = retry_after if retry_after and retry_after > window else 0.0
         # Not adaptive, every 429 counts as overload (there is nothing else to tell).
-        overloaded = not self._adaptive or self._controller.on_rate_limited(now, gate_opened=opened)
+        overloaded = not self._adaptive or self._controller.on_rate_limited(
+            now, gate_opened=opened, pause=pause
+        )
         if retry_after and pauses_everyone(
             retry_after, overloaded=overloaded, now=now, opened=opened, window=window
         ):

@@ -11,6 +11,8 @@ import pytest
 from flux_async._adaptive import (
     DEFAULT_DECREASE_FACTOR,
     DEFAULT_PROBE_GROWTH,
+    PAUSE_DECREASE_FACTOR,
+    PAUSE_HOLD,
     AdaptiveController,
     RateTarget,
 )
@@ -80,6 +82,40 @@ def test_a_429_within_tolerance_is_not_overload() -> None:
     assert not controller.on_rate_limited(1.0, gate_opened=OPEN)
     assert controller.on_rate_limited(1.0, gate_opened=OPEN)
     assert target.calls == [(pytest.approx(40 * DEFAULT_DECREASE_FACTOR), True)]
+
+
+def test_a_lone_429_that_pauses_everyone_cuts_deeper_and_holds_growth() -> None:
+    """At a held 40/s, one 429 with Retry-After: 2 (it pauses everyone) is overload though
+    alone: cut by PAUSE_DECREASE_FACTOR, and no growth for PAUSE_HOLD x 2 s of calm. The
+    same 429 without the long Retry-After is tolerated: no cut."""
+    target = Target(40.0)
+    controller = AdaptiveController(target, ceiling=None)
+    grants(controller, 0.0, 3.0, 40.0)
+    assert not controller.on_rate_limited(3.0, gate_opened=OPEN)  # tolerated
+    assert target.calls == []
+    assert controller.on_rate_limited(3.01, gate_opened=OPEN, pause=2.0)
+    assert target.calls == [(pytest.approx(40 * PAUSE_DECREASE_FACTOR), True)]
+    for t in (5.0, 10.0, 3.01 + PAUSE_HOLD * 2.0):  # the hold, the window after it
+        controller.on_success(at(t))
+    assert target.rate == pytest.approx(30.0)
+    controller.on_success(at(3.01 + PAUSE_HOLD * 2.0 + 1.0))
+    assert target.rate > 30.0
+
+
+def test_the_first_window_after_a_long_pause_cuts_nothing() -> None:
+    """A storm: every permit the pause lets out draws a 429 with Retry-After: 2. Those in
+    the window after the gate opened say the server still refuses, not that the pace is
+    too high: one cut in all, not one a pause down to the floor."""
+    target = Target(20.0)
+    controller = AdaptiveController(target, ceiling=None)
+    grants(controller, 0.0, 2.0, 20.0)
+    assert controller.on_rate_limited(2.0, gate_opened=OPEN, pause=2.0)
+    assert controller.cuts == 1
+    for k in range(1, 10):  # the gate opens every 2 s; one permit, one 429, 50 ms later
+        opened = 2.0 + 2.0 * k
+        controller.on_grant(opened)
+        assert controller.on_rate_limited(opened + 0.05, gate_opened=opened, pause=2.0)
+    assert controller.cuts == 1
 
 
 def test_the_send_rate_is_measured_only_while_the_gate_was_open() -> None:

@@ -13,6 +13,7 @@ The slowest tests end in ``_slow`` (deselect them with ``-k "not slow"``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -398,6 +399,63 @@ async def test_a_spent_quota_stops_a_fan_out_instead_of_failing_a_prompt_a_minut
     assert isinstance(reason, RateLimitError)
     assert "quota is likely spent" in " ".join(reason.__notes__)
     assert "retry_after_max" in str(unsent[-1].error)
+
+
+def _token_bucket(rate: float, capacity: float, retry_after: str, refused: list[float]) -> Scenario:
+    """A server's token bucket: ``rate`` requests a second, ``capacity`` at once; a request
+    finding it empty gets 429 with ``retry_after`` (honest, longer than a window), its
+    time noted in ``refused``."""
+    bucket = {"tokens": capacity, "at": 0.0}
+
+    def scenario(attempt: int, prompt: str, now: float) -> Action:
+        bucket["tokens"] = min(capacity, bucket["tokens"] + (now - bucket["at"]) * rate)
+        bucket["at"] = now
+        if bucket["tokens"] < 1:
+            refused.append(now)
+            return rate_limited(retry_after)
+        bucket["tokens"] -= 1
+        return OK
+
+    return scenario
+
+
+async def test_an_honest_long_retry_after_does_not_pause_the_batch_again_and_again() -> None:
+    """A token bucket (100/s, 20 at once) whose 429s say Retry-After: 2. Such a 429 pauses
+    everyone for 2 s; it comes alone (the rest are served), so it counted for nothing in
+    the rate, which kept growing through the pauses, and the client drew one each time the
+    bucket ran dry: 6 pauses for these 600 prompts, 14 (and 35 s) for 800; 1,000 against
+    40/s with Retry-After: 5 went at 9.9/s. A lone pausing 429 now cuts the rate deeper
+    and holds its growth."""
+    refused: list[float] = []
+    scenario = _token_bucket(100.0, 20.0, "2", refused)
+    async with FaultServer(scenario) as srv, client_for(srv) as client:
+        async with asyncio.timeout(90):  # a hang guard
+            results = await client.gather_generate(prompts(600))
+        stats = client.limiter.statistics()
+    assert all(r.ok for r in results)
+    assert stats.cuts >= 1
+    assert srv.stats.rate_limited == len(refused) > 0
+    # A pause: 429s after half a second without one (those of one burst are one pause).
+    pauses = 1 + sum(1 for a, b in itertools.pairwise(refused) if b - a > 0.5)
+    assert pauses <= 3, refused  # the code before: 6 here (each costing everyone 2 s)
+
+
+async def test_a_storm_of_long_retry_afters_does_not_collapse_the_rate() -> None:
+    """Every request refused with Retry-After: 2 for the first 4 s, then all served. The
+    pause throttles through the storm, one permit after each, so those 429s say nothing of
+    the rate: cutting for each left it a fraction of a request per second by the end,
+    then crawling back. Now the rate the first answers set survives the storm."""
+
+    def storm(attempt: int, prompt: str, now: float) -> Action:
+        return rate_limited("2") if now < 4.0 else OK
+
+    async with FaultServer(storm) as srv, client_for(srv) as client:
+        async with asyncio.timeout(60):  # a hang guard
+            results = await client.gather_generate(prompts(100))
+        stats = client.limiter.statistics()
+    assert all(r.ok for r in results)
+    assert srv.stats.rate_limited >= 3  # the storm happened, pause after pause
+    assert stats.cuts == 1  # the first answers' burst; none for the permits after a pause
 
 
 @pytest.mark.parametrize("value", GARBAGE_RETRY_AFTER)

@@ -67,12 +67,13 @@ class Feedback:
         the gate for everyone if it calls for a pause, and send it all to Redis."""
         state = self._state
         gate_opened = state.gate.pause_until
-        overloaded = not self._config.settings.adaptive or self._controller.on_rate_limited(
-            now, gate_opened=gate_opened
-        )
         # The in-process rule: a long Retry-After, or an overload 429 not within a
-        # window of the gate opening, pauses everyone.
+        # window of the gate opening, pauses everyone (and a long one is overload).
         window = self._controller.window
+        pause = retry_after if retry_after and retry_after > window else 0.0
+        overloaded = not self._config.settings.adaptive or self._controller.on_rate_limited(
+            now, gate_opened=gate_opened, pause=pause
+        )
         if retry_after and pauses_everyone(
             retry_after, overloaded=overloaded, now=now, opened=gate_opened, window=window
         ):
