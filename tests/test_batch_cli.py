@@ -505,29 +505,36 @@ def test_an_image_host_that_fails_every_download_stops_the_batch(tmp_path: Path)
     assert all(r["status"] == "failed" and r.get("urls") for r in fetched)
 
 
+def batch_with_file_limit(
+    limit: int, prompts: Path, out: Path, emulator: EmulatorProcess, *, concurrency: int
+) -> subprocess.CompletedProcess[str]:
+    """The batch in a process no file of which may grow past ``limit`` bytes (writes
+    beyond it fail with EFBIG, as on a full disk with ENOSPC: Python ignores SIGXFSZ)."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        batch_command(
+            str(prompts), "--out", str(out), "--base-url", emulator.base_url,
+            "--api-key", KEY, "--concurrency", str(concurrency), "--no-progress",
+        ),
+        capture_output=True, text=True, env=_env(), timeout=120, preexec_fn=small_files,
+    )  # fmt: skip
+
+
 def test_a_manifest_that_cannot_be_written_stops_the_batch(
     tmp_path: Path, emulator: EmulatorProcess
 ) -> None:
     """The manifest stops growing (a file size limit: EFBIG, as a full disk gives
     ENOSPC): the run takes no more prompts, says so in one line and how many records
     were lost, and exits 1 without a traceback."""
-    import resource
-
     emulator.reset()
     prompts = write_prompts(tmp_path / "prompts.txt", 2000)
     out = tmp_path / "run"
-    limit = 48 * 1024  # ~100 records; each image (~1 KB) stays below it
-
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    done = subprocess.run(
-        batch_command(
-            str(prompts), "--out", str(out), "--base-url", emulator.base_url,
-            "--api-key", KEY, "--concurrency", "8", "--no-progress",
-        ),
-        capture_output=True, text=True, env=_env(), timeout=120, preexec_fn=small_files,
-    )  # fmt: skip
+    # ~100 records; each image (~8.7 KB) stays below it.
+    done = batch_with_file_limit(48 * 1024, prompts, out, emulator, concurrency=8)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     [line] = [line for line in done.stderr.splitlines() if "manifest.jsonl failed" in line]
@@ -563,23 +570,11 @@ def test_images_that_cannot_be_written_stop_the_batch(
     """Every image write fails for a reason every image shares (a file size limit below
     an image's size: EFBIG, as a full disk gives ENOSPC): the batch stops on the first,
     so at most concurrency generations are paid for, and says what to do in one line."""
-    import resource
-
     emulator.reset()
     prompts = write_prompts(tmp_path / "prompts.txt", 200)
     out = tmp_path / "run"
-    limit = 4096  # the emulator's images are ~8.7 KB; the state file fits
-
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    done = subprocess.run(
-        batch_command(
-            str(prompts), "--out", str(out), "--base-url", emulator.base_url,
-            "--api-key", KEY, "--concurrency", "4", "--no-progress",
-        ),
-        capture_output=True, text=True, env=_env(), timeout=120, preexec_fn=small_files,
-    )  # fmt: skip
+    # The emulator's images are ~8.7 KB; the state file fits.
+    done = batch_with_file_limit(4096, prompts, out, emulator, concurrency=4)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert emulator.stats()["successes"] <= 4 + 2

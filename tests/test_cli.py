@@ -29,6 +29,8 @@ from flux_async._cli import cli, sample_prompts
 from flux_async._models import FIELD_SPECS
 from flux_async.emulator import Emulator
 
+from .conftest import serving
+
 KEY = "sk-cli-secret-0123456789abcdef"
 
 
@@ -538,21 +540,15 @@ async def test_a_server_that_sends_fewer_images_than_asked_is_said_so(tmp_path: 
 
     app = web.Application()
     app.router.add_post("/v1/images/generations", generate)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a fox number {i}\n" for i in range(6)))
     out = tmp_path / "run"
-    try:
+    async with serving(app) as root:
         result = await run(
-            "batch", str(prompts), "--out", str(out), "--base-url", base, "--api-key", KEY,
-            "-n", "3", "--response-format", "b64_json", "--concurrency", "1", "--no-progress",
+            "batch", str(prompts), "--out", str(out), "--base-url", f"{root}/v1",
+            "--api-key", KEY, "-n", "3", "--response-format", "b64_json",
+            "--concurrency", "1", "--no-progress",
         )  # fmt: skip
-    finally:
-        await runner.cleanup()
     assert result.exit_code == 0, result.output
     records = read_jsonl(out / "manifest.jsonl")
     assert [r["status"] for r in records] == ["ok"] * 6

@@ -44,7 +44,7 @@ from flux_async import (
 )
 from flux_async.emulator import Emulator
 
-from .conftest import API_KEY
+from .conftest import API_KEY, serving
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
@@ -249,15 +249,8 @@ async def cdn() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
 
     app = web.Application()
     app.router.add_get("/{name}", serve)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with serving(app) as root:
+        yield root, seen
 
 
 async def test_the_default_transport_sends_no_key_to_another_origin(
@@ -301,13 +294,12 @@ async def test_a_stalled_download_fails_its_attempt_on_the_read_timeout(
 
     app = web.Application()
     app.router.add_get("/{name}", stall)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/x.png"
-    try:
-        async with FluxClient(api_key=API_KEY, base_url=emulator.base_url) as client:
+    async with (
+        serving(app) as root,
+        FluxClient(api_key=API_KEY, base_url=emulator.base_url) as client,
+    ):
+        url = f"{root}/x.png"
+        try:
             assert client.timeout.read is None
             assert client.downloader.timeout.read == DOWNLOAD_READ_TIMEOUT == 30.0
             impatient = client.downloader.with_policy(
@@ -318,9 +310,8 @@ async def test_a_stalled_download_fails_its_attempt_on_the_read_timeout(
             async with asyncio.timeout(20):
                 with pytest.raises(ImageDownloadError, match=r"x\.png") as caught:
                     await impatient.save(url, None, tmp_path / "x")
-    finally:
-        stalled.set()
-        await runner.cleanup()
+        finally:
+            stalled.set()
     assert gets == 2  # the stall was retried once, as a dropped connection is
     assert isinstance(caught.value.__cause__, APITimeoutError)
     assert names(tmp_path) == []
