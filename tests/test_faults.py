@@ -441,13 +441,13 @@ async def test_an_honest_long_retry_after_does_not_pause_the_batch_again_and_aga
 
 
 async def test_a_storm_of_long_retry_afters_does_not_collapse_the_rate() -> None:
-    """Every request refused with Retry-After: 2 for the first 4 s, then all served. The
+    """Every request refused with Retry-After: 2 for the first 3 s, then all served. The
     pause throttles through the storm, one permit after each, so those 429s say nothing of
     the rate: cutting for each left it a fraction of a request per second by the end,
     then crawling back. Now the rate the first answers set survives the storm."""
 
     def storm(attempt: int, prompt: str, now: float) -> Action:
-        return rate_limited("2") if now < 4.0 else OK
+        return rate_limited("2") if now < 3.0 else OK
 
     async with FaultServer(storm) as srv, client_for(srv) as client:
         async with asyncio.timeout(60):  # a hang guard
