@@ -118,7 +118,9 @@ class Fanout:
         """Tell the fan-out how saving prompt ``index``'s images went, for a caller that
         saves them itself rather than with ``save_to=``: an error every prompt would get
         too stops the fan-out as it would with ``save_to=`` (``stopped_by``; not with
-        ``stop_on=()``), and None (saved) ends a row of failed downloads.
+        ``stop_on=()``), and None (saved) ends a row of failed downloads. Results already
+        generated ahead of the caller's loop (a queue of up to 4 x ``concurrency``) still
+        come; the prompts after them end unsent.
 
         Example::
 

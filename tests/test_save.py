@@ -586,6 +586,42 @@ async def test_an_image_host_that_fails_every_download_stops_the_fan_out(
         assert len(fetched) + sum(isinstance(r.error, BatchStoppedError) for r in results) == 60
 
 
+async def test_a_caller_that_saves_itself_gets_the_same_stop_through_report_save(
+    tmp_path: Path,
+) -> None:
+    """Without save_to=, the caller saves each image and reports how it went: failures
+    from an image host that fails them all stop the fan-out once DOWNLOAD_FAILURES_TO_STOP
+    prompts in a row failed; a save reported as done (None) ends a row."""
+    posts = 0
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        nonlocal posts
+        if request.method == "POST":
+            posts += 1
+            return answer(f"https://cdn.example/{posts}.png")
+        if request.url.endswith("/1.png"):
+            return image(PNG)  # the first image saves: the row starts after it
+        return TransportResponse(200, headers={"Content-Type": "text/html"}, body=b"<h1>")
+
+    async with mock_client(handler) as client:
+        fanout = client.iter_generate([f"p{i}" for i in range(100)], concurrency=1)
+        async for result in fanout:
+            if result.response is None:
+                continue
+            try:
+                await result.response.save(tmp_path, stem=f"{result.index}", client=client)
+            except ImageSaveError as exc:
+                fanout.report_save(result.index, exc)
+            else:
+                fanout.report_save(result.index, None)
+    assert isinstance(fanout.stopped_by, ImageDownloadError)
+    # One saved, then the row of failures; beyond it only what was generated ahead of the
+    # loop: the prompt in flight and the results queue (4 x concurrency) when it stopped.
+    assert 1 + DOWNLOAD_FAILURES_TO_STOP <= posts <= 1 + DOWNLOAD_FAILURES_TO_STOP + 4 + 1
+    assert posts < 100
+    assert names(tmp_path) == ["0.png"]
+
+
 async def test_save_options_are_validated_before_anything_is_sent(
     tmp_path: Path, client: FluxClient
 ) -> None:
