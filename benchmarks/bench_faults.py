@@ -18,7 +18,13 @@ Scenarios (the same as ``tests/test_faults.py``):
 * ``429-ra1-2``: 429 with ``Retry-After: 1`` on the first 2 attempts;
 * ``429-always``: 429 with ``Retry-After: 1`` on every attempt (ends in RateLimitError);
 * ``flaky-30``: 30 % 5xx (500 HTML, 502, 503 JSON; seeded) for 10 s, then healthy;
-* ``garbage-retry-after``: one 429 whose Retry-After is garbage (5 kinds).
+* ``garbage-retry-after``: one 429 whose Retry-After is garbage (5 kinds);
+* ``bucket-40-ra5``: a token bucket of 40/s (40 at once) whose 429s say Retry-After: 5,
+  which pauses every caller: the client must come under its rate in few pauses;
+* ``storm-ra2``: every request refused with Retry-After: 2 for 10 s, then all served:
+  the rate must not collapse over the storm;
+* ``quota-spent``: every request refused with Retry-After: 3600 (a spent quota): the
+  fan-out must stop at once, not fail a prompt a minute.
 
 Figures, per scenario: prompts lost (not exactly one result), duplicates (prompts the
 server answered 200 twice), failed, attempts per prompt counted by the client
@@ -28,7 +34,10 @@ refused during an outage never reach the server), retry amplification (server at
 
 Targets (issue #6): 0 lost, 0 duplicates, counts agree, and 0 failed (``429-always``:
 every prompt a RateLimitError after 5 attempts); ``html500-first`` at most 2.2 attempts
-per prompt; ``outage`` wall <= fault-free + 2.3 + 5 s; the 429 scenarios done in 30 s.
+per prompt; ``outage`` wall <= fault-free + 2.3 + 5 s; the 429 scenarios done in 30 s;
+``bucket-40-ra5`` wall <= 2 x prompts / 40 s; ``storm-ra2`` wall <= the storm + 10 s;
+``quota-spent`` every prompt a RateLimitError or BatchStoppedError, at most 16 + 2
+requests, in 5 s.
 
     python benchmarks/bench_faults.py [--quick] [--only outage] [--markdown]
 """
@@ -60,6 +69,9 @@ OUTAGE = 2.3
 OUTAGE_SLACK = 5.0
 MAX_ATTEMPTS_HTML500 = 2.2
 MAX_WALL_429 = 30.0
+BUCKET_RATE = 40.0
+STORM_SLACK = 10.0
+MAX_WALL_QUOTA = 5.0
 
 
 # -- the fault server in its own process -------------------------------------------------
@@ -120,6 +132,7 @@ class Scenario:
     client: dict[str, Any] = field(default_factory=dict)
     batch: dict[str, Any] = field(default_factory=dict)
     exact: bool = True  # client and server attempts must agree prompt by prompt
+    storm: float = 0.0  # storm-ra2: seconds of refusals
 
 
 @dataclass
@@ -222,6 +235,9 @@ def target_text(name: str) -> str:
         "outage": f"0 failed, wall <= clean + {OUTAGE:g} + {OUTAGE_SLACK:g} s",
         "429-ra1-2": f"0 failed, wall <= {MAX_WALL_429:g} s",
         "429-always": f"all RateLimitError at 5 att., wall <= {MAX_WALL_429:g} s",
+        "bucket-40-ra5": f"0 failed, wall <= 2 x n / {BUCKET_RATE:g}",
+        "storm-ra2": f"0 failed, wall <= storm + {STORM_SLACK:g} s",
+        "quota-spent": f"stopped: <= 18 requests, wall <= {MAX_WALL_QUOTA:g} s",
     }
     return f"{base}, {extra.get(name, '0 failed')}"
 
@@ -238,7 +254,14 @@ def misses(o: Outcome) -> list[str]:
         out.append(f"{o.duplicates} duplicated")
     if o.disagree:
         out.append(f"attempts disagree for {o.disagree} prompts")
-    if name == "429-always":
+    if name == "quota-spent":
+        if set(o.errors) - {"RateLimitError", "BatchStoppedError"}:
+            out.append(f"errors {dict(o.errors)}")
+        if o.server_attempts > 18:
+            out.append(f"{o.server_attempts} requests")
+        if o.wall > MAX_WALL_QUOTA:
+            out.append(f"wall {o.wall:.1f} s")
+    elif name == "429-always":
         if o.errors != Counter({"RateLimitError": o.n}):
             out.append(f"errors {dict(o.errors)}")
         if set(o.attempts_each) != {5}:
@@ -252,6 +275,11 @@ def misses(o: Outcome) -> list[str]:
         out.append(f"wall {o.wall:.1f} s > fault-free {o.clean_wall:.1f} + {OUTAGE + OUTAGE_SLACK}")
     if name in ("429-ra1-2", "429-always") and o.wall > MAX_WALL_429:
         out.append(f"wall {o.wall:.1f} s")
+    if name == "bucket-40-ra5" and o.wall > 2 * o.n / BUCKET_RATE:
+        out.append(f"wall {o.wall:.1f} s > {2 * o.n / BUCKET_RATE:g}")
+    storm = o.scenario.storm
+    if name == "storm-ra2" and o.wall > storm + STORM_SLACK:
+        out.append(f"wall {o.wall:.1f} s > {storm + STORM_SLACK:g}")
     return out
 
 
@@ -345,6 +373,9 @@ SCENARIOS = (
     "429-always",
     "flaky-30",
     "garbage-retry-after",
+    "bucket-40-ra5",
+    "storm-ra2",
+    "quota-spent",
 )
 
 
@@ -365,6 +396,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     quick = args.quick
     big, mid, small = (300, 100, 20) if quick else (1000, 300, 50)
     slow, total = (0.75, 0.25) if quick else (3.0, 1.0)
+    storm = 3.0 if quick else 10.0
     guard = 30 if quick else 60
     lat = args.latency
     # The outage must hit a running batch: fault-free, the batch lasts ~1.6 s.
@@ -394,6 +426,15 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         "garbage-retry-after": Scenario(
             "garbage-retry-after", mid, lat, batch={"batch_deadline": guard}
         ),
+        "bucket-40-ra5": Scenario("bucket-40-ra5", mid if quick else big, lat),
+        "storm-ra2": Scenario(
+            "storm-ra2",
+            mid,
+            lat,
+            server_args=("--window", f"{storm:g}"),
+            storm=storm,
+        ),
+        "quota-spent": Scenario("quota-spent", mid, lat, batch={"batch_deadline": guard}),
     }
     return [table[name] for name in (args.only or SCENARIOS)]
 

@@ -243,6 +243,16 @@ HOW_TO_READ = """\
   first rounds, 0.36 and 0.45, ran minutes after the run before it had removed its files:
   see the removals below; the 0.71 run wrote to a new directory at the top of the
   filesystem instead). The noise is as wide as the gap. What is known:
+  - *The round after ad48a2c (2026-11-27).* The saving path changed only by one call a
+    prompt (a saved prompt ends a row of failed downloads, for the new save stops). Two
+    runs of `python benchmarks/bench_save.py --dir DIR` on local disk: 0.79 (rounds
+    0.74, 0.79, 0.83, 0.83, 0.79; 1,587 prompts/s, off 1,998; tmpfs not run) and 0.85
+    (rounds 1.00, 0.97, 0.85, 0.77, 0.73, ratio of the medians 0.84; 1,665 prompts/s,
+    off 1,985; tmpfs 0.92, the writes beside 0.90 and 0.92, the writer that writes
+    nothing 0.94 and 0.87). Two of the last six runs meet the gate; their median is 0.83.
+    The writer process alone (an ad hoc harness handing it 10,000 18 KB files, 64 in
+    flight) spent 51 µs of user and 112 µs of system time a file on a disk with no
+    recent removals (499 µs of system time right after removals).
   - *The round after 88d9ef1 (2026-11-27; ad hoc unless a command is named).* A fourth
     `python benchmarks/bench_save.py --dir DIR` at four a turn read disk 0.83 (rounds
     0.53, 0.83, 0.91, 0.87, 0.70; 1,806 prompts/s, off 2,167), tmpfs 0.89, the writes

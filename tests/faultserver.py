@@ -272,6 +272,27 @@ def flaky(
     return scenario
 
 
+def token_bucket(
+    rate: float, capacity: float, retry_after: str, refused: list[float] | None = None
+) -> Scenario:
+    """A server's token bucket: ``rate`` requests a second, ``capacity`` at once; a request
+    that finds it empty gets a 429 with ``retry_after`` (its time appended to
+    ``refused``, when given)."""
+    bucket = {"tokens": capacity, "at": 0.0}
+
+    def scenario(attempt: int, prompt: str, now: float) -> Action:
+        bucket["tokens"] = min(capacity, bucket["tokens"] + (now - bucket["at"]) * rate)
+        bucket["at"] = now
+        if bucket["tokens"] < 1:
+            if refused is not None:
+                refused.append(now)
+            return rate_limited(retry_after)
+        bucket["tokens"] -= 1
+        return OK
+
+    return scenario
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named scenario for subprocess mode and the benchmark.
@@ -321,6 +342,21 @@ def preset(name: str, *, slow_seconds: float = 3.0, window: float = 10.0, seed: 
             flaky(0.3, window, seed=seed),
             description=f"30% 5xx for {window:g} s, then healthy",
         )
+    if name == "bucket-40-ra5":
+        return Preset(
+            token_bucket(40.0, 40.0, "5"),
+            description="a token bucket of 40/s, 40 at once; 429 Retry-After: 5 when empty",
+        )
+    if name == "storm-ra2":
+
+        def storm(attempt: int, prompt: str, now: float) -> Action:
+            return rate_limited("2") if now < window else OK
+
+        return Preset(storm, description=f"429 Retry-After: 2 to everything for {window:g} s")
+    if name == "quota-spent":
+        return Preset(
+            always(rate_limited("3600")), description="429 Retry-After: 3600 on every attempt"
+        )
     if name == "retry-after-day":
         return Preset(first(1, rate_limited(str(DAY))), description="429 Retry-After: 86400 once")
     if name == "garbage-retry-after":
@@ -348,6 +384,9 @@ PRESETS = (
     "flaky-30",
     "retry-after-day",
     "garbage-retry-after",
+    "bucket-40-ra5",
+    "storm-ra2",
+    "quota-spent",
 )
 
 
@@ -843,7 +882,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
     parser.add_argument("--slow", type=float, default=3.0, help="slow-first: seconds")
-    parser.add_argument("--window", type=float, default=10.0, help="flaky-30: seconds")
+    parser.add_argument("--window", type=float, default=10.0, help="flaky-30, storm-ra2: seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keys", action="store_true", help="per-key records in the SIGTERM JSON")
     return parser.parse_args(argv)

@@ -61,6 +61,7 @@ from .faultserver import (
     rate_limited,
     raw,
     slow,
+    token_bucket,
 )
 
 API_KEY = "sk-fault-suite"
@@ -401,24 +402,6 @@ async def test_a_spent_quota_stops_a_fan_out_instead_of_failing_a_prompt_a_minut
     assert "retry_after_max" in str(unsent[-1].error)
 
 
-def _token_bucket(rate: float, capacity: float, retry_after: str, refused: list[float]) -> Scenario:
-    """A server's token bucket: ``rate`` requests a second, ``capacity`` at once; a request
-    finding it empty gets 429 with ``retry_after`` (honest, longer than a window), its
-    time noted in ``refused``."""
-    bucket = {"tokens": capacity, "at": 0.0}
-
-    def scenario(attempt: int, prompt: str, now: float) -> Action:
-        bucket["tokens"] = min(capacity, bucket["tokens"] + (now - bucket["at"]) * rate)
-        bucket["at"] = now
-        if bucket["tokens"] < 1:
-            refused.append(now)
-            return rate_limited(retry_after)
-        bucket["tokens"] -= 1
-        return OK
-
-    return scenario
-
-
 async def test_an_honest_long_retry_after_does_not_pause_the_batch_again_and_again() -> None:
     """A token bucket (100/s, 20 at once) whose 429s say Retry-After: 2. Such a 429 pauses
     everyone for 2 s; it comes alone (the rest are served), so it counted for nothing in
@@ -427,7 +410,7 @@ async def test_an_honest_long_retry_after_does_not_pause_the_batch_again_and_aga
     40/s with Retry-After: 5 went at 9.9/s. A lone pausing 429 now cuts the rate deeper
     and holds its growth."""
     refused: list[float] = []
-    scenario = _token_bucket(100.0, 20.0, "2", refused)
+    scenario = token_bucket(100.0, 20.0, "2", refused)
     async with FaultServer(scenario) as srv, client_for(srv) as client:
         async with asyncio.timeout(90):  # a hang guard
             results = await client.gather_generate(prompts(600))
