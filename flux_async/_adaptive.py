@@ -61,6 +61,7 @@ DEFAULT_TOLERANCE = 0.05
 #: after this many times that pause (at most a minute) of calm: a pause costs every
 #: caller, so returning to the pace that drew it must be rare (`on_rate_limited`).
 PAUSE_HOLD = 10.0
+_LONGEST_HOLD = 60.0
 
 #: The cut for such a 429 (`DEFAULT_DECREASE_FACTOR` for any other): each pause it draws
 #: costs every caller, so the rate comes under the server's in fewer of them.
@@ -482,7 +483,7 @@ class AdaptiveController:
             # again. A deeper cut, no more doubling, and growth only after a long calm.
             self._cut(now, gate_opened, PAUSE_DECREASE_FACTOR)
             self._probing = False
-            self._calm_since = now + min(PAUSE_HOLD * pause, 60.0)
+            self._calm_since = now + min(PAUSE_HOLD * pause, _LONGEST_HOLD)
         elif due and not (pause > 0 and now - gate_opened + SLACK < self._window):
             # (A long pause that ended less than a window ago let a few permits out, not a
             # pace: its 429s say the server still refuses, the pause throttling, not that

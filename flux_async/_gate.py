@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._timing import NEVER, SLACK
 
-__all__ = ["PauseGate", "pauses_everyone"]
+__all__ = ["PauseGate", "long_pause", "pauses_everyone"]
 
 
 class PauseGate:
@@ -76,4 +76,16 @@ def pauses_everyone(
     """
     if not retry_after:
         return False
-    return retry_after > window or (overloaded and now - opened + SLACK >= window)
+    return long_pause(retry_after, window) > 0 or (overloaded and now - opened + SLACK >= window)
+
+
+def long_pause(retry_after: float | None, window: float) -> float:
+    """The seconds a 429 shuts the gate for everyone whatever the share of 429s: its
+    Retry-After when longer than ``window`` (a spent quota, an empty bucket), else 0.
+
+    Example::
+
+        long_pause(5.0, window=1.0)   # 5.0
+        long_pause(0.5, window=1.0)   # 0.0
+    """
+    return retry_after if retry_after and retry_after > window else 0.0

@@ -47,7 +47,7 @@ from ._adaptive import (
 )
 from ._concurrency import ConcurrencyLimit
 from ._exceptions import EventLoopError, ValidationError
-from ._gate import PauseGate, pauses_everyone
+from ._gate import PauseGate, long_pause, pauses_everyone
 from ._pacer import DEFAULT_BURST, DEFAULT_HORIZON, Pacer
 from ._quota import ServerRate
 from ._ramp import RampLine
@@ -425,12 +425,10 @@ class RateLimiter(Limiter):
         self._rate_limited += 1
         gate = self._gate
         opened, window = gate.pause_until, self._controller.window
-        # A Retry-After longer than the window pauses everyone whatever the 429s' share:
-        # for the rate too it is overload.
-        pause = retry_after if retry_after and retry_after > window else 0.0
-        # Not adaptive, every 429 counts as overload (there is nothing else to tell).
+        # Not adaptive, every 429 counts as overload (there is nothing else to tell). A
+        # long pause is overload for the rate too.
         overloaded = not self._adaptive or self._controller.on_rate_limited(
-            now, gate_opened=opened, pause=pause
+            now, gate_opened=opened, pause=long_pause(retry_after, window)
         )
         if retry_after and pauses_everyone(
             retry_after, overloaded=overloaded, now=now, opened=opened, window=window

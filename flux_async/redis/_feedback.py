@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from .._adaptive import AdaptiveController
-from .._gate import pauses_everyone
+from .._gate import long_pause, pauses_everyone
 from ._connection import REDIS_ERRORS, Connection
 from ._fallback import Fallback
 from ._scripts import FEEDBACK, float_arg
@@ -70,9 +70,8 @@ class Feedback:
         # The in-process rule: a long Retry-After, or an overload 429 not within a
         # window of the gate opening, pauses everyone (and a long one is overload).
         window = self._controller.window
-        pause = retry_after if retry_after and retry_after > window else 0.0
         overloaded = not self._config.settings.adaptive or self._controller.on_rate_limited(
-            now, gate_opened=gate_opened, pause=pause
+            now, gate_opened=gate_opened, pause=long_pause(retry_after, window)
         )
         if retry_after and pauses_everyone(
             retry_after, overloaded=overloaded, now=now, opened=gate_opened, window=window
