@@ -17,7 +17,7 @@ import attrs
 import yarl
 
 from ._attempt import CallContext
-from ._config import DOWNLOAD_READ_TIMEOUT, Timeout, check_timeout
+from ._config import Timeout, check_timeout
 from ._exceptions import APIError, ValidationError
 from ._limits import Limiter, RateLimiter
 from ._loop_binding import LoopBinding
@@ -122,11 +122,7 @@ class ClientSettings:
             policy=policy,
             api_origin=str(self.base_url.origin()),
             api_headers=self.headers,
-            # A download that stalls fails its attempt (and is retried) within
-            # DOWNLOAD_READ_TIMEOUT, not after ``total``.
-            timeout=timeout
-            if timeout.read is not None
-            else attrs.evolve(timeout, read=DOWNLOAD_READ_TIMEOUT),
+            timeout=timeout,  # with a read limit the Downloader adds if it has none
             max_bytes=self.max_image_bytes,
             is_closed=is_closed,
         )

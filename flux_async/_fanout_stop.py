@@ -152,20 +152,19 @@ class Stop:
         """Stop the fan-out when prompt ``index`` ended with a ``stop_on`` answer, could
         not reach a server that has never answered, or could not save its images for a
         reason every prompt would share."""
-        if self.stopped_by is not None:
-            return
+        if self.stopped_by is not None or not self._statuses:
+            return  # stopped already, or stop_on=(): nothing stops it
         if isinstance(exc, APIStatusError) and exc.status_code in self._statuses:
             what = f"got {exc.status_code}"
         elif isinstance(exc, RateLimitError) and self._spent_quota(exc):
             what = f"was asked to wait {exc.retry_after:g} s"
         elif isinstance(exc, ImageSaveError):
-            if not self._statuses or not self._save_stops(exc):
+            if not self._save_stops(exc):
                 return
             what = "could not save its images"
         elif (
             isinstance(exc, APIConnectionError)
             and not isinstance(exc, DeadlineExceededError)  # the caller's own limit
-            and self._statuses
             and not self._outage.answered
         ):
             what = "could not reach a server that has never answered"
@@ -176,7 +175,9 @@ class Stop:
             )
         else:
             return
-        self.stop(exc, index)
+        self.stopped_by = exc
+        self._index = index
+        self._counters.halted = self.stopped_error
         logger.info(
             "stopping the batch: prompt #%d %s (%s); the prompts not sent yet will not be",
             index,
@@ -184,20 +185,12 @@ class Stop:
             exc,
         )
 
-    def stop(self, reason: FluxError, index: int) -> None:
-        """Stop now, ``reason`` (prompt ``index``'s error) being why: nothing is sent
-        any more."""
-        if self.stopped_by is None:
-            self.stopped_by = reason
-            self._index = index
-            self._counters.halted = self.stopped_error
-
     def _spent_quota(self, exc: RateLimitError) -> bool:
         """Whether ``exc`` asks for a wait longer than the policy honours (then with the
         hint added): every other prompt would be asked the same (a spent daily or hourly
         quota), and each would take one permit a gate's pause to be told so."""
         wait = exc.retry_after
-        if not self._statuses or wait is None or wait <= self._longest_wait:
+        if wait is None or wait <= self._longest_wait:
             return False
         until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + wait))
         exc.add_note(

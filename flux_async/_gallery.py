@@ -128,6 +128,7 @@ def _tiles(ok: Mapping[int, Mapping[str, Any]]) -> str:
         if not files:
             continue
         alt = esc(prompt, quote=True)
+        caption = f'<span class="index">#{index}</span>{esc(prompt)}'
         for number, name in enumerate(files):
             href = _href(name)
             which = (
@@ -135,8 +136,7 @@ def _tiles(ok: Mapping[int, Mapping[str, Any]]) -> str:
             )
             parts.append(
                 f'<figure><a href="{href}"><img src="{href}" loading="lazy" alt="{alt}"></a>'
-                f'<figcaption><span class="index">#{index}</span>{esc(prompt)}{which}'
-                "</figcaption></figure>"
+                f"<figcaption>{caption}{which}</figcaption></figure>"
             )
     parts.append("</section>")
     return "".join(parts)

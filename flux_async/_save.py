@@ -36,7 +36,7 @@ from typing import Final, Protocol, TypeAlias
 import attrs
 import yarl
 
-from ._config import DOWNLOAD_READ_TIMEOUT, Timeout
+from ._config import DEFAULT_TIMEOUT, DOWNLOAD_READ_TIMEOUT, Timeout
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -471,9 +471,13 @@ class _Refused:
     content_type: str | None = None
 
 
-#: A `Downloader`'s per-attempt limits unless given others: the defaults, and a stall
-#: fails its attempt after `DOWNLOAD_READ_TIMEOUT`.
-_DOWNLOAD_TIMEOUT: Final = Timeout(read=DOWNLOAD_READ_TIMEOUT)
+def _with_read_limit(timeout: Timeout) -> Timeout:
+    """A download's per-attempt limits: ``timeout``, and when it sets no ``read``,
+    `DOWNLOAD_READ_TIMEOUT`, so a stall fails its attempt (and is retried) long before
+    ``total``."""
+    if timeout.read is not None:
+        return timeout
+    return attrs.evolve(timeout, read=DOWNLOAD_READ_TIMEOUT)
 
 
 @attrs.frozen(kw_only=True)
@@ -485,6 +489,8 @@ class Downloader:
     client's own, ``Authorization`` included) go only to URLs on ``api_origin``, the
     scheme, host and port of ``base_url``; any other URL gets a ``User-Agent`` and an
     ``Accept`` header, nothing else. ``max_bytes`` caps one image (`DEFAULT_MAX_IMAGE_BYTES`).
+    A ``timeout`` that sets no ``read`` gets `DOWNLOAD_READ_TIMEOUT`: a stall fails its
+    attempt, which is retried, long before ``total``.
 
     Example::
 
@@ -496,7 +502,7 @@ class Downloader:
     policy: RetryPolicy
     api_origin: str
     api_headers: Mapping[str, str]
-    timeout: Timeout = _DOWNLOAD_TIMEOUT
+    timeout: Timeout = attrs.field(default=DEFAULT_TIMEOUT, converter=_with_read_limit)
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     is_closed: Callable[[], bool] = attrs.field(default=lambda: False, repr=False)
     _api: tuple[str, str, int | None] = attrs.field(init=False, repr=False)
