@@ -23,9 +23,12 @@ from flux_async import (
     TransportRequest,
     TransportResponse,
     ValidationError,
+    _transport,
 )
-from flux_async._transport import RequestHeaders
+from flux_async._transport import READ_BYTES, RequestHeaders
 from flux_async.emulator import Emulator
+
+from .conftest import serving
 
 OK = {"created": 1, "data": [{"url": "https://img.example/1.png"}]}
 
@@ -217,6 +220,43 @@ async def test_aiohttp_errors_become_ours_without_context() -> None:
     assert info.value.__context__ is None
     assert "sk-secret" not in str(info.value)
     assert "sk-secret" not in repr(info.value)
+
+
+async def test_plain_http_sockets_are_read_below_the_mmap_threshold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool's plain-HTTP connections ask `READ_BYTES` a read, not asyncio's 256 KiB
+    (which can cost an mmap, page faults and an munmap a read); a body larger than that
+    still arrives whole, over the same connection."""
+    body = bytes(range(256)) * 1200  # 300 KiB: several reads
+    seen: list[asyncio.BaseTransport | None] = []
+    connect = _transport._Connector.connect
+
+    async def spy(self: _transport._Connector, *args: object, **kwargs: object) -> object:
+        connection = await connect(self, *args, **kwargs)
+        seen.append(connection.transport)
+        return connection
+
+    monkeypatch.setattr(_transport._Connector, "connect", spy)
+
+    async def handler(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.Response(body=body, content_type="image/png")
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/big.png", handler)
+    transport = AiohttpTransport()
+    try:
+        async with serving(app) as root:
+            request = TransportRequest(
+                method="GET", url=root + "/big.png", headers={}, max_response_bytes=2**20
+            )
+            answers = [await transport.send(request) for _ in range(2)]
+    finally:
+        await transport.aclose()
+    assert [answer.body for answer in answers] == [body, body]
+    assert len(seen) == 2
+    assert seen[0] is seen[1]  # one connection, kept alive
+    assert getattr(seen[0], "max_size", None) == READ_BYTES < 128 * 2**10
 
 
 def test_request_headers_read_as_one_mapping() -> None:
