@@ -37,14 +37,23 @@ mispredicts 12 % more branches takes more than 5 % longer. A third count runs fl
 with a transport that answers at once (no socket, no aiohttp): what its own layers cost
 per request (the call, the attempt, the limiter, the parse, the fan-out's worker).
 
+``--fresh ROUNDS`` adds runs of each contender in a process of its own, as a user's script
+runs: whether its socket reads map memory afresh each time (asyncio asks for 256 KiB a
+read, above glibc's mmap threshold, and depending on what the process freed before, each
+read then maps, faults in and unmaps that buffer) shows in its page faults per request.
+
     python benchmarks/bench_overhead.py [--quick] [--prompts 8000] [--concurrency 64] [--rounds 9]
     python benchmarks/bench_overhead.py --instructions
+    python benchmarks/bench_overhead.py --fresh 8
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,10 +103,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also count instructions per request under valgrind (slow, steady)",
     )
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also run each contender in a process of its own, ROUNDS times (page faults)",
+    )
     # Internal: one contender's batch in this process, for --instructions.
     parser.add_argument(
         "--child", nargs=3, metavar=("CONTENDER", "N", "BASE_URL"), help=argparse.SUPPRESS
     )
+
     args = parser.parse_args(argv)
     if args.prompts is None:
         args.prompts = 2000 if args.quick else 8000
@@ -209,6 +226,10 @@ def run(args: argparse.Namespace) -> BenchOutput:
             f"instructions per request: (count at {high} prompts - count at {low}) / "
             f"{high - low}, each contender alone in a child process under callgrind, c={c}"
         )
+    if args.fresh:
+        fresh_rows, fresh_note = run_fresh(args.fresh, n, c)
+        rows += fresh_rows
+        notes.append(fresh_note)
     if min(busy.values()) < CLIENT_BUSY_WARNING:
         notes.append(
             f"the clients were on the CPU only {100 * min(busy.values()):.0f}% of the wall "
@@ -272,6 +293,61 @@ async def run_own_layers(
                 result.errors[type(r.error).__name__] += 1
 
 
+#: --fresh: a process whose reads map memory afresh faults ~2 pages a request; one that
+#: does not, well under 1.
+MAPPING_FAULTS = 1.0
+#: --fresh: each run, a process that imports only what a user's script would.
+FRESH_CHILD = Path(__file__).resolve().parent / "_fresh_client.py"
+
+
+def run_fresh(rounds: int, n: int, c: int) -> tuple[list[Row], str]:
+    """Each contender ``rounds`` times in a new process, interleaved: req/s and faults."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in CONTENDERS}
+    with FastServerProcess() as server:
+        for index in range(rounds):
+            order = CONTENDERS if index % 2 == 0 else CONTENDERS[::-1]
+            for name in order:
+                command = [sys.executable, str(FRESH_CHILD), name, str(n), str(c)]
+                command.append(server.base_url)
+                out = subprocess.run(command, capture_output=True, text=True, check=True)
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                runs[name].append(run)
+                print(
+                    f"  fresh {index + 1}/{rounds} {name:11s} {run['rps']:7.0f} req/s  "
+                    f"{run['cpu_us']:4.0f} us CPU/req  {run['faults']:.2f} page faults/req"
+                )
+    ratios = [f["rps"] / r["rps"] for f, r in zip(runs[FLUX], runs[RAW], strict=True)]
+
+    def mapping(name: str) -> int:
+        return sum(run["faults"] >= MAPPING_FAULTS for run in runs[name])
+
+    faults = {name: median(run["faults"] for run in runs[name]) for name in CONTENDERS}
+    rows = [
+        Row(
+            figure=f"fresh processes: req/s, flux ÷ raw ({rounds} each)",
+            flux=f"{median(run['rps'] for run in runs[FLUX]):.0f} req/s",
+            peer=f"{RAW} {median(run['rps'] for run in runs[RAW]):.0f} req/s",
+            ratio=fmt_ratio(median(ratios)),
+            target="(info)",
+            met=None,
+        ),
+        Row(
+            figure="fresh processes whose reads map memory afresh (>= 1 page fault/req)",
+            flux=f"{mapping(FLUX)} of {rounds} ({faults[FLUX]:.2f} faults/req)",
+            peer=f"{RAW} {mapping(RAW)} of {rounds} ({faults[RAW]:.2f} faults/req)",
+            ratio="-",
+            target="(info)",
+            met=None,
+        ),
+    ]
+    note = (
+        f"fresh processes: each contender warmed up ({max(500, n // 4)} prompts) and timed "
+        f"({n}) in a new process, {rounds} times, interleaved; flux ÷ raw req/s round by "
+        "round " + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+    )
+    return rows, note
+
+
 def run_child(args: argparse.Namespace) -> int:
     name, n, base_url = args.child[0], int(args.child[1]), args.child[2]
     result = RunResult(name, n)
@@ -284,6 +360,7 @@ def main() -> int:
     args = parse_args()
     if args.child:
         return run_child(args)
+
     run(args).print()
     return 0
 
