@@ -37,14 +37,15 @@ mispredicts 12 % more branches takes more than 5 % longer. A third count runs fl
 with a transport that answers at once (no socket, no aiohttp): what its own layers cost
 per request (the call, the attempt, the limiter, the parse, the fan-out's worker).
 
-``--fresh ROUNDS`` adds runs of each contender in a process of its own, as a user's script
-runs: whether its socket reads map memory afresh each time (asyncio asks for 256 KiB a
-read, above glibc's mmap threshold, and depending on what the process freed before, each
-read then maps, faults in and unmaps that buffer) shows in its page faults per request.
+``--fresh ROUNDS`` (6; 0 with ``--quick``) adds runs of each contender in a process of its
+own, as a user's script runs: whether its socket reads map memory afresh each time
+(asyncio asks for 256 KiB a read, above glibc's mmap threshold, and depending on what the
+process freed before, each read then maps, faults in and unmaps that buffer) shows in its
+page faults per request.
 
     python benchmarks/bench_overhead.py [--quick] [--prompts 8000] [--concurrency 64] [--rounds 9]
     python benchmarks/bench_overhead.py --instructions
-    python benchmarks/bench_overhead.py --fresh 8
+    python benchmarks/bench_overhead.py --fresh 0   # without them
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fresh",
         type=int,
-        default=0,
+        default=None,
         metavar="ROUNDS",
-        help="also run each contender in a process of its own, ROUNDS times (page faults)",
+        help="runs of each contender in a process of its own, with page faults (6; 0: none)",
     )
     # Internal: one contender's batch in this process, for --instructions.
     parser.add_argument(
@@ -120,6 +121,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.prompts = 2000 if args.quick else 8000
     if args.rounds is None:
         args.rounds = 3 if args.quick else 9
+    if args.fresh is None:
+        args.fresh = 0 if args.quick else 6
     return args
 
 
