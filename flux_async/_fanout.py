@@ -33,7 +33,7 @@ from ._fanout_save import Saver
 from ._fanout_settings import DEFAULT_CONCURRENCY, DEFAULT_STOP_ON, FanoutSettings
 from ._fanout_stop import DOWNLOAD_FAILURES_TO_STOP, Stop, fail_fast_error
 from ._limits import ConcurrencyLimit
-from ._models import ImageRequest, ImagesResponse
+from ._models import ImageRequest, ImagesResponse, without_b64
 from ._prompts import BuildRequest, Feed, PromptInput, prompt_text, request_maker, to_request
 from ._workers import Workers
 
@@ -337,8 +337,7 @@ class _Engine:
         fail_fast = self._settings.fail_fast
         try:
             # The first prompt is taken outside the loop: with it, this worker starts the
-            # next one, so the pool grows with the prompts actually taken, never ahead of
-            # them, at no cost per request.
+            # next, so the pool grows with the prompts taken, never ahead, at no cost.
             taken = None if feed.exhausted or self._expired else await feed.take()
             if taken is not None:
                 self._add_worker()
@@ -439,9 +438,10 @@ class _Engine:
         counters.done += 1
         if error is not None:
             counters.failed += 1
+        elif files and response is not None:
+            response = without_b64(response)  # the bytes are in the files
         if request is not None and attempts > 1:
-            # A request for n > 10 images is several calls: only attempts beyond one per
-            # call are retries.
+            # n > 10 images are several calls: attempts beyond one a call are retries.
             counters.retries += max(0, attempts - len(request.chunks()))
         loop = self._loop
         assert loop is not None

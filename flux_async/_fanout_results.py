@@ -22,9 +22,11 @@ class GenerationResult:
     ``index`` is the prompt's position in the input, ``attempts`` the HTTP attempts it
     took (all chunks together for ``n`` > 10), ``elapsed`` seconds from start to finish.
     ``files`` are the paths its images were saved to, in the order of
-    ``response.data``, when the fan-out had ``save_to=`` (else empty). A generation that
-    succeeded but whose images could not be saved has both: its ``response`` (nothing
-    the server returned is lost) and an `ImageSaveError` as its ``error``.
+    ``response.data``, when the fan-out had ``save_to=`` (else empty); once saved, an
+    image's ``b64_json`` is dropped from ``response`` (its bytes are in the file, and a
+    gathered batch would otherwise hold every image in memory). A generation that
+    succeeded but whose images could not be saved has both: its ``response``, whole
+    (nothing the server returned is lost), and an `ImageSaveError` as its ``error``.
 
     Example::
 

@@ -59,6 +59,7 @@ __all__ = [
     "ImagesResponse",
     "make_request",
     "save_to_path",
+    "without_b64",
 ]
 
 DEFAULT_MODEL = "flux-kontext-pro"
@@ -689,17 +690,15 @@ class Image:
         """The image bytes carried in ``b64_json``.
 
         Raises ``ValueError`` when the server sent a URL instead (ask with
-        ``response_format="b64_json"``).
+        ``response_format="b64_json"``), or when the image carries neither: a fan-out
+        with ``save_to=`` drops ``b64_json`` once the image is in its file.
 
         Example::
 
             Path("out.png").write_bytes(image.decode())
         """
         if self.b64_json is None:
-            raise ValueError(
-                "this image has no b64_json data (it has a url); "
-                "request response_format='b64_json' to get the bytes inline"
-            )
+            raise ValueError(_NO_DATA if self.url is None else _URL_ONLY)
         return base64.b64decode(self.b64_json)
 
     async def save(
@@ -714,8 +713,9 @@ class Image:
         ``save("fox.png")`` both write ``fox.jpg`` when the image is a JPEG. The write is
         atomic (a temporary file, fsync, rename) and runs in a worker thread. Raises
         `ImageDownloadError` when the download fails after retries or the bytes are not
-        an image, and ``OSError`` when the file cannot be written. `FluxClient.save` does
-        the same.
+        an image, ``OSError`` when the file cannot be written, and ``ValueError`` for an
+        image that carries neither (its ``b64_json`` dropped once ``save_to=`` saved it).
+        `FluxClient.save` does the same.
 
         Example::
 
@@ -723,6 +723,8 @@ class Image:
             path = await response.data[0].save("out/fox", client=client)  # out/fox.png
         """
         target = _file_path(path)
+        if self.url is None and self.b64_json is None:
+            raise ValueError(_NO_DATA)
         if client is not None:
             return await client.downloader.save(self.url, self.b64_json, target)
         if self.b64_json is not None:
@@ -735,6 +737,16 @@ class Image:
                 "await image.save(path, client=client), or await client.save(image, path)",
             )
         return await client.downloader.save(self.url, None, target)
+
+
+_URL_ONLY = (
+    "this image has no b64_json data (it has a url); "
+    "request response_format='b64_json' to get the bytes inline"
+)
+_NO_DATA = (
+    "this image has neither b64_json nor a url: a fan-out with save_to= drops an image's "
+    "b64_json once it is saved; read the file in the result's files"
+)
 
 
 def _file_path(path: object) -> Path:
@@ -810,6 +822,8 @@ class ImagesResponse:
         """
         folder = check_directory("directory", directory)
         images = [(image.url, image.b64_json) for image in self.data]
+        if (None, None) in images:
+            raise ValueError(_NO_DATA)
         if client is not None:
             return await client.downloader.save_all(images, folder, stem)
         paths = image_paths(folder, stem, len(self.data))
@@ -963,6 +977,37 @@ _set_url, _set_b64, _set_revised, _set_image_extra = (
 _set_created, _set_data, _set_response_extra, _set_request_id = (
     getattr(ImagesResponse, a.name).__set__ for a in attrs.fields(ImagesResponse)
 )
+
+
+def without_b64(response: ImagesResponse) -> ImagesResponse:
+    """``response`` without its images' ``b64_json`` text (the same object when it has
+    none); ``url``, ``revised_prompt`` and everything else stay. A fan-out's results
+    hold it once the images are in their files: a gathered batch would otherwise hold
+    every image in memory as well (~2.5 MB of text for a 1024x1024 PNG).
+
+    Example::
+
+        without_b64(response).data[0].b64_json  # None
+    """
+    data = response.data
+    if all(image.b64_json is None for image in data):
+        return response
+    images = []
+    for image in data:
+        if image.b64_json is not None:
+            bare = _new(Image)
+            _set_url(bare, image.url)
+            _set_b64(bare, None)
+            _set_revised(bare, image.revised_prompt)
+            _set_image_extra(bare, image.extra)
+            image = bare
+        images.append(image)
+    lighter = _new(ImagesResponse)
+    _set_created(lighter, response.created)
+    _set_data(lighter, tuple(images))
+    _set_response_extra(lighter, response.extra)
+    _set_request_id(lighter, response.request_id)
+    return lighter
 
 
 def _plain_urls(payload: dict[str, Any], request_id: str | None) -> ImagesResponse | None:

@@ -421,6 +421,41 @@ async def test_save_to_writes_each_prompts_images_as_it_succeeds(
     assert all(p.read_bytes().startswith(b"\x89PNG") for r in [*results, *two] for p in r.files)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+async def test_save_to_keeps_paths_not_images_in_the_results(tmp_path: Path, n: int) -> None:
+    """Once a b64_json image is in its file, the result's response no longer carries its
+    text (a gathered batch of real images would hold them all in memory): the rest of
+    the answer stays, and using the image for its bytes says where they went."""
+
+    def handler(request: TransportRequest) -> TransportResponse:
+        item = {"b64_json": base64.b64encode(PNG).decode(), "revised_prompt": "a fox, oil"}
+        return TransportResponse(
+            200, json={"created": 7, "data": [item] * n}, headers={"x-request-id": "req_1"}
+        )
+
+    async with mock_client(handler) as client:
+        results = await client.gather_generate(["a fox"] * 3, n=n, save_to=tmp_path)
+    for result in results:
+        assert result.ok
+        assert [path.read_bytes() for path in result.files] == [PNG] * n
+        response = result.response
+        assert response is not None
+        assert response.created == 7
+        assert response.request_id == "req_1"
+        assert [(i.b64_json, i.url, i.revised_prompt) for i in response.data] == [
+            (None, None, "a fox, oil")
+        ] * n
+    image = results[0].response.data[0] if results[0].response else None
+    assert image is not None
+    with pytest.raises(ValueError, match="save_to= drops an image's b64_json"):
+        image.decode()
+    with pytest.raises(ValueError, match="read the file in the result's files"):
+        await image.save(tmp_path / "again")
+    with pytest.raises(ValueError, match="save_to= drops"):
+        await results[0].response.save(tmp_path / "again")  # type: ignore[union-attr]
+    assert not (tmp_path / "again").exists()
+
+
 async def test_urls_that_expire_soon_are_still_saved(tmp_path: Path) -> None:
     """URLs valid for 2 s: each is fetched right after its generation, so all are saved
     although the batch takes longer than that; one fetched late is refused (403)."""
@@ -496,6 +531,7 @@ async def test_a_failed_write_fails_the_prompt_with_image_save_error(
     assert result.error.__cause__.filename is not None
     assert str(out) in result.error.__cause__.filename
     assert result.response is not None
+    assert result.response.data[0].b64_json is not None  # not saved: kept whole
 
 
 @pytest.mark.parametrize("stop_on", [None, ()])
