@@ -9,7 +9,12 @@ Sizes: 1,000 and 100,000 prompts (``--prompts`` scales the large one down).
 Target: peak RSS(100,000) ÷ peak RSS(1,000) ≤ 1.5. The RSS right after the imports is
 printed too: the growth above it is what the fan-out itself costs.
 
-    python benchmarks/bench_memory.py [--prompts 100000] [--small 1000]
+An information row: a fresh process gathers ``--saved`` prompts (200) with
+``gather_generate(prompts, save_to=DIR)`` from a server answering each with a 1.8 MB PNG
+as ``b64_json`` (``bench_save.py``'s, ``--image full``), keeping every result; its RSS
+growth is shown against the images' text, which results that kept it would hold.
+
+    python benchmarks/bench_memory.py [--prompts 100000] [--small 1000] [--saved 200]
 """
 
 from __future__ import annotations
@@ -40,35 +45,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=None, help="the large size (100000)")
     parser.add_argument("--small", type=int, default=1000, help="the small size (1000)")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--saved", type=int, default=None, help="prompts gathered with save_to= (200; 0: none)"
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--saved-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base-url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prompts is None:
         args.prompts = 10_000 if args.quick else 100_000
+    if args.saved is None:
+        args.saved = 50 if args.quick else 200
     return args
+
+
+def _maxrss_kib() -> int:
+    import resource
+
+    # Linux reports KiB, macOS bytes.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss // 1024 if sys.platform == "darwin" else rss
+
+
+def _hwm_kib() -> int | None:
+    # Linux: the peak RSS of this address space alone, a cross-check of ru_maxrss.
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return int(status.split("VmHWM:", 1)[1].split()[0]) if "VmHWM:" in status else None
 
 
 def _child(n: int, base_url: str, concurrency: int) -> int:
     """Runs in the fresh subprocess: stream ``n`` prompts, print one JSON line."""
     import asyncio
-    import resource
 
     from _common import API_KEY, iter_prompts
 
     from flux_async import FluxClient
-
-    def maxrss_kib() -> int:
-        # Linux reports KiB, macOS bytes.
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss // 1024 if sys.platform == "darwin" else rss
-
-    def hwm_kib() -> int | None:
-        # Linux: the peak RSS of this address space alone, a cross-check of ru_maxrss.
-        try:
-            status = Path("/proc/self/status").read_text()
-        except OSError:
-            return None
-        return int(status.split("VmHWM:", 1)[1].split()[0]) if "VmHWM:" in status else None
 
     async def stream() -> tuple[int, int]:
         ok = failed = 0
@@ -84,14 +98,58 @@ def _child(n: int, base_url: str, concurrency: int) -> int:
                         failed += 1
         return ok, failed
 
-    baseline = maxrss_kib()
+    baseline = _maxrss_kib()
     started = time.perf_counter()
     ok, failed = asyncio.run(stream())
     wall = time.perf_counter() - started
     print(
         json.dumps(
             {"n": n, "ok": ok, "failed": failed, "wall": wall, "baseline": baseline}
-            | {"maxrss": maxrss_kib(), "hwm": hwm_kib()}
+            | {"maxrss": _maxrss_kib(), "hwm": _hwm_kib()}
+        )
+    )
+    return 0
+
+
+def _saved_child(n: int, base_url: str, concurrency: int) -> int:
+    """Runs in the fresh subprocess: gather ``n`` prompts with ``save_to=`` into a
+    temporary directory, keeping the results; print one JSON line."""
+    import asyncio
+    import tempfile
+
+    from _common import API_KEY, prompts
+
+    from flux_async import FluxClient
+
+    def rss_kib() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmRSS:", 1)[1].split()[0]) if "VmRSS:" in status else 0
+
+    async def gather(directory: str) -> tuple[int, int, int, int]:
+        async with FluxClient(
+            base_url=base_url, api_key=API_KEY, max_connections=2 * concurrency
+        ) as client:
+            results = await client.gather_generate(
+                prompts(n), concurrency=concurrency, save_to=directory
+            )
+        held = rss_kib()  # the results still alive
+        ok = sum(result.ok for result in results)
+        text = sum(
+            len(image.b64_json or "")
+            for result in results
+            if result.response is not None
+            for image in result.response.data
+        )
+        return ok, len(results) - ok, text, held
+
+    baseline = rss_kib()
+    with tempfile.TemporaryDirectory(prefix="flux-bench-memory-") as directory:
+        ok, failed, kept, held = asyncio.run(gather(directory))
+        files = sum(path.stat().st_size for path in Path(directory).iterdir())
+    print(
+        json.dumps(
+            {"n": n, "ok": ok, "failed": failed, "baseline": baseline, "kept": kept}
+            | {"maxrss": _maxrss_kib(), "held": held, "files": files}
         )
     )
     return 0
@@ -103,14 +161,14 @@ def _child(n: int, base_url: str, concurrency: int) -> int:
 _LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 
-def _measure(n: int, base_url: str, concurrency: int) -> dict[str, float]:
+def _measure(n: int, base_url: str, concurrency: int, child: str = "--child") -> dict[str, float]:
     cmd = [
         sys.executable,
         "-c",
         _LAUNCHER,
         sys.executable,
         str(Path(__file__).resolve()),
-        "--child",
+        child,
         str(n),
         "--base-url",
         base_url,
@@ -161,13 +219,46 @@ def run(args: argparse.Namespace) -> BenchOutput:
         f"{growth_small:+.1f} MiB for {sizes[0]:,} prompts, {growth_large:+.1f} MiB for "
         f"{sizes[1]:,}"
     ]
+    if args.saved:
+        rows.append(saved_row(args.saved, c))
     return BenchOutput("memory", rows, notes)
+
+
+def saved_row(n: int, concurrency: int) -> Row:
+    """The information row of ``--saved``: RSS growth against the images' text."""
+    import bench_save
+
+    bench_save._image = "full"
+    server = bench_save._this_file_as_a_process()("--serve", "b64", "--latency", "0")
+    with server:
+        data = _measure(n, server.base_url, concurrency, "--saved-child")
+    mib = 2**20
+    text = n * 4 * ((data["files"] / max(data["ok"], 1) + 2) // 3)  # base64 of each file
+    held = (data["held"] - data["baseline"]) * 1024
+    peak = (data["maxrss"] - data["baseline"]) * 1024
+    print(
+        f"  gathered {n} prompts with save_to= (1.8 MB b64 images): RSS with the results "
+        f"held +{held / mib:.1f} MiB (peak +{peak / mib:.1f}), the images' text "
+        f"{text / mib:.1f} MiB, text still in the results {data['kept'] / mib:.1f} MiB, "
+        f"{data['ok']} ok, {data['failed']} failed"
+    )
+    return Row(
+        figure=f"memory held by the results of gather_generate(save_to=), {n} 1.8 MB b64 "
+        "images ÷ their text",
+        flux=f"+{held / mib:.1f} MiB (peak +{peak / mib:.1f})",
+        peer=f"text {text / mib:.1f} MiB; kept {data['kept'] / mib:.1f} MiB",
+        ratio=f"{held / text:.2f}",
+        target="(info)",
+        met=None,
+    )
 
 
 def main() -> int:
     args = parse_args()
     if args.child is not None:
         return _child(args.child, args.base_url, args.concurrency)
+    if args.saved_child is not None:
+        return _saved_child(args.saved_child, args.base_url, args.concurrency)
     run(args).print()
     return 0
 

@@ -335,7 +335,9 @@ The figures:
    1,000 vs 100,000 prompts from a generator through `iter_generate(..., concurrency=64)`,
    against an emulator started with `--no-record`. Target: ratio ≤ 1.5. The measured
    process is started through a tiny launcher, because Linux carries a parent's peak RSS
-   over fork + exec into the child's `ru_maxrss`.
+   over fork + exec into the child's `ru_maxrss`. An information row gathers 200 prompts with
+   `save_to=` from a server answering each with a 1.8 MB PNG as `b64_json`, keeping every
+   result, and shows the RSS they hold against the images' text.
 6. **Import time** (`bench_import.py`): `python -c 'import X'` minus `python -c pass`,
    median of 7 fresh interpreters each, interleaved; `-X importtime` as a cross-check.
    Target ≤ 0.5x openai.
