@@ -181,19 +181,19 @@ HOW_TO_READ = """\
   show as each wave starting ~5 ms late. flux-async adds nothing measurable on top of raw
   aiohttp here.
 - **Fan-out against the emulator (target ≥ 0.90x raw aiohttp)** swings between runs on this
-  machine: 0.870x on the page at fddb8ad (2,389 against 2,747 req/s; round by round
-  0.76-1.04), 0.900x on the page at 6287c19 (2,271 against 2,524 req/s, short of the target
-  in the fourth digit; round by round 0.82-1.06), measured while the machine ran at about
-  half its speed of the page before (raw aiohttp 2,524 req/s there against 6,992), where the
-  fast server's req/s read 1.019x; 0.983x, 0.837x, 0.800x, 0.891x, 0.848x, 0.946x, 0.858x,
-  0.906x, 0.788x, 0.929x, 1.005x, 0.82x, 0.84x and 1.00x on the pages before it (0.837x and
-  0.800x short of memory: see [the saving gate's notes](save-gate-notes.md)); `python
-  benchmarks/bench_fanout.py` alone gave 1.01x, 0.80x, 0.62x, 0.81x, 0.77x and 1.07x in one
-  day (round by round 0.53 to 1.08). The emulator shares the 2 cores with the client, and in
-  the runs that miss, flux-async's CPU per request against it reads 1.2-1.6x raw's. cProfile
-  counts the same Python calls per request against the emulator as against the fast server
-  (423 for flux-async, 411-421 for raw), so it is not extra work flux-async does for that
-  server; not yet explained.
+  machine: 0.913x on the page at ebc2639 (met), 0.870x on the page at fddb8ad (2,389 against
+  2,747 req/s; round by round 0.76-1.04), 0.900x on the page at 6287c19 (2,271 against 2,524
+  req/s, short of the target in the fourth digit; round by round 0.82-1.06), measured while
+  the machine ran at about half its speed of the page before (raw aiohttp 2,524 req/s there
+  against 6,992), where the fast server's req/s read 1.019x; 0.983x, 0.837x, 0.800x, 0.891x,
+  0.848x, 0.946x, 0.858x, 0.906x, 0.788x, 0.929x, 1.005x, 0.82x, 0.84x and 1.00x on the
+  pages before it (0.837x and 0.800x short of memory: see [the saving gate's
+  notes](save-gate-notes.md)); `python benchmarks/bench_fanout.py` alone gave 1.01x, 0.80x,
+  0.62x, 0.81x, 0.77x and 1.07x in one day (round by round 0.53 to 1.08). The emulator
+  shares the 2 cores with the client, and in the runs that miss, flux-async's CPU per
+  request against it reads 1.2-1.6x raw's. cProfile counts the same Python calls per request
+  against the emulator as against the fast server (423 for flux-async, 411-421 for raw), so
+  it is not extra work flux-async does for that server; not yet explained.
 - **Fast server, client CPU and req/s (targets ≤ 1.10x and ≥ 0.90x)** sit on a thin margin.
   Both were met on the page at 6287c19: req/s 1.019x and CPU 0.981x (round by round
   0.89x-1.26x and 0.79x-1.12x), and on the four pages before it, 1.023x and 0.978x
@@ -229,13 +229,15 @@ HOW_TO_READ = """\
   process hides it. flux-async reads plain-HTTP sockets 64 KiB at a time so that none of its
   processes do (b9018d4); raw aiohttp reads 256 KiB.
 - **Saving at c=64 against the fast server (target ≥ 0.85)**: the table has this page's
-  figures. On disk the target has been missed on every page: 0.78 on the page at fddb8ad
-  (tmpfs 0.82), 0.72-0.84 on the pages before (tmpfs 0.68-1.00). The last eight runs of
-  `python benchmarks/bench_save.py --dir DIR` alone (local disk, 2026-11-27) read 0.82,
-  0.78, 0.88, 0.83, 0.79, 0.85, 0.90 and 0.78: the target is met in three, their median is
-  0.83, and round by round the same code reads 0.55-1.06. What the measurements establish
-  ([The saving gate: measurements](save-gate-notes.md) has each round, its commands, and
-  what it tried and ruled out):
+  figures. On disk the target was met for the first time on the page at ebc2639: 0.90
+  (rounds 0.88-0.99; tmpfs 0.94), after 3215707 (below). It was missed on every page before:
+  0.78 at fddb8ad (tmpfs 0.82), 0.72-0.84 on the pages before that (tmpfs 0.68-1.00). Runs
+  of `python benchmarks/bench_save.py --dir DIR` alone (local disk, 2026-11-27): the last
+  eight before 3215707 read 0.82, 0.78, 0.88, 0.83, 0.79, 0.85, 0.90 and 0.78 (the target
+  met in three, their median 0.83); the first after it, at 4fe7dd8, 0.84 (rounds 0.82-0.88;
+  tmpfs 0.90). Round by round the same code has read 0.55-1.06. What the measurements
+  establish ([The saving gate: measurements](save-gate-notes.md) has each round, its
+  commands, and what it tried and ruled out):
   - *Saving's own work in the client is small*: ~10 µs of the event loop's time a prompt
     (`bench_save.py --client-cpu`), ~110k of ~800k instructions (`--instructions`). By
     that alone on ÷ off would be about 0.87-0.90.
@@ -253,14 +255,20 @@ HOW_TO_READ = """\
     in `bench_save.py`'s process with saving off and not with saving on. The run before it
     read 0.90, the run after it 0.78 (rounds 0.78, 0.93, 0.81, 0.77, 0.75): within the
     noise, and not in the gate's favour.
+  - *Results that hold paths, not images* (3215707): a fan-out with `save_to=` drops an
+    image's `b64_json` text from its result once the image is in its file. The gated runs
+    gather every result, so until then both arms kept ~24 KB of text a prompt; now only
+    saving off does (there the text is the only copy). The page at ebc2639 is the first
+    with it (0.90); one run alone since read 0.84: one page and one run do not yet say
+    the gate holds.
   - *Against a real model it is noise*: with url images and a server taking 0.2 s a
     generation, saving reads 0.92-0.96 of off.
 - **First spike p99 against the unlimited server (target ≤ 1.5x raw aiohttp)** read 1.631x
   on the page at fddb8ad (0.559 s against 0.343 s; p50 1.125x), where the page before read
-  1.356x. Three `python benchmarks/bench_spike.py` runs right after it read 1.101x, 1.144x
-  and 1.130x (p99 0.420-0.432 s against 0.370-0.383 s). The figure is the median of 3 spikes'
-  p99s (each the second slowest of 200 calls), so one late turn of the event loop in two of
-  them moves it; not looked into further.
+  1.356x and the page after it (ebc2639) 1.204x. Three `python benchmarks/bench_spike.py`
+  runs right after it read 1.101x, 1.144x and 1.130x (p99 0.420-0.432 s against 0.370-0.383
+  s). The figure is the median of 3 spikes' p99s (each the second slowest of 200 calls), so
+  one late turn of the event loop in two of them moves it; not looked into further.
 - **The 429 storm at burst 1** (information row): a server that rejects any two
   requests closer than 25 ms draws 429s from loopback jitter alone while the client
   paces below capacity; flux-async loses no prompt there (1.10 attempts per prompt) but
