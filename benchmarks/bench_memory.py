@@ -228,15 +228,9 @@ def saved_row(n: int, concurrency: int) -> Row:
     """The information row of ``--saved``: RSS growth against the images' text."""
     import bench_save
 
-    # bench_save's server takes its image size from that module's setting: set for this
-    # row only, so that a run of every benchmark (run_all) saves the gated small images.
-    image, bench_save._image = bench_save._image, "full"
-    try:
-        server = bench_save._this_file_as_a_process()("--serve", "b64", "--latency", "0")
-        with server:
-            data = _measure(n, server.base_url, concurrency, "--saved-child")
-    finally:
-        bench_save._image = image
+    server = bench_save._this_file_as_a_process("full")("--serve", "b64", "--latency", "0")
+    with server:
+        data = _measure(n, server.base_url, concurrency, "--saved-child")
     mib = 2**20
     text = n * 4 * ((data["files"] / max(data["ok"], 1) + 2) // 3)  # base64 of each file
     held = (data["held"] - data["baseline"]) * 1024

@@ -843,17 +843,20 @@ def _finish(future: asyncio.Future[str], path: str) -> None:
         future.set_result(path)
 
 
-def _this_file_as_a_process() -> type[EmulatorProcess]:
+def _this_file_as_a_process(image: str | None = None) -> type[EmulatorProcess]:
     """The class that starts and stops this file as a child (``--serve MODE``,
-    ``--write-beside DIR``) like the emulator: `_common` is imported here, not at the top,
-    because the children run with the standard library only."""
+    ``--write-beside DIR``) like the emulator, serving ``image`` (default: this run's
+    ``--image``): `_common` is imported here, not at the top, because the children run
+    with the standard library only."""
     from _common import EmulatorProcess
+
+    size = _image if image is None else image
 
     class ImageServerProcess(EmulatorProcess):
         """This file with ``--serve MODE``, started and stopped like the emulator."""
 
         def command(self) -> list[str]:
-            return [sys.executable, str(Path(__file__).resolve()), *self.args, "--image", _image]
+            return [sys.executable, str(Path(__file__).resolve()), *self.args, "--image", size]
 
         def stats(self) -> dict[str, object]:
             return self._get_json("/_fast/stats")
