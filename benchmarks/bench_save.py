@@ -25,10 +25,11 @@ the script runs in, where a user's batch would write) and on tmpfs (under
 for the writeback of the one before it. A disk run's files stay until the benchmark ends,
 as a batch's would (`Scratch`: on ext4 without a journal, creating files right after
 thousands were removed ran 2-4x slower); a tmpfs run's go after it. Each mode is warmed
-up once, then run ``--rounds`` times (5) interleaved. The prompts/s shown are medians;
-each ratio is the median of the rounds' own ratios (a round's runs are back to back, so
-on a machine whose load drifts their ratio is steadier than a ratio of two medians,
-which the notes give too).
+up once, then run ``--rounds`` times (5) interleaved, the gated runs (disk, off, tmpfs)
+side by side in each round, their order reversed every other round (`round_order`). The
+prompts/s shown are medians; each ratio is the median of the rounds' own ratios (on a
+machine whose load drifts, the ratio of two runs side by side is steadier than a ratio
+of two medians, which the notes give too).
 
 A disk can be slower than any client: on a shared VM creating one small file can cost
 most of a millisecond of kernel time. So each round also measures the disk's own
@@ -989,8 +990,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
                             batch(server.base_url, where.get(variant), 2 * c, loop_only=only)
                         )
                     for round_ in range(args.rounds):
-                        shift = round_ % len(variants)
-                        for variant in variants[shift:] + variants[:shift]:
+                        for variant in round_order(variants, round_):
                             only = LOOP_ONLY.get(variant)
                             thread = variant in THREAD
                             beside = None
@@ -1046,6 +1046,32 @@ def run(args: argparse.Namespace) -> BenchOutput:
     return _output(
         args, rates, collecting, ceilings, written, problems, decode, len(png), cpus.describe()
     )
+
+
+#: The variants the targets are read from, and "off", their denominator.
+PAIRED = ("disk", "off", "tmpfs")
+
+
+def round_order(variants: list[str], round_: int) -> list[str]:
+    """The order of a round's runs: `PAIRED` first, next to one another with "off" in
+    the middle, reversed every other round; then the rest, rotated.
+
+    Each target is a median of the rounds' own ratios (disk or tmpfs ÷ off), and this
+    machine's speed drifts by tens of percent within a minute: runs far apart in a round
+    (up to seven runs apart with the information variants between them, as a plain
+    rotation placed them) made those ratios spread 0.55-1.06. Reversing the pairs every
+    other round keeps either side from always running first.
+
+    Example::
+
+        round_order(["off", "disk", "tmpfs", "loop only"], 1)  # tmpfs, off, disk, loop only
+    """
+    block = [variant for variant in PAIRED if variant in variants]
+    if round_ % 2:
+        block.reverse()
+    rest = [variant for variant in variants if variant not in block]
+    shift = round_ % len(rest) if rest else 0
+    return block + rest[shift:] + rest[:shift]
 
 
 def _paired(on: list[float], off: list[float], files: list[float] | None = None) -> list[float]:
