@@ -69,6 +69,7 @@ from ._exceptions import (
     shorten,
 )
 from ._fanout import BuildRequest, Fanout, GenerationResult, to_request
+from ._fanout_save import not_saved
 from ._models import ImageRequest, ImagesResponse
 from ._save import Downloader, write_atomic
 from ._writer_process import ProcessWriter
@@ -920,26 +921,22 @@ async def _memory_lines(lines: list[bytes]) -> AsyncIterator[bytes]:
 MakeFanout: TypeAlias = Callable[[AsyncIterator[ImageRequest], float | None], Fanout]
 
 
-def _not_saved(exc: BaseException, response: ImagesResponse, count: int) -> BaseException:
-    """The error of a prompt generated but not saved: it says the generation succeeded."""
+def _not_saved(
+    exc: BaseException, response: ImagesResponse, attempts: int, count: int
+) -> BaseException:
+    """The error of a prompt generated but not saved, as a fan-out's with ``save_to=``
+    (`not_saved`), or the batch deadline's if that passed first: each says the
+    generation succeeded."""
+    if not isinstance(exc, TimeoutError):
+        error = not_saved(exc, response, attempts, count)
+        if error is not exc:
+            error.__cause__ = exc  # the OSError says whether every prompt would fail alike
+        return error
     images = "its image" if count == 1 else f"one of its {count} images"
     where = f" (request_id {response.request_id})" if response.request_id else ""
-    if isinstance(exc, TimeoutError):
-        return DeadlineExceededError(
-            f"The generation succeeded{where} but the batch deadline passed before {images} "
-            "was saved"
-        )
-    if isinstance(exc, ImageSaveError):
-        verb = "could not be fetched" if exc.url is not None else "could not be saved"
-        exc.message = f"The generation succeeded{where} but {images} {verb}: {exc.message}"
-        exc.args = (exc.message,)
-        return exc
-    error = ImageSaveError(
-        f"The generation succeeded{where} but writing {images} failed: {exc}",
-        path=getattr(exc, "filename", None),
+    return DeadlineExceededError(
+        f"The generation succeeded{where} but the batch deadline passed before {images} was saved"
     )
-    error.__cause__ = exc  # the OSError says whether every prompt would fail alike
-    return error
 
 
 class _Run:
@@ -1057,7 +1054,8 @@ class _Run:
             try:
                 paths = await self.save_images(images, index, result.prompt or "")
             except (ImageSaveError, OSError, TimeoutError) as exc:
-                saved = attrs.evolve(result, error=_not_saved(exc, response, len(images)))
+                error = _not_saved(exc, response, result.attempts, len(images))
+                saved = attrs.evolve(result, error=error)
             except Exception as exc:
                 # A bug must not stall a long batch: the prompt ends with it, and its
                 # place is freed for the next.

@@ -17,7 +17,7 @@ from ._models import ImageRequest, ImagesResponse
 from ._save import Downloader, ImageJob, check_directory, check_stem
 from ._writer_process import ProcessWriter
 
-__all__ = ["SaveTo", "Saver", "default_stem", "save_settings"]
+__all__ = ["SaveTo", "Saver", "default_stem", "not_saved", "save_settings"]
 
 
 def default_stem(index: int, prompt: str) -> str:
@@ -170,7 +170,7 @@ class Saver:
             else:
                 paths = await save.downloader.save_all(images, save.directory, stem)
         except (ImageSaveError, OSError) as exc:
-            error = _not_saved(exc, response, attempts, len(data))
+            error = not_saved(exc, response, attempts, len(data))
             if error is exc:
                 raise
             raise error from exc
@@ -178,11 +178,17 @@ class Saver:
         return tuple(paths)
 
 
-def _not_saved(
+def not_saved(
     exc: BaseException, response: ImagesResponse, attempts: int, count: int
 ) -> ImageSaveError:
-    """The error of a prompt whose generation succeeded but whose images were not saved:
-    it says so, keeps the URL and carries the response."""
+    """The error of a prompt whose generation succeeded but whose images were not saved
+    (``exc``, an `ImageSaveError` or an ``OSError``): it says so, keeps the URL and
+    carries the response. A fan-out's and ``flux-async batch``'s alike.
+
+    Example::
+
+        raise not_saved(OSError(28, "No space left on device"), response, 1, 1)
+    """
     images = "its image" if count == 1 else f"one of its {count} images"
     where = f" (request_id {response.request_id})" if response.request_id else ""
     if isinstance(exc, ImageSaveError):
