@@ -181,7 +181,11 @@ HOW_TO_READ = """\
   show as each wave starting ~5 ms late. flux-async adds nothing measurable on top of raw
   aiohttp here.
 - **Fan-out against the emulator (target ≥ 0.90x raw aiohttp)** swings between runs on this
-  machine: 0.913x on the page at ebc2639 (met), 0.870x on the page at fddb8ad (2,389 against
+  machine: 0.894x on the page at e421b6d (2,349 against 2,629 req/s; round by round 0.76,
+  0.79, 0.89, 0.93, 0.98; flux-async 425 µs of CPU a request, raw 366), where an ad hoc run
+  of 6 interleaved rounds an hour before read 0.92x (2,329 against 2,528; CPU 427 against
+  395 µs, the emulator's own 309 against 290, higher in either client's slower runs);
+  0.913x on the page at ebc2639 (met), 0.870x on the page at fddb8ad (2,389 against
   2,747 req/s; round by round 0.76-1.04), 0.900x on the page at 6287c19 (2,271 against 2,524
   req/s, short of the target in the fourth digit; round by round 0.82-1.06), measured while
   the machine ran at about half its speed of the page before (raw aiohttp 2,524 req/s there
@@ -229,13 +233,19 @@ HOW_TO_READ = """\
   process hides it. flux-async reads plain-HTTP sockets 64 KiB at a time so that none of its
   processes do (b9018d4); raw aiohttp reads 256 KiB.
 - **Saving at c=64 against the fast server (target ≥ 0.85)**: the table has this page's
-  figures. On disk the target was met for the first time on the page at ebc2639: 0.90
-  (rounds 0.88-0.99; tmpfs 0.94), after 3215707 (below). It was missed on every page before:
+  figures. The page at e421b6d missed it on disk and, for once, on tmpfs: disk 0.76 (rounds
+  0.66, 0.95, 0.82, 0.76, 0.74), tmpfs 0.84 (0.83-0.91). On that page the disk's own work
+  cost a client that saves nothing 14% (off with writes beside 1,573 prompts/s against
+  1,831), against 2-11% in the runs alone of the same day, and the writer that writes
+  nothing read 0.95. On disk the target was met for the first time on the page at ebc2639:
+  0.90 (rounds 0.88-0.99; tmpfs 0.94), after 3215707 (below). It was missed on every page
+  before:
   0.78 at fddb8ad (tmpfs 0.82), 0.72-0.84 on the pages before that (tmpfs 0.68-1.00). Runs
   of `python benchmarks/bench_save.py --dir DIR` alone (local disk): the last eight before
   3215707 read 0.82, 0.78, 0.88, 0.83, 0.79, 0.85, 0.90 and 0.78 (the target met in three,
   their median 0.83); the seven after it read 0.84, 0.87, 0.86, 0.77, 0.88, 0.81 and 0.92
-  (met in four; with the page at ebc2639, 0.90, five of eight, their median 0.865). Ad hoc
+  (met in four; with the pages at ebc2639 and e421b6d, 0.90 and 0.76, five of nine, their
+  median 0.86). Ad hoc
   paired rounds of off and disk alone, 15 of them, read 0.84. Round by round the same code
   has read 0.55-1.06: the target sits at the line. What the measurements establish
   ([The saving gate: measurements](save-gate-notes.md) has each round, its
