@@ -928,10 +928,7 @@ def _not_saved(
     (`not_saved`), or the batch deadline's if that passed first: each says the
     generation succeeded."""
     if not isinstance(exc, TimeoutError):
-        error = not_saved(exc, response, attempts, count)
-        if error is not exc:
-            error.__cause__ = exc  # the OSError says whether every prompt would fail alike
-        return error
+        return not_saved(exc, response, attempts, count)
     images = "its image" if count == 1 else f"one of its {count} images"
     where = f" (request_id {response.request_id})" if response.request_id else ""
     return DeadlineExceededError(

@@ -183,7 +183,8 @@ def not_saved(
 ) -> ImageSaveError:
     """The error of a prompt whose generation succeeded but whose images were not saved
     (``exc``, an `ImageSaveError` or an ``OSError``): it says so, keeps the URL and
-    carries the response. A fan-out's and ``flux-async batch``'s alike.
+    carries the response (and an ``OSError`` as its ``__cause__``). A fan-out's and
+    ``flux-async batch``'s alike.
 
     Example::
 
@@ -201,6 +202,7 @@ def not_saved(
         message = f"The generation succeeded{where} but writing {images} failed: {exc}"
         url = next((image.url for image in response.data if image.url), None)
         error = ImageSaveError(message, url=url, path=getattr(exc, "filename", None))
+        error.__cause__ = exc  # the OSError says whether every prompt would fail alike
     # The message shows the URL without its query; the whole one stays in error.url.
     error.response = response
     error.request_id = response.request_id
