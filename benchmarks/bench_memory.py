@@ -67,13 +67,15 @@ def _maxrss_kib() -> int:
     return rss // 1024 if sys.platform == "darwin" else rss
 
 
-def _hwm_kib() -> int | None:
-    # Linux: the peak RSS of this address space alone, a cross-check of ru_maxrss.
+def _status_kib(field: str) -> int | None:
+    """A KiB figure of ``/proc/self/status`` (Linux), such as ``VmHWM`` (the peak RSS of
+    this address space alone, a cross-check of ru_maxrss); None where there is none."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    return int(status.split("VmHWM:", 1)[1].split()[0]) if "VmHWM:" in status else None
+    key = f"{field}:"
+    return int(status.split(key, 1)[1].split()[0]) if key in status else None
 
 
 def _child(n: int, base_url: str, concurrency: int) -> int:
@@ -105,7 +107,7 @@ def _child(n: int, base_url: str, concurrency: int) -> int:
     print(
         json.dumps(
             {"n": n, "ok": ok, "failed": failed, "wall": wall, "baseline": baseline}
-            | {"maxrss": _maxrss_kib(), "hwm": _hwm_kib()}
+            | {"maxrss": _maxrss_kib(), "hwm": _status_kib("VmHWM")}
         )
     )
     return 0
@@ -121,10 +123,6 @@ def _saved_child(n: int, base_url: str, concurrency: int) -> int:
 
     from flux_async import FluxClient
 
-    def rss_kib() -> int:
-        status = Path("/proc/self/status").read_text()
-        return int(status.split("VmRSS:", 1)[1].split()[0]) if "VmRSS:" in status else 0
-
     async def gather(directory: str) -> tuple[int, int, int, int]:
         async with FluxClient(
             base_url=base_url, api_key=API_KEY, max_connections=2 * concurrency
@@ -132,7 +130,7 @@ def _saved_child(n: int, base_url: str, concurrency: int) -> int:
             results = await client.gather_generate(
                 prompts(n), concurrency=concurrency, save_to=directory
             )
-        held = rss_kib()  # the results still alive
+        held = _status_kib("VmRSS") or 0  # the results still alive
         ok = sum(result.ok for result in results)
         text = sum(
             len(image.b64_json or "")
@@ -142,7 +140,7 @@ def _saved_child(n: int, base_url: str, concurrency: int) -> int:
         )
         return ok, len(results) - ok, text, held
 
-    baseline = rss_kib()
+    baseline = _status_kib("VmRSS") or 0
     with tempfile.TemporaryDirectory(prefix="flux-bench-memory-") as directory:
         ok, failed, kept, held = asyncio.run(gather(directory))
         files = sum(path.stat().st_size for path in Path(directory).iterdir())
