@@ -82,6 +82,11 @@ what decoding the image costs with the decoder the library picked (pybase64, fro
 ``fast`` or ``cli`` extra, else the standard library's, ~30x slower): a decoder holds the
 interpreter lock, so its time adds to the event loop's whatever thread runs it.
 
+With ``--gate-only`` it runs only the gated case's runs (b64 images, the fast server:
+off, disk and tmpfs with their bare loops), 15 rounds by default: in about the time of the
+whole benchmark, three times the rounds behind the gated figures, whose run-to-run spread
+(~±0.1 with 5 rounds here) is as wide as their margin.
+
 With ``--protocols`` it measures instead the bare loop on disk by each writer's
 protocol, in rounds of 8 files (the writer process's median round at ~4,000 prompts/s):
 the thread writer's (a temporary name, syncfs, rename, an fsync of the directory), and
@@ -363,7 +368,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the image the server answers with: small (18 KB, the gated case) or full "
         "(1.8 MB, a real 1024x1024 PNG's size; 600 prompts a run)",
     )
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (5; 15 with --gate-only)"
+    )
+    parser.add_argument(
+        "--gate-only",
+        action="store_true",
+        help="only the gated case's runs (off, disk, tmpfs and their bare loops), for a "
+        "steadier figure in the same time: about six minutes",
+    )
     parser.add_argument(
         "--dir",
         default=os.getcwd(),
@@ -424,8 +437,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 5
+        args.rounds = 1 if args.quick else 15 if args.gate_only else 5
     return args
+
+
+def cases(args: argparse.Namespace) -> tuple[tuple[str, float], ...]:
+    """The cases this run measures: every one, or with ``--gate-only`` the gated one."""
+    return (GATED,) if args.gate_only else CASES
 
 
 def _clean(directory: str) -> None:
@@ -952,7 +970,7 @@ def run(args: argparse.Namespace) -> BenchOutput:
     ceilings: Rates = {}
     written: list[float] = []  # files/s of the process writing beside a fan-out
     problems: list[str] = []
-    scratch = _scratch(args, max(prompts_per_run(args, *case) for case in CASES), len(png))
+    scratch = _scratch(args, max(prompts_per_run(args, *case) for case in cases(args)), len(png))
     cpus = Cpus(args.confine)
     try:
         print(
@@ -960,12 +978,12 @@ def run(args: argparse.Namespace) -> BenchOutput:
             + ", ".join(f"{k} {v}" for k, v in places.items())
             + f"; {cpus.describe()}"
         )
-        for mode, latency in CASES:
+        for mode, latency in cases(args):
             n = prompts_per_run(args, mode, latency)
             # With a slow server neither the disk nor tmpfs is near the bound: disk only.
             where = dict(places) if not latency else {"disk": args.dir}
             variants = ["off", *where]
-            if (mode, latency) == GATED:
+            if (mode, latency) == GATED and not args.gate_only:
                 variants.insert(variants.index("disk") + 1, BESIDE)
                 for variant in LOOP_ONLY:
                     variants.append(variant)
@@ -1131,7 +1149,7 @@ def _output(
     c = args.concurrency
     rows = []
     notes = []
-    for mode, latency in CASES:
+    for mode, latency in cases(args):
         n = prompts_per_run(args, mode, latency)
         gated = (mode, latency) == GATED
         server = "fast server" if not latency else f"{latency:g} s server latency"
