@@ -25,8 +25,11 @@ the script runs in, where a user's batch would write) and on tmpfs (under
 for the writeback of the one before it. A disk run's files stay until the benchmark ends,
 as a batch's would (`Scratch`: on ext4 without a journal, creating files right after
 thousands were removed ran 2-4x slower); a tmpfs run's go after it. Each mode is warmed
-up once, then run ``--rounds`` times (5) interleaved, the gated runs (disk, off, tmpfs)
-side by side in each round, their order reversed every other round (`round_order`). The
+up once, then run in interleaved rounds, the gated runs (disk, off, tmpfs) side by side
+in each round, their order reversed every other round (`round_order`): the gated case
+15 rounds (``--rounds``), the information variants in the first 5 of them
+(``--info-rounds``), every other case 5. With 5 rounds the gated figures moved by ~±0.1
+from one run to the next here, as much as their margin; with 15, by ~±0.05. The
 prompts/s shown are medians; each ratio is the median of the rounds' own ratios (on a
 machine whose load drifts, the ratio of two runs side by side is steadier than a ratio
 of two medians, which the notes give too).
@@ -83,9 +86,8 @@ what decoding the image costs with the decoder the library picked (pybase64, fro
 interpreter lock, so its time adds to the event loop's whatever thread runs it.
 
 With ``--gate-only`` it runs only the gated case's runs (b64 images, the fast server:
-off, disk and tmpfs with their bare loops), 15 rounds by default: in about the time of the
-whole benchmark, three times the rounds behind the gated figures, whose run-to-run spread
-(~±0.1 with 5 rounds here) is as wide as their margin.
+off, disk and tmpfs with their bare loops), 15 rounds by default: the gated figures in
+about seven minutes, where the whole benchmark takes about thirteen.
 
 With ``--protocols`` it measures instead the bare loop on disk by each writer's
 protocol, in rounds of 8 files (the writer process's median round at ~4,000 prompts/s):
@@ -369,7 +371,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(1.8 MB, a real 1024x1024 PNG's size; 600 prompts a run)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="interleaved rounds (5; 15 with --gate-only)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds (15 of the gated runs, of which --info-rounds with the "
+        "rest; 5 with an 'instead' option)",
+    )
+    parser.add_argument(
+        "--info-rounds",
+        type=int,
+        default=5,
+        help="the rounds that run the information variants and cases too (5)",
     )
     parser.add_argument(
         "--gate-only",
@@ -437,7 +449,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 15 if args.gate_only else 5
+        instead = args.convoy or args.protocols or args.flushes
+        instead = instead or args.instructions or args.client_cpu
+        args.rounds = 1 if args.quick else 5 if instead else 15
+    args.info_rounds = min(args.info_rounds, args.rounds)
     return args
 
 
@@ -974,7 +989,8 @@ def run(args: argparse.Namespace) -> BenchOutput:
     cpus = Cpus(args.confine)
     try:
         print(
-            f"saving: concurrency {c}, {args.rounds} round(s), writer process; "
+            f"saving: concurrency {c}, {args.rounds} round(s) of the gated runs, the first "
+            f"{args.info_rounds} with the rest; writer process; "
             + ", ".join(f"{k} {v}" for k, v in places.items())
             + f"; {cpus.describe()}"
         )
@@ -1007,8 +1023,14 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         asyncio.run(
                             batch(server.base_url, where.get(variant), 2 * c, loop_only=only)
                         )
-                    for round_ in range(args.rounds):
-                        for variant in round_order(variants, round_):
+                    gated = (mode, latency) == GATED
+                    for round_ in range(args.rounds if gated else args.info_rounds):
+                        # Past the first rounds, the gated runs alone: their targets get
+                        # three times the rounds, the information rows no more time.
+                        in_round = variants
+                        if round_ >= args.info_rounds:
+                            in_round = [variant for variant in variants if variant in PAIRED]
+                        for variant in round_order(in_round, round_):
                             only = LOOP_ONLY.get(variant)
                             thread = variant in THREAD
                             beside = None
@@ -1095,9 +1117,10 @@ def round_order(variants: list[str], round_: int) -> list[str]:
 def _paired(on: list[float], off: list[float], files: list[float] | None = None) -> list[float]:
     """Each round's own ratio, on ÷ off (÷ min(off, files) with a ceiling): the two runs
     of a round ran back to back, so their ratio is steadier than one of two medians on a
-    machine whose load drifts from second to second (as in ``bench_overhead.py``)."""
+    machine whose load drifts from second to second (as in ``bench_overhead.py``).
+    A variant that ran only in the first rounds (``--info-rounds``) is paired with those."""
     bounds = off if files is None else [min(a, b) for a, b in zip(off, files, strict=True)]
-    return [a / b for a, b in zip(on, bounds, strict=True)]
+    return [a / b for a, b in zip(on, bounds[: len(on)], strict=True)]
 
 
 def _versus_off(figure: str, runs: list[float], offs: list[float]) -> Row:
@@ -1105,7 +1128,12 @@ def _versus_off(figure: str, runs: list[float], offs: list[float]) -> Row:
     from _common import median
 
     return _over_off(
-        figure, median(runs), median(offs), "/s", ratio=median(_paired(runs, offs)), digits=0
+        figure,
+        median(runs),
+        median(offs[: len(runs)]),  # the rounds it ran in
+        "/s",
+        ratio=median(_paired(runs, offs)),
+        digits=0,
     )
 
 

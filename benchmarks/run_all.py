@@ -426,9 +426,10 @@ The figures:
    or by one of their own when none follows); "on" runs on local disk (a
    fresh directory under the current one, `--dir`: on this VM a file created under /tmp
    costs ~5x the kernel CPU of one under /work, same disk) and on tmpfs (`/dev/shm`,
-   `--tmpfs-dir`); 5 interleaved rounds, each ratio the median of the rounds' own
-   ratios. The disk's own ceiling is measured in
-   the same rounds: a bare loop writing the same files by the same protocol and doing
+   `--tmpfs-dir`); interleaved rounds, 15 of the gated runs (b64, the fast server: off,
+   disk, tmpfs), the first 5 of them with the information variants, 5 of every other
+   case; each ratio the median of the rounds' own ratios. The disk's own ceiling is
+   measured in the same rounds: a bare loop writing the same files by the same protocol and doing
    nothing else, in files/s. Targets for b64: on ÷ min(off, ceiling) ≥ 0.85 on disk, and
    on ÷ off ≥ 0.85 on tmpfs. Information rows: the raw on ÷ off on disk; on ÷ a bare
    loop that keeps at most 64 files not yet durable, as the fan-out does (a worker waits
