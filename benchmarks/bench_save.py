@@ -386,8 +386,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gate-only",
         action="store_true",
-        help="only the gated case's runs (off, disk, tmpfs and their bare loops), for a "
-        "steadier figure in the same time: about six minutes",
+        help="only the gated case's runs (off, disk, tmpfs and their bare loops): the "
+        "gated figures in about seven minutes",
     )
     parser.add_argument(
         "--dir",
@@ -408,35 +408,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "with unconfined off and disk runs beside them (see 'Where the processes run')",
     )
     instead = parser.add_mutually_exclusive_group()
-    instead.add_argument(
-        "--convoy",
-        action="store_true",
-        help="instead: the bare loop alone, on a thread beside a busy fan-out, in a process",
-    )
-    instead.add_argument(
-        "--protocols",
-        action="store_true",
-        help="instead: the bare loop on disk by the thread writer's protocol and the "
-        "writer process's (half a minute)",
-    )
-    instead.add_argument(
-        "--flushes",
-        action="store_true",
-        help="instead: saving off beside a process writing files to disk in rounds of "
-        "1, 8 and 64, one syncfs each (three minutes)",
-    )
-    instead.add_argument(
-        "--instructions",
-        action="store_true",
-        help="instead: the client's instructions per prompt under valgrind, save_to off "
-        "vs on (slow, steady; needs valgrind)",
-    )
-    instead.add_argument(
-        "--client-cpu",
-        action="store_true",
-        help="instead: the client's CPU per prompt in one process over a transport that "
-        "answers at once (no server, no socket), save_to off vs on (a minute)",
-    )
+    alternatives = [
+        (
+            "--convoy",
+            "instead: the bare loop alone, on a thread beside a busy fan-out, in a process",
+        ),
+        (
+            "--protocols",
+            "instead: the bare loop on disk by the thread writer's protocol and the "
+            "writer process's (half a minute)",
+        ),
+        (
+            "--flushes",
+            "instead: saving off beside a process writing files to disk in rounds of "
+            "1, 8 and 64, one syncfs each (three minutes)",
+        ),
+        (
+            "--instructions",
+            "instead: the client's instructions per prompt under valgrind, save_to off "
+            "vs on (slow, steady; needs valgrind)",
+        ),
+        (
+            "--client-cpu",
+            "instead: the client's CPU per prompt in one process over a transport that "
+            "answers at once (no server, no socket), save_to off vs on (a minute)",
+        ),
+    ]
+    options = [
+        instead.add_argument(flag, action="store_true", help=text) for flag, text in alternatives
+    ]
     # Internal: one counted batch in this process, for --instructions.
     parser.add_argument(
         "--count-child", nargs=3, metavar=("VARIANT", "N", "URL"), help=argparse.SUPPRESS
@@ -449,9 +449,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds is None:
-        instead = args.convoy or args.protocols or args.flushes
-        instead = instead or args.instructions or args.client_cpu
-        args.rounds = 1 if args.quick else 5 if instead else 15
+        measures_instead = any(getattr(args, option.dest) for option in options)
+        args.rounds = 1 if args.quick else 5 if measures_instead else 15
     args.info_rounds = min(args.info_rounds, args.rounds)
     return args
 
@@ -999,7 +998,8 @@ def run(args: argparse.Namespace) -> BenchOutput:
             # With a slow server neither the disk nor tmpfs is near the bound: disk only.
             where = dict(places) if not latency else {"disk": args.dir}
             variants = ["off", *where]
-            if (mode, latency) == GATED and not args.gate_only:
+            gated = (mode, latency) == GATED
+            if gated and not args.gate_only:
                 variants.insert(variants.index("disk") + 1, BESIDE)
                 for variant in LOOP_ONLY:
                     variants.append(variant)
@@ -1023,7 +1023,6 @@ def run(args: argparse.Namespace) -> BenchOutput:
                         asyncio.run(
                             batch(server.base_url, where.get(variant), 2 * c, loop_only=only)
                         )
-                    gated = (mode, latency) == GATED
                     for round_ in range(args.rounds if gated else args.info_rounds):
                         # Past the first rounds, the gated runs alone: their targets get
                         # three times the rounds, the information rows no more time.
@@ -1241,11 +1240,10 @@ def _output(
         for variant, place in THREAD.items():
             if (mode, latency, variant) not in rates:
                 continue
-            on = median(rates[(mode, latency, variant)])
-            files = median(ceilings[(mode, latency, place)])
-            ratio = median(
-                _paired(rates[(mode, latency, variant)], offs, ceilings[(mode, latency, place)])
-            )
+            runs = rates[(mode, latency, variant)]
+            on, ran = median(runs), len(runs)  # the first rounds (--info-rounds)
+            files = median(ceilings[(mode, latency, place)][:ran])
+            ratio = median(_paired(runs, offs, ceilings[(mode, latency, place)]))
             rows.append(
                 Row(
                     figure=(
@@ -1253,7 +1251,7 @@ def _output(
                         f"at once), {mode} images, {server}, {place} (n={n}, c={c})"
                     ),
                     flux=f"{on:.0f}/s",
-                    peer=f"min({off:.0f}, {files:.0f})/s",
+                    peer=f"min({median(offs[:ran]):.0f}, {files:.0f})/s",
                     ratio=f"{ratio:.2f}",
                     target="(info)",
                     met=None,
